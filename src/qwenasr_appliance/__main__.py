@@ -1,0 +1,3 @@
+from qwenasr_appliance.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""What route handlers reach through `app.state`: one object built at start-up."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from litestar import Request
+from litestar.datastructures import State
+
+from qwenasr_appliance.admission import AdmissionController
+from qwenasr_appliance.config import Settings
+from qwenasr_appliance.service import TranscriptionService
+from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    supervisor: EngineSupervisor
+    admission: AdmissionController
+    service: TranscriptionService
+    started_at: float = field(default_factory=time.monotonic)
+
+
+def app_context(state: State) -> AppContext:
+    context = state["context"]
+    assert isinstance(context, AppContext)
+    return context
+
+
+def request_context(request: Request[object, object, State]) -> AppContext:
+    return app_context(request.app.state)

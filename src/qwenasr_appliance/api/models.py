@@ -1,0 +1,47 @@
+"""`GET /v1/models` and `GET /v1/models/{id}`: the one model this server serves."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar import Controller, Request, get
+from litestar.datastructures import State
+
+from qwenasr_appliance.api.auth import require_api_key
+from qwenasr_appliance.api.context import AppContext, request_context
+from qwenasr_appliance.errors import model_not_found
+from qwenasr_appliance.languages import SUPPORTED_LANGUAGES
+from qwenasr_appliance.schemas import ModelCard, ModelList
+
+_CREATED = int(time.time())
+
+
+def _card(context: AppContext) -> ModelCard:
+    settings = context.settings
+    return ModelCard(
+        id=settings.model_name,
+        created=_CREATED,
+        owned_by="qwenasr-appliance",
+        root=settings.model_id,
+        max_audio_seconds=settings.max_audio_seconds,
+        languages=list(SUPPORTED_LANGUAGES),
+    )
+
+
+class ModelsController(Controller):
+    path = "/v1/models"
+    guards = [require_api_key]  # noqa: RUF012
+    tags = ["models"]  # noqa: RUF012
+
+    @get("/", summary="List models")
+    async def list_models(self, request: Request[Any, Any, State]) -> ModelList:
+        return ModelList(data=[_card(request_context(request))])
+
+    @get("/{model_id:path}", summary="Retrieve a model")
+    async def get_model(self, request: Request[Any, Any, State], model_id: str) -> ModelCard:
+        context = request_context(request)
+        wanted = model_id.lstrip("/")
+        if wanted not in {context.settings.model_name, context.settings.model_id}:
+            raise model_not_found(wanted)
+        return _card(context)

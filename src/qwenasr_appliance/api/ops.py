@@ -1,0 +1,71 @@
+"""Operational endpoints: `/health` (process alive), `/ready` (engine serving), `/status`, `/metrics`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar import Controller, Request, Response, get
+from litestar.datastructures import State
+
+from qwenasr_appliance import __version__
+from qwenasr_appliance.api.auth import require_api_key_for_ops
+from qwenasr_appliance.api.context import request_context
+from qwenasr_appliance.metrics import render_latest
+from qwenasr_appliance.schemas import (
+    HealthResponse,
+    LimitsStatus,
+    QueueStatus,
+    ReadyResponse,
+    StatusResponse,
+)
+
+
+class OpsController(Controller):
+    path = "/"
+    guards = [require_api_key_for_ops]  # noqa: RUF012
+    tags = ["operations"]  # noqa: RUF012
+    include_in_schema = True
+
+    @get("/health", summary="Liveness: the process answers")
+    async def health(self) -> HealthResponse:
+        return HealthResponse()
+
+    @get("/ready", summary="Readiness: 200 only when the engine can serve")
+    async def ready(self, request: Request[Any, Any, State]) -> Response[ReadyResponse]:
+        supervisor = request_context(request).supervisor
+        status = supervisor.snapshot()
+        body = ReadyResponse(ready=supervisor.ready, state=status.state, reason=supervisor.not_ready_reason)
+        if supervisor.ready:
+            return Response(body, status_code=200)
+        return Response(body, status_code=503, headers={"Retry-After": "10"})
+
+    @get("/status", summary="Engine state, plan, attempts, VRAM, queue, uptime and version")
+    async def status(self, request: Request[Any, Any, State]) -> StatusResponse:
+        context = request_context(request)
+        settings = context.settings
+        admission = context.admission
+        return StatusResponse(
+            version=__version__,
+            model=settings.model_id,
+            served_model_name=settings.model_name,
+            uptime_seconds=round(time.monotonic() - context.started_at, 3),
+            ready=context.supervisor.ready,
+            engine=context.supervisor.snapshot(),
+            queue=QueueStatus(
+                in_flight=admission.active,
+                queued=admission.queued,
+                max_concurrent_requests=admission.limit,
+                max_queue_size=admission.max_queue,
+            ),
+            limits=LimitsStatus(
+                max_upload_bytes=settings.max_upload_bytes,
+                max_audio_seconds=settings.max_audio_seconds,
+                chunk_seconds=settings.chunk_seconds,
+            ),
+        )
+
+    @get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    async def metrics(self) -> Response[bytes]:
+        body, content_type = render_latest()
+        return Response(body, media_type=content_type)

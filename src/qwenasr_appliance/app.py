@@ -1,0 +1,104 @@
+"""The Litestar application and its lifespan (engine supervisor start and stop, graceful drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from qwenasr_appliance import __version__
+from qwenasr_appliance.admission import AdmissionController
+from qwenasr_appliance.api.context import AppContext, app_context
+from qwenasr_appliance.api.models import ModelsController
+from qwenasr_appliance.api.ops import OpsController
+from qwenasr_appliance.api.transcriptions import TranscriptionController
+from qwenasr_appliance.config import Settings, load_settings
+from qwenasr_appliance.errors import EXCEPTION_HANDLERS
+from qwenasr_appliance.observability import RequestObserver, configure_logging
+from qwenasr_appliance.service import TranscriptionService
+from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
+from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
+
+log = structlog.get_logger(__name__)
+
+# Multipart framing and the small text fields around the file.
+_FORM_OVERHEAD_BYTES = 1 << 20
+
+
+async def _drain(admission: AdmissionController, grace_seconds: float) -> None:
+    """Give in-flight and queued transcriptions up to `grace_seconds` to finish."""
+    deadline = time.monotonic() + grace_seconds
+    while (admission.active or admission.queued) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    if admission.active or admission.queued:
+        log.warning("shutdown.drain_timeout", in_flight=admission.active, queued=admission.queued)
+
+
+def _lifespan(context: AppContext) -> object:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        log.info(
+            "server.starting",
+            version=__version__,
+            model=context.settings.model_id,
+            engine=context.settings.engine,
+            quant_mode=context.settings.quant_mode,
+        )
+        await context.supervisor.start()
+        try:
+            yield
+        finally:
+            log.info("server.stopping", in_flight=context.admission.active, queued=context.admission.queued)
+            await _drain(context.admission, context.settings.shutdown_grace_seconds)
+            await context.supervisor.stop()
+            context.service.close()
+            log.info("server.stopped")
+
+    return lifespan
+
+
+def build_litestar(settings: Settings, *, engine_factory: EngineFactory | None = None) -> Litestar:
+    """The Litestar app without the outer request observer (tests use it to reach `state`)."""
+    supervisor = EngineSupervisor(settings, engine_factory=engine_factory or default_engine_factory)
+    admission = AdmissionController(
+        max_concurrent=settings.max_concurrent_requests or 1,
+        max_queue=settings.max_queue_size,
+        queue_timeout=settings.queue_timeout_seconds,
+    )
+    service = TranscriptionService(settings, supervisor, admission)
+    context = AppContext(settings=settings, supervisor=supervisor, admission=admission, service=service)
+    return Litestar(
+        route_handlers=[TranscriptionController, ModelsController, OpsController],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[_lifespan(context)],  # type: ignore[list-item]
+        state=State({"context": context}),
+        request_max_body_size=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES,
+        multipart_form_part_limit=64,
+        openapi_config=OpenAPIConfig(
+            title="qwenasr-appliance",
+            version=__version__,
+            description="OpenAI-compatible speech-to-text for Qwen3-ASR.",
+            path="/docs",
+            render_plugins=[SwaggerRenderPlugin()],
+        ),
+        debug=False,
+    )
+
+
+def create_app(
+    settings: Settings | None = None, *, engine_factory: EngineFactory | None = None
+) -> RequestObserver:
+    """ASGI application factory (granian calls it with no arguments)."""
+    settings = settings or load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return RequestObserver(build_litestar(settings, engine_factory=engine_factory))
+
+
+__all__ = ["app_context", "build_litestar", "create_app"]

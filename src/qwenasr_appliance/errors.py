@@ -1,0 +1,184 @@
+"""OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right HTTP status.
+
+Every failure a client can see goes through `APIError`; the exception handlers below turn Litestar's
+own exceptions (validation, 404, 405, 413...) and anything unexpected into the same shape, so no
+request ever gets an HTML page or a bare 500 traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_401_UNAUTHORIZED,
+    HTTP_404_NOT_FOUND,
+    HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+    HTTP_429_TOO_MANY_REQUESTS,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorDetail
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def to_response(self) -> Response[ErrorResponse]:
+        body = ErrorResponse(ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
+        return Response(body, status_code=self.status_code, headers=self.headers, media_type=MediaType.JSON)
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(HTTP_400_BAD_REQUEST, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        HTTP_404_NOT_FOUND,
+        f"The model '{model}' does not exist.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def unsupported_media(message: str, *, param: str | None = "file") -> APIError:
+    return APIError(HTTP_415_UNSUPPORTED_MEDIA_TYPE, message, param=param, code="unsupported_format")
+
+
+def too_large(message: str, *, param: str | None = "file") -> APIError:
+    return APIError(HTTP_413_REQUEST_ENTITY_TOO_LARGE, message, param=param, code="file_too_large")
+
+
+def unavailable(message: str, retry_after: int, *, code: str = "engine_unavailable") -> APIError:
+    return APIError(
+        HTTP_503_SERVICE_UNAVAILABLE,
+        message,
+        type="service_unavailable",
+        code=code,
+        headers={"Retry-After": str(max(1, retry_after))},
+    )
+
+
+def overloaded(message: str, retry_after: int) -> APIError:
+    return APIError(
+        HTTP_429_TOO_MANY_REQUESTS,
+        message,
+        type="rate_limit_error",
+        code="server_overloaded",
+        headers={"Retry-After": str(max(1, retry_after))},
+    )
+
+
+def unauthorized() -> APIError:
+    return APIError(
+        HTTP_401_UNAUTHORIZED,
+        "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+        type="authentication_error",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def internal_error(message: str = "The server failed to process the request.") -> APIError:
+    return APIError(HTTP_500_INTERNAL_SERVER_ERROR, message, type="server_error", code="internal_error")
+
+
+_STATUS_TYPES = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    422: ("invalid_request_error", "invalid_value"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    503: ("service_unavailable", "service_unavailable"),
+}
+
+
+def _validation_param(extra: Any) -> str | None:
+    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
+        key = extra[0].get("key")
+        return str(key) if key else None
+    return None
+
+
+def _validation_message(exc: ValidationException) -> str:
+    extra = exc.extra
+    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
+        first = extra[0]
+        key, message = first.get("key"), first.get("message")
+        if key and message:
+            return f"Invalid value for '{key}': {message}"
+        if message:
+            return str(message)
+    return str(exc.detail or "The request is invalid.")
+
+
+def api_error_handler(_: Request[Any, Any, Any], exc: APIError) -> Response[ErrorResponse]:
+    return exc.to_response()
+
+
+def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorResponse]:
+    status = exc.status_code
+    error_type, code = _STATUS_TYPES.get(status, ("invalid_request_error" if status < 500 else "server_error", None))
+    if isinstance(exc, ValidationException):
+        message = _validation_message(exc)
+        param = _validation_param(exc.extra)
+    elif status == HTTP_404_NOT_FOUND:
+        message, param = f"No route for {request.method} {request.url.path}.", None
+    elif status == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
+        message, param = "The request body is larger than the server accepts.", "file"
+    else:
+        message, param = str(exc.detail), None
+    headers = dict(exc.headers or {})
+    return APIError(status, message, type=error_type, param=param, code=code, headers=headers).to_response()
+
+
+def unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
+    log.error("request.unhandled_error", path=request.url.path, error=repr(exc), exc_info=exc)
+    return internal_error().to_response()
+
+
+EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
+    APIError: api_error_handler,
+    HTTPException: http_exception_handler,
+    Exception: unexpected_error_handler,
+}

@@ -1,0 +1,119 @@
+"""Turn a finished transcript into each of OpenAI's response formats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from qwenasr_appliance.schemas import (
+    DurationUsage,
+    Segment,
+    TranscriptionJSON,
+    TranscriptionVerboseJSON,
+    Word,
+)
+
+CONTENT_TYPES: dict[str, str] = {
+    "json": "application/json",
+    "verbose_json": "application/json",
+    "text": "text/plain; charset=utf-8",
+    "srt": "application/x-subrip; charset=utf-8",
+    "vtt": "text/vtt; charset=utf-8",
+}
+
+
+@dataclass(frozen=True)
+class TranscriptWord:
+    word: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class TranscriptSegment:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str  # canonical model name ("English"), "" when nothing was recognised
+    duration: float
+    segments: list[TranscriptSegment] = field(default_factory=list)
+    words: list[TranscriptWord] | None = None
+
+
+def _clock(seconds: float, separator: str) -> str:
+    millis = max(0, round(seconds * 1000))
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, millis = divmod(rest, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
+
+
+def _cues(transcript: Transcript) -> list[TranscriptSegment]:
+    return [s for s in transcript.segments if s.text.strip()]
+
+
+def to_srt(transcript: Transcript) -> str:
+    blocks = [
+        f"{i}\n{_clock(s.start, ',')} --> {_clock(s.end, ',')}\n{s.text.strip()}\n"
+        for i, s in enumerate(_cues(transcript), start=1)
+    ]
+    return "\n".join(blocks)
+
+
+def to_vtt(transcript: Transcript) -> str:
+    blocks = [f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{s.text.strip()}\n" for s in _cues(transcript)]
+    return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def to_verbose_json(transcript: Transcript) -> TranscriptionVerboseJSON:
+    segments = [
+        Segment(
+            id=i,
+            seek=round(s.start * 100),
+            start=round(s.start, 3),
+            end=round(s.end, 3),
+            text=s.text,
+            tokens=[],
+            temperature=0.0,
+            avg_logprob=0.0,
+            compression_ratio=0.0,
+            no_speech_prob=0.0,
+        )
+        for i, s in enumerate(_cues(transcript))
+    ]
+    words = (
+        [Word(word=w.word, start=round(w.start, 3), end=round(w.end, 3)) for w in transcript.words]
+        if transcript.words is not None
+        else None
+    )
+    return TranscriptionVerboseJSON(
+        language=transcript.language.lower(),
+        duration=round(transcript.duration, 3),
+        text=transcript.text,
+        segments=segments,
+        words=words,
+        usage=DurationUsage(seconds=round(transcript.duration, 3)),
+    )
+
+
+def render(transcript: Transcript, response_format: str) -> tuple[bytes, str]:
+    """The response body and its content type."""
+    body: bytes
+    if response_format == "text":
+        body = (transcript.text + "\n").encode()
+    elif response_format == "srt":
+        body = to_srt(transcript).encode()
+    elif response_format == "vtt":
+        body = to_vtt(transcript).encode()
+    elif response_format == "verbose_json":
+        body = msgspec.json.encode(to_verbose_json(transcript))
+    else:
+        payload = TranscriptionJSON(text=transcript.text, usage=DurationUsage(seconds=round(transcript.duration, 3)))
+        body = msgspec.json.encode(payload)
+    return body, CONTENT_TYPES[response_format]

@@ -1,0 +1,155 @@
+"""Prometheus metrics: one registry (the default one, where vLLM's in-process engine registers its
+`vllm:*` metrics too), each metric defined once here.
+
+Names follow Prometheus conventions: a `qwenasr_` namespace, base units in the name (`_seconds`,
+`_bytes`), `_total` on counters. Label values are bounded (routes are templates, not raw paths).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from qwenasr_appliance import __version__
+
+ENGINE_STATES: Final = ("starting", "probing", "loading", "ready", "degraded", "failed", "restarting", "stopped")
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_RTF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+_AUDIO_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
+
+
+class Metrics:
+    """All metrics of the appliance."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.build_info = Gauge(
+            "qwenasr_build_info", "Build information; the value is always 1.", ["version"], registry=registry
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self.http_requests = Counter(
+            "qwenasr_http_requests_total",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.http_request_duration = Histogram(
+            "qwenasr_http_request_duration_seconds",
+            "Time from request start to response end, by route template and method.",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.audio_processed = Counter(
+            "qwenasr_audio_processed_seconds_total",
+            "Seconds of audio transcribed successfully.",
+            registry=registry,
+        )
+        self.audio_duration = Histogram(
+            "qwenasr_audio_duration_seconds",
+            "Duration of the audio in each transcription request.",
+            buckets=_AUDIO_BUCKETS,
+            registry=registry,
+        )
+        self.real_time_factor = Histogram(
+            "qwenasr_real_time_factor",
+            "Processing seconds per audio second, per successful transcription request.",
+            buckets=_RTF_BUCKETS,
+            registry=registry,
+        )
+        self.stage_duration = Histogram(
+            "qwenasr_stage_duration_seconds",
+            "Time spent per transcription request in each stage (decode, queue, engine, response).",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.transcriptions = Counter(
+            "qwenasr_transcriptions_total",
+            "Transcription requests by outcome (ok, client_error, rejected, engine_error, cancelled).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "qwenasr_requests_in_flight", "Transcription requests being processed now.", registry=registry
+        )
+        self.queued = Gauge(
+            "qwenasr_requests_queued",
+            "Transcription requests waiting for a processing slot.",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "qwenasr_requests_rejected_total",
+            "Transcription requests refused before processing, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.engine_state = Gauge(
+            "qwenasr_engine_state",
+            "Engine supervisor state: 1 for the current state, 0 for the others.",
+            ["state"],
+            registry=registry,
+        )
+        self.engine_plan = Gauge(
+            "qwenasr_engine_plan_info",
+            "The engine plan in use; the value is 1 for the active plan.",
+            ["engine", "plan", "dtype", "quantization"],
+            registry=registry,
+        )
+        self.engine_load_attempts = Counter(
+            "qwenasr_engine_load_attempts_total",
+            "Engine load attempts by plan and outcome (ok, or the failure kind).",
+            ["plan", "outcome"],
+            registry=registry,
+        )
+        self.engine_fallbacks = Counter(
+            "qwenasr_engine_fallbacks_total",
+            "Fallbacks taken to a later plan after a failed one, by the plan fallen back to.",
+            ["to_plan"],
+            registry=registry,
+        )
+        self.engine_restarts = Counter(
+            "qwenasr_engine_restarts_total",
+            "Engine restarts after the engine died while serving.",
+            registry=registry,
+        )
+        self.engine_errors = Counter(
+            "qwenasr_engine_errors_total",
+            "Requests that failed inside the engine, by kind (dead, request).",
+            ["kind"],
+            registry=registry,
+        )
+        self.model_load_duration = Gauge(
+            "qwenasr_model_load_duration_seconds",
+            "Wall time of the last successful model load.",
+            registry=registry,
+        )
+        self.gpu_memory_total = Gauge(
+            "qwenasr_gpu_memory_total_bytes",
+            "Total memory per visible GPU, read through NVML at the last probe.",
+            ["gpu"],
+            registry=registry,
+        )
+        self.gpu_memory_free = Gauge(
+            "qwenasr_gpu_memory_free_bytes",
+            "Free memory per visible GPU, read through NVML at the last probe.",
+            ["gpu"],
+            registry=registry,
+        )
+        self.set_engine_state("starting")
+
+    def set_engine_state(self, state: str) -> None:
+        for name in ENGINE_STATES:
+            self.engine_state.labels(state=name).set(1 if name == state else 0)
+
+
+METRICS: Final = Metrics(REGISTRY)
+
+
+def render_latest(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
+    """The Prometheus text exposition of `registry` and its content type."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,118 @@
+"""msgspec schemas of the HTTP API (requests and responses), in OpenAI's shapes where OpenAI has one."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from litestar.datastructures import UploadFile
+
+from qwenasr_appliance.supervisor.supervisor import SupervisorStatus
+
+ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
+RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "verbose_json", "vtt")
+TIMESTAMP_GRANULARITIES: tuple[str, ...] = ("segment", "word")
+
+
+class TranscriptionForm(msgspec.Struct, kw_only=True):
+    """The multipart form of `POST /v1/audio/transcriptions` (OpenAI's field set).
+
+    Values arrive as text parts; `TranscriptionRequest` is the validated form the service uses.
+    """
+
+    file: UploadFile
+    model: str
+    language: str | None = None
+    prompt: str | None = None
+    response_format: str = "json"
+    temperature: str | None = None
+    timestamp_granularities: list[str] | str | None = msgspec.field(default=None, name="timestamp_granularities[]")
+    stream: str | None = None
+
+
+class DurationUsage(msgspec.Struct, kw_only=True):
+    type: Literal["duration"] = "duration"
+    seconds: float
+
+
+class TranscriptionJSON(msgspec.Struct, kw_only=True):
+    text: str
+    usage: DurationUsage
+
+
+class Segment(msgspec.Struct, kw_only=True):
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class Word(msgspec.Struct, kw_only=True):
+    word: str
+    start: float
+    end: float
+
+
+class TranscriptionVerboseJSON(msgspec.Struct, kw_only=True, omit_defaults=True):
+    task: Literal["transcribe"] = "transcribe"
+    language: str
+    duration: float
+    text: str
+    segments: list[Segment] = msgspec.field(default_factory=list)
+    words: list[Word] | None = None
+    usage: DurationUsage | None = None
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str
+    max_audio_seconds: float
+    languages: list[str]
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(msgspec.Struct, kw_only=True):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(msgspec.Struct, kw_only=True):
+    ready: bool
+    state: str
+    reason: str | None = None
+
+
+class QueueStatus(msgspec.Struct, kw_only=True):
+    in_flight: int
+    queued: int
+    max_concurrent_requests: int
+    max_queue_size: int
+
+
+class LimitsStatus(msgspec.Struct, kw_only=True):
+    max_upload_bytes: int
+    max_audio_seconds: float
+    chunk_seconds: float
+
+
+class StatusResponse(msgspec.Struct, kw_only=True):
+    version: str
+    model: str
+    served_model_name: str
+    uptime_seconds: float
+    ready: bool
+    engine: SupervisorStatus
+    queue: QueueStatus
+    limits: LimitsStatus

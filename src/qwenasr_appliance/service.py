@@ -1,0 +1,285 @@
+"""The transcription pipeline: admit → decode (thread pool) → split at quiet points → engine (all
+chunks at once, so the engine batches them) → parse → merge with offsets.
+
+HTTP concerns (form parsing, status codes, formats) live in `api/`; engine concerns in `engines/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import structlog
+
+from qwenasr_appliance.admission import AdmissionController
+from qwenasr_appliance.audio.decode import DecodedAudio, decode_audio
+from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, split_at_quiet_points
+from qwenasr_appliance.config import Settings
+from qwenasr_appliance.engines.base import (
+    Engine,
+    EngineDeadError,
+    EngineOutput,
+    TranscribeOptions,
+    run_to_completion,
+)
+from qwenasr_appliance.engines.prompt import ParsedTranscript, parse_output, parse_partial
+from qwenasr_appliance.formats import Transcript, TranscriptSegment
+from qwenasr_appliance.metrics import METRICS, Metrics
+from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    """A validated transcription request."""
+
+    audio: bytes
+    filename: str | None
+    language: str | None  # canonical model language name, None to detect
+    prompt: str
+    response_format: str
+    temperature: float
+    stream: bool
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class StreamDone:
+    transcript: Transcript
+
+
+StreamEvent = StreamDelta | StreamDone
+
+
+@dataclass
+class RequestStats:
+    """Per-request numbers for the access log."""
+
+    audio_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    queue_seconds: float = 0.0
+    engine_seconds: float = 0.0
+    chunks: int = 0
+    language: str = ""
+
+
+def _is_cjk(char: str) -> bool:
+    code = ord(char)
+    return (
+        0x3040 <= code <= 0x30FF  # kana
+        or 0x3400 <= code <= 0x4DBF
+        or 0x4E00 <= code <= 0x9FFF
+        or 0xAC00 <= code <= 0xD7AF  # hangul
+        or 0xF900 <= code <= 0xFAFF
+        or 0xFF00 <= code <= 0xFFEF
+    )
+
+
+def join_texts(parts: list[str]) -> str:
+    """Join chunk texts: a space between words, none around CJK characters."""
+    out = ""
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        if out and not (_is_cjk(out[-1]) or _is_cjk(part[0])):
+            out += " "
+        out += part
+    return out
+
+
+def _merged_language(parsed: list[ParsedTranscript], chunks: list[AudioChunk], forced: str | None) -> str:
+    if forced:
+        return forced
+    weights: Counter[str] = Counter()
+    for result, chunk in zip(parsed, chunks, strict=True):
+        if result.language and result.text.strip():
+            weights[result.language] += chunk.end_sample - chunk.start_sample
+    return weights.most_common(1)[0][0] if weights else ""
+
+
+class TranscriptionService:
+    def __init__(
+        self,
+        settings: Settings,
+        supervisor: EngineSupervisor,
+        admission: AdmissionController,
+        *,
+        metrics: Metrics = METRICS,
+    ) -> None:
+        self._settings = settings
+        self._supervisor = supervisor
+        self._admission = admission
+        self._metrics = metrics
+        self._decoder = ThreadPoolExecutor(settings.effective_decode_workers, thread_name_prefix="decode")
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    def _options(self, request: TranscriptionRequest) -> TranscribeOptions:
+        return TranscribeOptions(
+            language=request.language,
+            context=request.prompt,
+            temperature=request.temperature,
+            max_new_tokens=self._settings.max_new_tokens,
+        )
+
+    async def _decode(self, request: TranscriptionRequest, stats: RequestStats) -> DecodedAudio:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        decoded = await loop.run_in_executor(
+            self._decoder,
+            lambda: decode_audio(request.audio, request.filename, max_seconds=self._settings.max_audio_seconds),
+        )
+        stats.decode_seconds = time.perf_counter() - started
+        stats.audio_seconds = decoded.duration_seconds
+        self._metrics.stage_duration.labels(stage="decode").observe(stats.decode_seconds)
+        return decoded
+
+    def _chunks(self, decoded: DecodedAudio) -> list[AudioChunk]:
+        chunks = split_at_quiet_points(decoded.samples, max_chunk_seconds=self._settings.chunk_seconds)
+        return [c for c in chunks if not is_silent(c.samples)]
+
+    async def _guard_engine(self, engine: Engine, error: EngineDeadError) -> None:
+        self._metrics.engine_errors.labels(kind="dead").inc()
+        await self._supervisor.report_dead(engine, error)
+
+    def _finish(
+        self,
+        decoded: DecodedAudio,
+        chunks: list[AudioChunk],
+        parsed: list[ParsedTranscript],
+        request: TranscriptionRequest,
+        stats: RequestStats,
+    ) -> Transcript:
+        segments = [
+            TranscriptSegment(
+                start=chunk.offset_seconds,
+                end=chunk.offset_seconds + (chunk.end_sample - chunk.start_sample) / 16_000,
+                text=result.text.strip(),
+            )
+            for chunk, result in zip(chunks, parsed, strict=True)
+        ]
+        language = _merged_language(parsed, chunks, request.language)
+        stats.chunks = len(chunks)
+        stats.language = language
+        return Transcript(
+            text=join_texts([r.text for r in parsed]),
+            language=language,
+            duration=decoded.duration_seconds,
+            segments=segments,
+        )
+
+    def _observe_success(self, stats: RequestStats, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        self._metrics.audio_processed.inc(stats.audio_seconds)
+        self._metrics.audio_duration.observe(stats.audio_seconds)
+        if stats.audio_seconds > 0:
+            self._metrics.real_time_factor.observe(elapsed / stats.audio_seconds)
+
+    async def transcribe(self, request: TranscriptionRequest, request_id: str, stats: RequestStats) -> Transcript:
+        """Transcribe a whole file. Raises EngineUnavailable, Overloaded, AudioError, EngineError, TimeoutError."""
+        engine = self._supervisor.require_engine()
+        started = time.perf_counter()
+        async with self._admission.slot() as waited:
+            stats.queue_seconds = waited
+            self._metrics.stage_duration.labels(stage="queue").observe(waited)
+            decoded = await self._decode(request, stats)
+            chunks = self._chunks(decoded)
+            options = self._options(request)
+            engine_started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self._settings.request_timeout_seconds):
+                    outputs = await self._transcribe_chunks(engine, chunks, options, request_id)
+            except EngineDeadError as exc:
+                await self._guard_engine(engine, exc)
+                raise
+            stats.engine_seconds = time.perf_counter() - engine_started
+            self._metrics.stage_duration.labels(stage="engine").observe(stats.engine_seconds)
+            parsed = [parse_output(o.raw_text, request.language) for o in outputs]
+            transcript = self._finish(decoded, chunks, parsed, request, stats)
+        self._observe_success(stats, started)
+        return transcript
+
+    async def _transcribe_chunks(
+        self, engine: Engine, chunks: list[AudioChunk], options: TranscribeOptions, request_id: str
+    ) -> list[EngineOutput]:
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(run_to_completion(engine, pad_to_min(chunk.samples), options, f"{request_id}-{i}"))
+                for i, chunk in enumerate(chunks)
+            ]
+        return [task.result() for task in tasks]
+
+    async def stream(
+        self, request: TranscriptionRequest, request_id: str, stats: RequestStats
+    ) -> AsyncIterator[StreamEvent]:
+        """Transcribe, yielding text deltas in audio order as the engine produces them, then the result.
+
+        All chunks run at once (so the engine batches them); deltas of a later chunk are held back
+        until every earlier chunk has finished.
+        """
+        engine = self._supervisor.require_engine()
+        started = time.perf_counter()
+        async with self._admission.slot() as waited:
+            stats.queue_seconds = waited
+            self._metrics.stage_duration.labels(stage="queue").observe(waited)
+            decoded = await self._decode(request, stats)
+            chunks = self._chunks(decoded)
+            options = self._options(request)
+            engine_started = time.perf_counter()
+            queues: list[asyncio.Queue[EngineOutput | BaseException]] = [asyncio.Queue() for _ in chunks]
+
+            async def pump(index: int, chunk: AudioChunk) -> None:
+                stream = engine.stream(pad_to_min(chunk.samples), options, f"{request_id}-{index}")
+                try:
+                    async for output in stream:
+                        queues[index].put_nowait(output)
+                except Exception as exc:
+                    queues[index].put_nowait(exc)
+                finally:
+                    await stream.aclose()  # type: ignore[attr-defined]
+
+            tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(chunks)]
+            parsed: list[ParsedTranscript] = []
+            emitted = ""
+            try:
+                async with asyncio.timeout(self._settings.request_timeout_seconds):
+                    for index in range(len(chunks)):
+                        while True:
+                            item = await queues[index].get()
+                            if isinstance(item, BaseException):
+                                if isinstance(item, EngineDeadError):
+                                    await self._guard_engine(engine, item)
+                                raise item
+                            partial = (
+                                parse_output(item.raw_text, request.language)
+                                if item.finished
+                                else parse_partial(item.raw_text)
+                            )
+                            text = join_texts([*(p.text for p in parsed), partial.text])
+                            if text.startswith(emitted) and len(text) > len(emitted):
+                                yield StreamDelta(text[len(emitted) :])
+                                emitted = text
+                            if item.finished:
+                                parsed.append(partial)
+                                break
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            stats.engine_seconds = time.perf_counter() - engine_started
+            self._metrics.stage_duration.labels(stage="engine").observe(stats.engine_seconds)
+            transcript = self._finish(decoded, chunks, parsed, request, stats)
+            if transcript.text != emitted and transcript.text.startswith(emitted):
+                yield StreamDelta(transcript.text[len(emitted) :])
+        self._observe_success(stats, started)
+        yield StreamDone(transcript)

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import ServerProcess
+
+pytest_plugins = ["tests.tiny_model"]
+
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "audio" / "samples"
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    assert SAMPLES.is_dir(), f"the shared speech samples are missing at {SAMPLES}"
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def double_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """granian on 127.0.0.1 serving the real app around the test double engine."""
+    log = tmp_path_factory.mktemp("double-server") / "server.log"
+    server = ServerProcess.with_test_double(
+        {"LOG_LEVEL": "info", "MAX_CONCURRENT_REQUESTS": "8", "MAX_QUEUE_SIZE": "16"}, log
+    )
+    try:
+        server.wait_until("/ready", timeout=60)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server_url(double_server: ServerProcess) -> str:
+    return double_server.url
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The product's own `qwenasr-appliance serve` with the CPU engine and the tiny real checkpoint."""
+    log = tmp_path_factory.mktemp("tiny-server") / "server.log"
+    env = {
+        "MODEL_ID": str(tiny_model_dir),
+        "SERVED_MODEL_NAME": "qwen3-asr-tiny",
+        "ENGINE": "cpu",
+        "CPU_THREADS": "1",
+        "MAX_NEW_TOKENS": "12",
+        "LOG_LEVEL": "info",
+    }
+    server = ServerProcess.appliance(env, log)
+    try:
+        server.wait_until("/ready", timeout=float(os.environ.get("TINY_SERVER_TIMEOUT", "240")))
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,128 @@
+"""A test double engine: never shipped, used to drive the HTTP surface and the pipeline fast.
+
+Its output depends on its input (the chunk's duration and the options it was given), so tests can
+check that audio, chunking, prompts and languages really flow through the pipeline.
+Behaviour is set by arguments, or by environment variables when granian builds the app in a
+subprocess (`create_test_app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from qwenasr_appliance.app import create_app
+from qwenasr_appliance.config import Settings
+from qwenasr_appliance.engines.base import (
+    AudioArray,
+    EngineDeadError,
+    EngineDescription,
+    EngineLoadError,
+    EngineOutput,
+    TranscribeOptions,
+)
+from qwenasr_appliance.observability import RequestObserver
+from qwenasr_appliance.supervisor.plans import Plan
+
+
+@dataclass
+class DoubleBehaviour:
+    token_delay: float = 0.0
+    load_delay: float = 0.0
+    language: str = "English"
+    max_concurrency: int = 4
+    die_on_call: int = 0  # the Nth stream() call raises EngineDeadError (0: never)
+
+    @classmethod
+    def from_env(cls) -> DoubleBehaviour:
+        return cls(
+            token_delay=float(os.environ.get("DOUBLE_TOKEN_DELAY", "0")),
+            load_delay=float(os.environ.get("DOUBLE_LOAD_DELAY", "0")),
+            language=os.environ.get("DOUBLE_LANGUAGE", "English"),
+            max_concurrency=int(os.environ.get("DOUBLE_MAX_CONCURRENCY", "4")),
+            die_on_call=int(os.environ.get("DOUBLE_DIE_ON_CALL", "0")),
+        )
+
+
+@dataclass
+class TestDoubleEngine:
+    """Engine protocol implementation for tests only."""
+
+    __test__ = False  # not a pytest test class
+
+    behaviour: DoubleBehaviour = field(default_factory=DoubleBehaviour)
+    loaded: bool = False
+    closed: bool = False
+    calls: list[tuple[float, TranscribeOptions, str]] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+    async def load(self) -> None:
+        if self.behaviour.load_delay:
+            await asyncio.sleep(self.behaviour.load_delay)
+        if os.environ.get("DOUBLE_FAIL_LOAD"):
+            raise EngineLoadError("other", os.environ["DOUBLE_FAIL_LOAD"])
+        self.loaded = True
+
+    def words_for(self, audio: AudioArray, options: TranscribeOptions) -> list[str]:
+        seconds = len(audio) / 16_000
+        words = ["chunk", "of", f"{seconds:.1f}", "seconds"]
+        if options.context:
+            words += ["context", options.context.split()[0]]
+        return words
+
+    async def stream(
+        self, audio: AudioArray, options: TranscribeOptions, request_id: str
+    ) -> AsyncIterator[EngineOutput]:
+        self.calls.append((len(audio) / 16_000, options, request_id))
+        if self.behaviour.die_on_call and len(self.calls) == self.behaviour.die_on_call:
+            raise EngineDeadError("the test double engine died")
+        language = options.language or self.behaviour.language
+        raw = f"language {language}<asr_text>"
+        words = self.words_for(audio, options)
+        try:
+            for index, word in enumerate(words):
+                if self.behaviour.token_delay:
+                    await asyncio.sleep(self.behaviour.token_delay)
+                raw += word if index == 0 else f" {word}"
+                yield EngineOutput(raw_text=raw, output_tokens=index + 1, finished=index == len(words) - 1)
+            self.finished.append(request_id)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted.append(request_id)
+            raise
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def describe(self) -> EngineDescription:
+        return EngineDescription(
+            name="test-double",
+            model="test-double",
+            device="none",
+            dtype="none",
+            quantization=None,
+            max_concurrency=self.behaviour.max_concurrency,
+        )
+
+
+def double_factory(behaviour: DoubleBehaviour | None = None) -> tuple[list[TestDoubleEngine], object]:
+    """An engine factory handing out test doubles; returns (engines made so far, factory)."""
+    made: list[TestDoubleEngine] = []
+
+    def factory(plan: Plan, settings: Settings) -> TestDoubleEngine:
+        engine = TestDoubleEngine(behaviour or DoubleBehaviour.from_env())
+        made.append(engine)
+        return engine
+
+    return made, factory
+
+
+def create_test_app() -> RequestObserver:
+    """granian factory target for live-server tests: the real app around a test double engine."""
+    _, factory = double_factory()
+    return create_app(engine_factory=factory)  # type: ignore[arg-type]
