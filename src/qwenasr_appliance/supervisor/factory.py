@@ -1,0 +1,42 @@
+"""Turning a plan into an (unloaded) engine.
+
+The engine modules are imported lazily: the GPU image has no qwen-asr and the CPU image has no vLLM,
+and importing vLLM takes seconds. A failed import is a load failure of kind "import", so the
+supervisor moves on to the next plan.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import cast
+
+from qwenasr_appliance.config import Settings, replace
+from qwenasr_appliance.engines.base import Engine, EngineLoadError
+from qwenasr_appliance.supervisor.plans import Plan
+
+EngineFactory = Callable[[Plan, Settings], Engine]
+
+ENGINE_CLASSES: dict[str, tuple[str, str]] = {
+    "vllm": ("qwenasr_appliance.engines.vllm_engine", "VLLMEngine"),
+    "cpu": ("qwenasr_appliance.engines.cpu_engine", "CPUEngine"),
+}
+
+
+def import_engine_class(plan: Plan) -> type:
+    """The engine class for `plan`; raises `EngineLoadError("import", ...)` when it cannot be imported."""
+    module_name, class_name = ENGINE_CLASSES[plan.engine]
+    try:
+        module = importlib.import_module(module_name)
+        engine_class = getattr(module, class_name)
+    except (ImportError, AttributeError) as exc:
+        raise EngineLoadError("import", f"cannot import {module_name}.{class_name}: {exc}") from exc
+    return cast(type, engine_class)
+
+
+def default_engine_factory(plan: Plan, settings: Settings) -> Engine:
+    """`VLLMEngine(settings, plan)` or `CPUEngine(settings)` with the plan's dtype."""
+    engine_class = import_engine_class(plan)
+    if plan.engine == "vllm":
+        return cast(Engine, engine_class(settings, plan))
+    return cast(Engine, engine_class(replace(settings, dtype=plan.dtype)))
