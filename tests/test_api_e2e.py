@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import itertools
 import json
 import threading
 import time
@@ -95,7 +96,7 @@ def test_long_audio_is_split_and_merged_in_order(client: openai.OpenAI) -> None:
     segments = result.segments or []
     assert len(segments) == 3
     assert segments[0].start == 0.0
-    for before, after in zip(segments, segments[1:], strict=False):
+    for before, after in itertools.pairwise(segments):
         assert before.end == pytest.approx(after.start, abs=1e-3)
     assert segments[-1].end == pytest.approx(75.0, abs=0.01)
     assert all(s.end - s.start <= 30.0 + 1e-6 for s in segments)
@@ -165,9 +166,7 @@ def test_bad_audio_gets_openai_errors(
 
 
 def test_missing_file_and_wrong_content_type(double_server: ServerProcess) -> None:
-    missing = httpx.post(
-        double_server.url + "/v1/audio/transcriptions", files={"model": (None, MODEL)}, timeout=30
-    )
+    missing = httpx.post(double_server.url + "/v1/audio/transcriptions", files={"model": (None, MODEL)}, timeout=30)
     assert missing.status_code == 400
     assert error_of(missing)["param"] == "file"
     as_json = httpx.post(double_server.url + "/v1/audio/transcriptions", json={"model": MODEL}, timeout=30)
@@ -226,9 +225,7 @@ def test_request_ids_are_returned_and_kept(double_server: ServerProcess) -> None
 
 
 def test_access_log_is_json_with_audio_numbers(double_server: ServerProcess) -> None:
-    response = post_form(
-        double_server.url, {"file": ("a.wav", wav_bytes(2.5), "audio/wav")}, {"model": MODEL}
-    )
+    response = post_form(double_server.url, {"file": ("a.wav", wav_bytes(2.5), "audio/wav")}, {"model": MODEL})
     request_id = response.headers["x-request-id"]
     deadline = time.monotonic() + 5
     line: dict[str, object] = {}

@@ -8,6 +8,7 @@ costs a few bytes, never a decoded signal or an engine slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -42,6 +43,8 @@ class AdmissionController:
         self._active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._avg_service_seconds = 1.0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def limit(self) -> int:
@@ -76,7 +79,20 @@ class AdmissionController:
                 waiter.set_result(None)
         self._publish()
 
+    async def wait_idle(self, within: float) -> bool:
+        """Wait until nothing runs or waits; False if `within` seconds passed first."""
+        try:
+            async with asyncio.timeout(within):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
     def _publish(self) -> None:
+        if self._active or self._waiters:
+            self._idle.clear()
+        else:
+            self._idle.set()
         self._metrics.in_flight.set(self._active)
         self._metrics.queued.set(len(self._waiters))
 
@@ -104,10 +120,8 @@ class AdmissionController:
                 self._wake()
             else:
                 waiter.cancel()
-                try:
+                with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
-                except ValueError:
-                    pass
                 self._publish()
             if isinstance(exc, TimeoutError):
                 raise self._reject("queue_timeout") from None

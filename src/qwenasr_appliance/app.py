@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -34,10 +32,7 @@ _FORM_OVERHEAD_BYTES = 1 << 20
 
 async def _drain(admission: AdmissionController, grace_seconds: float) -> None:
     """Give in-flight and queued transcriptions up to `grace_seconds` to finish."""
-    deadline = time.monotonic() + grace_seconds
-    while (admission.active or admission.queued) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    if admission.active or admission.queued:
+    if not await admission.wait_idle(grace_seconds):
         log.warning("shutdown.drain_timeout", in_flight=admission.active, queued=admission.queued)
 
 
@@ -92,9 +87,7 @@ def build_litestar(settings: Settings, *, engine_factory: EngineFactory | None =
     )
 
 
-def create_app(
-    settings: Settings | None = None, *, engine_factory: EngineFactory | None = None
-) -> RequestObserver:
+def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory | None = None) -> RequestObserver:
     """ASGI application factory (granian calls it with no arguments)."""
     settings = settings or load_settings()
     configure_logging(settings.log_level, settings.log_format)

@@ -10,14 +10,14 @@ from qwenasr_appliance import __version__
 from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, Settings, load_settings
 
 
-def _serve(settings: Settings, args: argparse.Namespace) -> int:
+def _serve(settings: Settings) -> int:
     from granian.constants import Interfaces
     from granian.server import Server
 
     server = Server(
         "qwenasr_appliance.app:create_app",
-        address=args.host or settings.host,
-        port=args.port or settings.port,
+        address=settings.host,
+        port=settings.port,
         interface=Interfaces.ASGI,
         factory=True,
         workers=1,  # one engine per process; scale with replicas, not workers
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.host:
+    if getattr(args, "host", None):
         os.environ["HOST"] = args.host
-    if args.port:
+    if getattr(args, "port", None):
         os.environ["PORT"] = str(args.port)
     try:
         settings = load_settings()
@@ -60,4 +60,4 @@ def main(argv: list[str] | None = None) -> int:
         redacted = msgspec.structs.replace(settings, api_keys=tuple("***" for _ in settings.api_keys))
         print(msgspec.json.encode(redacted).decode())
         return 0
-    return _serve(settings, args)
+    return _serve(settings)

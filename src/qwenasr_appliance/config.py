@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import msgspec
 
@@ -161,9 +161,7 @@ _VARS: dict[str, _Var] = {
     "PROTECT_OPS_ENDPOINTS": _Var("protect_ops_endpoints", _parse_bool),
     "SHUTDOWN_GRACE_SECONDS": _Var("shutdown_grace_seconds", _parse_float, _range(0.0, 3600.0)),
     "ENGINE_RESTART_MAX": _Var("engine_restart_max", _parse_int, _range(0, 1000)),
-    "ENGINE_RESTART_BACKOFF_SECONDS": _Var(
-        "engine_restart_backoff_seconds", _parse_float, _range(0.0, 600.0)
-    ),
+    "ENGINE_RESTART_BACKOFF_SECONDS": _Var("engine_restart_backoff_seconds", _parse_float, _range(0.0, 600.0)),
 }
 
 ENV_VARIABLES: tuple[str, ...] = (*_VARS, "API_KEYS_FILE")
@@ -204,5 +202,4 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 def replace(settings: Settings, **changes: Any) -> Settings:
     """A copy of `settings` with some fields changed (used by tests and the CLI)."""
-    return cast(Settings, msgspec.structs.replace(settings, **changes))
-
+    return msgspec.structs.replace(settings, **changes)

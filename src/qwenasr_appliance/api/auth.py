@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
@@ -25,19 +26,19 @@ def key_matches(offered: str, keys: tuple[str, ...]) -> bool:
     return matched
 
 
-def require_api_key(connection: ASGIConnection[BaseRouteHandler, object, object, object], _: BaseRouteHandler) -> None:
+def require_api_key(connection: ASGIConnection[BaseRouteHandler, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard for `/v1/*` (and the ops routes when PROTECT_OPS_ENDPOINTS is on)."""
     settings = app_context(connection.app.state).settings
     if not settings.api_keys:
         return
     header = connection.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    scheme, _sep, token = header.partition(" ")
     if scheme.lower() != "bearer" or not key_matches(token.strip(), settings.api_keys):
         raise unauthorized()
 
 
 def require_api_key_for_ops(
-    connection: ASGIConnection[BaseRouteHandler, object, object, object], handler: BaseRouteHandler
+    connection: ASGIConnection[BaseRouteHandler, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
     if app_context(connection.app.state).settings.protect_ops_endpoints:
         require_api_key(connection, handler)

@@ -31,8 +31,8 @@ def _card(context: AppContext) -> ModelCard:
 
 class ModelsController(Controller):
     path = "/v1/models"
-    guards = [require_api_key]  # noqa: RUF012
-    tags = ["models"]  # noqa: RUF012
+    guards = [require_api_key]
+    tags = ["models"]
 
     @get("/", summary="List models")
     async def list_models(self, request: Request[Any, Any, State]) -> ModelList:

@@ -23,8 +23,8 @@ from qwenasr_appliance.schemas import (
 
 class OpsController(Controller):
     path = "/"
-    guards = [require_api_key_for_ops]  # noqa: RUF012
-    tags = ["operations"]  # noqa: RUF012
+    guards = [require_api_key_for_ops]
+    tags = ["operations"]
     include_in_schema = True
 
     @get("/health", summary="Liveness: the process answers")

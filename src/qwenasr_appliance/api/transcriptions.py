@@ -144,16 +144,18 @@ def _map_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineUnavailable):
         return unavailable(f"The model is not ready: {exc.reason}", exc.retry_after_seconds)
     if isinstance(exc, Overloaded):
-        return overloaded(
-            "The server is at capacity; retry after the time in the Retry-After header.", exc.retry_after
-        )
+        return overloaded("The server is at capacity; retry after the time in the Retry-After header.", exc.retry_after)
     if isinstance(exc, AudioError):
         status = _AUDIO_ERROR_STATUS.get(exc.code, 400)
         return APIError(status, str(exc), param="file", code=exc.code)
     if isinstance(exc, EngineDeadError):
-        return unavailable("The engine failed while processing the request and is restarting.", 5, code="engine_restarting")
+        return unavailable(
+            "The engine failed while processing the request and is restarting.", 5, code="engine_restarting"
+        )
     if isinstance(exc, TimeoutError):
-        return APIError(504, "The transcription took longer than the server's time limit.", type="server_error", code="timeout")
+        return APIError(
+            504, "The transcription took longer than the server's time limit.", type="server_error", code="timeout"
+        )
     if isinstance(exc, EngineError):
         return internal_error(f"The engine failed to process the request: {exc}")
     log.error("transcription.unexpected_error", error=repr(exc), exc_info=exc)
@@ -197,8 +199,8 @@ async def _sse_events(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> A
 
 class TranscriptionController(Controller):
     path = "/v1/audio"
-    guards = [require_api_key]  # noqa: RUF012
-    tags = ["audio"]  # noqa: RUF012
+    guards = [require_api_key]
+    tags = ["audio"]
 
     @post(
         "/transcriptions",
