@@ -79,8 +79,8 @@ class TestDoubleEngine:
         self.calls.append((len(audio) / 16_000, options, request_id))
         if self.behaviour.die_on_call and len(self.calls) == self.behaviour.die_on_call:
             raise EngineDeadError("the test double engine died")
-        language = options.language or self.behaviour.language
-        raw = f"language {language}<asr_text>"
+        # With a forced language the prompt already ends in `language X<asr_text>`: the model only writes text.
+        raw = "" if options.language else f"language {self.behaviour.language}<asr_text>"
         words = self.words_for(audio, options)
         try:
             for index, word in enumerate(words):

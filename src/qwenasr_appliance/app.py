@@ -83,6 +83,7 @@ def build_litestar(settings: Settings, *, engine_factory: EngineFactory | None =
             path="/docs",
             render_plugins=[SwaggerRenderPlugin()],
         ),
+        logging_config=None,  # logging is ours (structlog), configured in create_app
         debug=False,
     )
 

@@ -12,6 +12,9 @@ from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, Settings, load_
 
 def _serve(settings: Settings) -> int:
     from granian.constants import Interfaces
+    from granian.log import LogLevels
+
+    from qwenasr_appliance.observability import granian_log_config
     from granian.server import Server
 
     server = Server(
@@ -21,7 +24,8 @@ def _serve(settings: Settings) -> int:
         interface=Interfaces.ASGI,
         factory=True,
         workers=1,  # one engine per process; scale with replicas, not workers
-        log_enabled=False,  # our own structured logs cover requests and start-up
+        log_level=LogLevels(settings.log_level),
+        log_dictconfig=granian_log_config(settings.log_format),
         workers_kill_timeout=int(settings.shutdown_grace_seconds) + 5,
     )
     server.serve()

@@ -7,6 +7,7 @@ request ever gets an HTML page or a bare 500 traceback.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -133,23 +134,23 @@ _STATUS_TYPES = {
 }
 
 
-def _validation_param(extra: Any) -> str | None:
-    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
-        key = extra[0].get("key")
-        return str(key) if key else None
-    return None
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 
 
-def _validation_message(exc: ValidationException) -> str:
+def _validation_details(exc: ValidationException) -> tuple[str, str | None]:
+    """A readable message and the offending parameter from Litestar's validation error."""
     extra = exc.extra
     if isinstance(extra, list) and extra and isinstance(extra[0], dict):
         first = extra[0]
-        key, message = first.get("key"), first.get("message")
-        if key and message:
-            return f"Invalid value for '{key}': {message}"
+        key, message = first.get("key"), str(first.get("message") or "")
+        missing = _MISSING_FIELD.search(message)
+        if missing:
+            return f"Missing required parameter: '{missing.group(1)}'.", missing.group(1)
+        if key and key != "data" and message:
+            return f"Invalid value for '{key}': {message}", str(key)
         if message:
-            return str(message)
-    return str(exc.detail or "The request is invalid.")
+            return message, None
+    return str(exc.detail or "The request is invalid."), None
 
 
 def api_error_handler(_: Request[Any, Any, Any], exc: APIError) -> Response[ErrorResponse]:
@@ -160,8 +161,7 @@ def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) 
     status = exc.status_code
     error_type, code = _STATUS_TYPES.get(status, ("invalid_request_error" if status < 500 else "server_error", None))
     if isinstance(exc, ValidationException):
-        message = _validation_message(exc)
-        param = _validation_param(exc.extra)
+        message, param = _validation_details(exc)
     elif status == HTTP_404_NOT_FOUND:
         message, param = f"No route for {request.method} {request.url.path}.", None
     elif status == HTTP_413_REQUEST_ENTITY_TOO_LARGE:

@@ -90,7 +90,7 @@ def to_verbose_json(transcript: Transcript) -> TranscriptionVerboseJSON:
     words = (
         [Word(word=w.word, start=round(w.start, 3), end=round(w.end, 3)) for w in transcript.words]
         if transcript.words is not None
-        else None
+        else msgspec.UNSET
     )
     return TranscriptionVerboseJSON(
         language=transcript.language.lower(),

@@ -30,6 +30,24 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 
 
+def _renderer(fmt: str) -> structlog.types.Processor:
+    return structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+
+
+def granian_log_config(fmt: str) -> dict[str, Any]:
+    """A logging dictconfig for granian's own process, so its lines share our format."""
+    formatter = {
+        "()": "structlog.stdlib.ProcessorFormatter",
+        "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta, _renderer(fmt)],
+        "foreign_pre_chain": [
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+    }
+    return {"formatters": {"generic": formatter, "access": formatter}}
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Route structlog and the standard library (granian, litestar) through one JSON or console renderer."""
     shared: list[structlog.types.Processor] = [
@@ -39,9 +57,7 @@ def configure_logging(level: str, fmt: str) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
     ]
-    renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
-    )
+    renderer = _renderer(fmt)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -59,14 +59,14 @@ class Word(msgspec.Struct, kw_only=True):
     end: float
 
 
-class TranscriptionVerboseJSON(msgspec.Struct, kw_only=True, omit_defaults=True):
+class TranscriptionVerboseJSON(msgspec.Struct, kw_only=True):
     task: Literal["transcribe"] = "transcribe"
     language: str
     duration: float
     text: str
     segments: list[Segment] = msgspec.field(default_factory=list)
-    words: list[Word] | None = None
-    usage: DurationUsage | None = None
+    words: list[Word] | msgspec.UnsetType = msgspec.UNSET  # present only when word timestamps were asked for
+    usage: DurationUsage
 
 
 class ModelCard(msgspec.Struct, kw_only=True):
