@@ -13,9 +13,9 @@ from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, Settings, load_
 def _serve(settings: Settings) -> int:
     from granian.constants import Interfaces
     from granian.log import LogLevels
+    from granian.server import Server
 
     from qwenasr_appliance.observability import granian_log_config
-    from granian.server import Server
 
     server = Server(
         "qwenasr_appliance.app:create_app",
