@@ -263,7 +263,7 @@ class TranscriptionService:
                             partial = (
                                 parse_output(item.raw_text, request.language)
                                 if item.finished
-                                else parse_partial(item.raw_text)
+                                else parse_partial(item.raw_text, request.language)
                             )
                             text = join_texts([*(p.text for p in parsed), partial.text])
                             if text.startswith(emitted) and len(text) > len(emitted):

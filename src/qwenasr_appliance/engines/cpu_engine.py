@@ -1,0 +1,365 @@
+"""CPU engine: the `qwen-asr` package's transformers backend, one request at a time on a worker thread.
+
+The model is loaded with `qwen_asr.Qwen3ASRModel.from_pretrained` and driven the way its
+`_infer_asr_transformers` drives it (processor, then `generate`), but with our prompt, a streamer that
+reports the text token by token, and a stopping criterion that ends an aborted request at the next token.
+torch, transformers and qwen_asr are imported inside `load`, so this module imports without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import gc
+import logging
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwenasr_appliance.config import Settings
+from qwenasr_appliance.engines.base import (
+    SAMPLE_RATE,
+    AudioArray,
+    EngineDeadError,
+    EngineDescription,
+    EngineLoadError,
+    EngineOutput,
+    EngineRequestError,
+    LoadFailureKind,
+    TranscribeOptions,
+)
+from qwenasr_appliance.engines.prompt import build_prompt
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"auto": "float32", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_WARM_UP_SECONDS = 0.5
+# qwen-asr pads its short chunks to this length; shorter than 201 samples the STFT fails outright.
+_MIN_AUDIO_SECONDS = 0.5
+# Stop a runaway loop (a pattern of 1-10 tokens repeated 20 times in a row), as the vLLM engine does:
+# `prompt.fix_repetitions` collapses the loop afterwards anyway, and on a CPU every wasted token is slow.
+_LOOP_MAX_PATTERN = 10
+_LOOP_MIN_COUNT = 20
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def load_failure_kind(exc: BaseException) -> LoadFailureKind:
+    """Classify an exception raised while loading, for `EngineLoadError.kind`."""
+    if isinstance(exc, ImportError):
+        return "import"
+    if isinstance(exc, MemoryError) or any(marker in str(exc).lower() for marker in _OOM_MARKERS):
+        return "out_of_memory"
+    if isinstance(exc, OSError):
+        return "out_of_memory" if exc.errno == errno.ENOMEM else "model_not_found"
+    # huggingface_hub rejects a path that is neither a directory nor a repo id with this ValueError.
+    if type(exc).__name__ == "HFValidationError":
+        return "model_not_found"
+    return "other"
+
+
+def _looks_local(model_id: str) -> bool:
+    return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
+
+
+def _model_location(model_id: str) -> str:
+    """What to hand to `from_pretrained`: a hub repo id as is, a local directory expanded and checked.
+
+    A local path without a checkpoint fails here with a clear message instead of as a malformed repo id.
+    """
+    if not _looks_local(model_id):
+        return model_id
+    path = Path(model_id).expanduser()
+    if not path.is_dir():
+        raise EngineLoadError("model_not_found", f"model directory {model_id!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise EngineLoadError("model_not_found", f"model directory {model_id!r} has no config.json")
+    return str(path)
+
+
+# An item on a request's output queue: an output, a failure, or None for "ended without a result".
+_Item = EngineOutput | EngineDeadError | EngineRequestError | None
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request, shared by the event loop (which reads `outputs`) and the worker (which fills it)."""
+
+    request_id: str
+    audio: AudioArray
+    options: TranscribeOptions
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    engine_closed: bool = False
+    _started: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> bool:
+        """Worker: claim the job; False if it was cancelled while queued."""
+        with self._lock:
+            self._started = not self.cancelled.is_set()
+            return self._started
+
+    def cancel(self) -> None:
+        """Event loop: stop the job; one still queued ends its stream now instead of when its turn comes."""
+        with self._lock:
+            self.cancelled.set()
+            if not self._started:
+                self.outputs.put_nowait(None)
+
+    def emit(self, item: _Item) -> None:
+        """Hand an item to the event loop; called from the worker thread."""
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+class _TokenStreamer:
+    """A `generate` streamer that emits the cumulative text whenever a token adds complete characters."""
+
+    def __init__(self, tokenizer: Any, job: _Job) -> None:
+        self._tokenizer = tokenizer
+        self._job = job
+        self._prompt_seen = False
+        self._pending: list[int] = []
+        self._text = ""
+        self._tokens = 0
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first passes the prompt ids
+            self._prompt_seen = True
+            return
+        ids = [int(token) for token in value.reshape(-1).tolist()]
+        self._tokens += len(ids)
+        self._pending.extend(ids)
+        piece: str = self._tokenizer.decode(self._pending, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if piece.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return
+        self._pending.clear()
+        if piece:
+            self._text += piece
+            self._job.emit(EngineOutput(raw_text=self._text, output_tokens=self._tokens, finished=False))
+
+    def end(self) -> None:
+        """Nothing to flush: the final output is decoded from the whole sequence."""
+
+
+class _CancelCriterion:
+    """A stopping criterion that ends generation once `event` is set (checked after every token)."""
+
+    def __init__(self, event: threading.Event, torch: Any) -> None:
+        self._event = event
+        self._torch = torch
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        return self._torch.full((input_ids.shape[0],), self._event.is_set(), dtype=self._torch.bool)
+
+
+class _LoopCriterion:
+    """A stopping criterion that ends generation once the newest tokens repeat one short pattern."""
+
+    def __init__(self, prompt_length: int, torch: Any) -> None:
+        self._prompt_length = prompt_length
+        self._torch = torch
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        window = _LOOP_MAX_PATTERN * _LOOP_MIN_COUNT
+        tail: list[int] = input_ids[0, max(self._prompt_length, input_ids.shape[1] - window) :].tolist()
+        looping = any(
+            len(tail) >= size * _LOOP_MIN_COUNT and tail[-size * _LOOP_MIN_COUNT :] == tail[-size:] * _LOOP_MIN_COUNT
+            for size in range(1, _LOOP_MAX_PATTERN + 1)
+        )
+        return self._torch.full((input_ids.shape[0],), looping, dtype=self._torch.bool)
+
+
+def _pad_to_minimum(audio: AudioArray) -> AudioArray:
+    missing = int(_MIN_AUDIO_SECONDS * SAMPLE_RATE) - audio.shape[0]
+    return np.pad(audio, (0, missing)) if missing > 0 else audio
+
+
+def _sampling_arguments(temperature: float) -> dict[str, Any]:
+    if temperature <= 0:
+        return {"do_sample": False}
+    # Plain temperature sampling, as the OpenAI API defines `temperature`: no top-k / top-p cut.
+    return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+
+
+class CPUEngine:
+    """Qwen3-ASR on the CPU through transformers; requests run one after another on one worker thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._dtype_name = _DTYPES[settings.dtype]
+        self._executor: ThreadPoolExecutor | None = None
+        self._asr: Any = None  # qwen_asr.Qwen3ASRModel
+        self._torch: Any = None
+        self._eos_ids: list[int] = []
+        self._pad_id: int | None = None
+        self._jobs: dict[str, _Job] = {}
+        self._details: dict[str, str | int | float | bool | None] = {}
+
+    async def load(self) -> None:
+        if self._asr is not None:
+            return
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-engine")
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._load_blocking)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        self._executor = executor
+
+    def _load_blocking(self) -> None:
+        location = _model_location(self._settings.model_id)
+        try:
+            import qwen_asr
+            import torch
+            import transformers
+        except ImportError as exc:
+            raise EngineLoadError("import", f"the CPU engine needs qwen-asr, transformers and torch: {exc}") from exc
+        if self._settings.cpu_threads > 0:
+            torch.set_num_threads(self._settings.cpu_threads)
+        try:
+            asr = qwen_asr.Qwen3ASRModel.from_pretrained(
+                location,
+                device_map="cpu",
+                dtype=getattr(torch, self._dtype_name),
+                max_new_tokens=self._settings.max_new_tokens,
+            )
+        except Exception as exc:
+            kind = load_failure_kind(exc)
+            raise EngineLoadError(kind, f"loading {self._settings.model_id!r} failed ({kind}): {exc}") from exc
+        tokenizer = asr.processor.tokenizer
+        # The package's generate() defaults to the released vocabulary's EOS ids; ask the tokenizer instead.
+        self._eos_ids = [
+            token_id
+            for token_id in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+            if token_id is not None and token_id != tokenizer.unk_token_id
+        ]
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos_ids[-1]
+        self._asr, self._torch = asr, torch
+        try:
+            self._generate(np.zeros(int(_WARM_UP_SECONDS * SAMPLE_RATE), dtype=np.float32),
+                           TranscribeOptions(max_new_tokens=1), threading.Event(), streamer=None)  # fmt: skip
+        except Exception as exc:
+            self._asr = None
+            kind = load_failure_kind(exc)
+            raise EngineLoadError(kind, f"warm-up of {self._settings.model_id!r} failed: {exc}") from exc
+        self._details = {
+            "torch_threads": torch.get_num_threads(),
+            "torch": str(torch.__version__),
+            "transformers": str(transformers.__version__),
+            "max_new_tokens": self._settings.max_new_tokens,
+            "streaming": True,
+        }
+
+    async def stream(
+        self, audio: AudioArray, options: TranscribeOptions, request_id: str
+    ) -> AsyncIterator[EngineOutput]:
+        executor = self._executor
+        if executor is None or self._asr is None:
+            raise EngineDeadError("the CPU engine is not loaded")
+        if request_id in self._jobs:
+            raise EngineRequestError(f"request {request_id!r} is already running")
+        job = _Job(request_id, audio, options, asyncio.get_running_loop())
+        self._jobs[request_id] = job
+        future = executor.submit(self._run, job)
+        try:
+            while True:
+                item = await job.outputs.get()
+                if item is None:
+                    if job.engine_closed:
+                        raise EngineDeadError("the CPU engine was closed during the request")
+                    return  # aborted: the stream ends without a finished output
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            job.cancel()  # stops the worker at its next token if the consumer left early
+            if self._jobs.get(request_id) is job:
+                del self._jobs[request_id]
+            future.add_done_callback(_log_worker_failure)
+
+    def _run(self, job: _Job) -> None:
+        """Worker thread: run one job unless it was cancelled while queued; emit its last item."""
+        if not job.start():
+            return
+        try:
+            result = self._generate(job.audio, job.options, job.cancelled, _TokenStreamer(self._tokenizer, job))
+        except Exception as exc:
+            failure = EngineRequestError(f"CPU generation failed: {type(exc).__name__}: {exc}")
+            failure.__cause__ = exc
+            job.emit(failure)
+            return
+        except BaseException:
+            job.emit(EngineDeadError("the CPU engine's worker was interrupted"))
+            raise
+        job.emit(None if job.cancelled.is_set() else result)
+
+    @property
+    def _tokenizer(self) -> Any:
+        return self._asr.processor.tokenizer
+
+    def _generate(
+        self, audio: AudioArray, options: TranscribeOptions, cancelled: threading.Event, streamer: Any
+    ) -> EngineOutput:
+        torch, asr = self._torch, self._asr
+        model = asr.model
+        prompt = build_prompt(options.context, options.language)
+        audio = _pad_to_minimum(audio)
+        inputs = asr.processor(text=[prompt], audio=[audio], return_tensors="pt", padding=True)
+        inputs = inputs.to(model.device).to(model.dtype)
+        prompt_length = int(inputs["input_ids"].shape[1])
+        with torch.inference_mode():
+            result = model.generate(
+                **inputs,
+                max_new_tokens=options.max_new_tokens,
+                eos_token_id=self._eos_ids,
+                pad_token_id=self._pad_id,
+                stopping_criteria=[_CancelCriterion(cancelled, torch), _LoopCriterion(prompt_length, torch)],
+                streamer=streamer,
+                **_sampling_arguments(options.temperature),
+            )
+        generated = result.sequences[0, prompt_length:]
+        text: str = self._tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return EngineOutput(raw_text=text, output_tokens=int(generated.shape[0]), finished=True)
+
+    async def abort(self, request_id: str) -> None:
+        job = self._jobs.get(request_id)
+        if job is not None:
+            job.cancel()
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        for job in self._jobs.values():
+            job.engine_closed = True
+            job.cancel()
+        if executor is not None:
+            # Queued jobs see their flag and return at once; the running one stops after its next token.
+            await asyncio.to_thread(executor.shutdown, wait=True)
+        self._asr = None
+        gc.collect()
+
+    def describe(self) -> EngineDescription:
+        return EngineDescription(
+            name="cpu",
+            model=self._settings.model_id,
+            device="cpu",
+            dtype=self._dtype_name,
+            quantization=None,
+            max_concurrency=1,
+            details=dict(self._details),
+        )
+
+
+def _log_worker_failure(future: Future[None]) -> None:
+    exc = None if future.cancelled() else future.exception()
+    if exc is not None:
+        log.error("CPU engine worker failed", exc_info=exc)
