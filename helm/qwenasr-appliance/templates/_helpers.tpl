@@ -1,0 +1,159 @@
+{{/*
+Chart name, truncated to 63 characters (DNS label limit).
+*/}}
+{{- define "qwenasr.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: <release>-<chart>, or the release name alone when it already contains the
+chart name. Truncated to 63 characters.
+*/}}
+{{- define "qwenasr.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "qwenasr.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every object.
+*/}}
+{{- define "qwenasr.labels" -}}
+helm.sh/chart: {{ include "qwenasr.chart" . }}
+{{ include "qwenasr.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: qwenasr-appliance
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels: stable for the life of a release (Deployment selectors are immutable).
+*/}}
+{{- define "qwenasr.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "qwenasr.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{- define "qwenasr.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "qwenasr.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Image reference: repository@digest, else repository:tag (tag defaults to the appVersion).
+*/}}
+{{- define "qwenasr.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret holding the API keys, or "" when authentication is off.
+*/}}
+{{- define "qwenasr.apiKeysSecretName" -}}
+{{- if .Values.apiKeys.existingSecret }}
+{{- .Values.apiKeys.existingSecret }}
+{{- else if .Values.apiKeys.keys }}
+{{- printf "%s-api-keys" (include "qwenasr.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "qwenasr.apiKeysSecretKey" -}}
+{{- if .Values.apiKeys.existingSecret }}{{ .Values.apiKeys.existingSecretKey }}{{ else }}api-keys{{ end }}
+{{- end }}
+
+{{- define "qwenasr.modelClaimName" -}}
+{{- default (printf "%s-models" (include "qwenasr.fullname" .)) .Values.modelCache.existingClaim }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: explicit, or preStop sleep + drain + 15 s for the engine to stop.
+*/}}
+{{- define "qwenasr.terminationGracePeriodSeconds" -}}
+{{- $drain := add (int .Values.preStopSleepSeconds) (int (ceil .Values.config.shutdownGraceSeconds)) }}
+{{- if .Values.terminationGracePeriodSeconds }}
+{{- if le (int .Values.terminationGracePeriodSeconds) (int $drain) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + config.shutdownGraceSeconds (%d): the pod would be killed mid-drain" (int .Values.terminationGracePeriodSeconds) (int $drain)) }}
+{{- end }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- else }}
+{{- add $drain 15 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Plain number for an env value: integers without exponent (YAML numbers arrive as float64).
+*/}}
+{{- define "qwenasr.number" -}}
+{{- if eq (float64 .) (float64 (int64 .)) }}{{ int64 . }}{{ else }}{{ float64 . }}{{ end }}
+{{- end }}
+
+{{/*
+The appliance's environment, one variable per `config` key (names from config.py).
+*/}}
+{{- define "qwenasr.configEnv" -}}
+{{- $c := .Values.config }}
+{{- $text := dict "MODEL_ID" $c.modelId "SERVED_MODEL_NAME" $c.servedModelName "ENGINE" $c.engine "DTYPE" $c.dtype "QUANT_MODE" $c.quantMode "LOAD_FORMAT" $c.loadFormat "LOG_LEVEL" $c.logLevel "LOG_FORMAT" $c.logFormat }}
+{{- $bool := dict "ENFORCE_EAGER" $c.enforceEager "PROTECT_OPS_ENDPOINTS" $c.protectOpsEndpoints }}
+{{- $num := dict "GPU_MEMORY_UTILIZATION" $c.gpuMemoryUtilization "MAX_MODEL_LEN" $c.maxModelLen "MAX_NUM_SEQS" $c.maxNumSeqs "MAX_NEW_TOKENS" $c.maxNewTokens "CHUNK_SECONDS" $c.chunkSeconds "MAX_UPLOAD_BYTES" $c.maxUploadBytes "MAX_AUDIO_SECONDS" $c.maxAudioSeconds "MAX_CONCURRENT_REQUESTS" $c.maxConcurrentRequests "MAX_QUEUE_SIZE" $c.maxQueueSize "QUEUE_TIMEOUT_SECONDS" $c.queueTimeoutSeconds "REQUEST_TIMEOUT_SECONDS" $c.requestTimeoutSeconds "MAX_PROMPT_CHARS" $c.maxPromptChars "DECODE_WORKERS" $c.decodeWorkers "CPU_THREADS" $c.cpuThreads "SHUTDOWN_GRACE_SECONDS" $c.shutdownGraceSeconds "ENGINE_RESTART_MAX" $c.engineRestartMax "ENGINE_RESTART_BACKOFF_SECONDS" $c.engineRestartBackoffSeconds }}
+{{- range $name, $value := $text }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- range $name, $value := $bool }}
+- name: {{ $name }}
+  value: {{ ternary "true" "false" $value | quote }}
+{{- end }}
+{{- range $name, $value := $num }}
+- name: {{ $name }}
+  value: {{ include "qwenasr.number" $value | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Consistency checks that JSON schema cannot express.
+*/}}
+{{- define "qwenasr.validate" -}}
+{{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
+{{- fail "autoscaling.enabled and keda.enabled are alternatives: KEDA creates its own HPA. Enable one of them." }}
+{{- end }}
+{{- if and (not .Values.gpu.enabled) (eq .Values.config.engine "vllm") }}
+{{- fail "config.engine is vllm but gpu.enabled is false: the pod would get no GPU. Use config.engine: cpu (or auto), or enable gpu." }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
+{{- fail "autoscaling.maxReplicas must be >= autoscaling.minReplicas" }}
+{{- end }}
+{{- if and .Values.keda.enabled (lt (int .Values.keda.maxReplicaCount) (int .Values.keda.minReplicaCount)) }}
+{{- fail "keda.maxReplicaCount must be >= keda.minReplicaCount" }}
+{{- end }}
+{{- if and (gt (int .Values.config.maxModelLen) 0) (ge (int .Values.config.maxNewTokens) (int .Values.config.maxModelLen)) }}
+{{- fail "config.maxNewTokens must be smaller than config.maxModelLen" }}
+{{- end }}
+{{- if and .Values.modelCache.prefetch.enabled (hasPrefix "/" .Values.config.modelId) }}
+{{- fail "modelCache.prefetch downloads a Hugging Face repo id: config.modelId is a local path, pre-fetch it into the volume yourself" }}
+{{- end }}
+{{- if and .Values.modelCache.readOnly .Values.modelCache.prefetch.enabled }}
+{{- fail "modelCache.prefetch needs a writable model volume: set modelCache.readOnly to false" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,437 @@
+"""The Helm chart: `helm lint --strict`, `helm template` for the default and the full-featured values,
+every rendered manifest validated against the Kubernetes OpenAPI schemas (kubernetes-validate, strict),
+values.schema.json rejecting bad values, the chart's own guards, and the objects agreeing with each
+other and with the appliance (env names and values parse with the appliance's own config loader).
+
+Helm itself is the real Helm v4 engine through `helm-python-sdk` (no helm CLI is installable here).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.ops.opstools import CHART, DASHBOARD, REPO, RULES, module, tool
+
+KUBE_VERSIONS = ("1.27.0", "1.37.0")  # Chart.yaml kubeVersion minimum, newest bundled schema
+RELEASE, NAMESPACE = "asr", "speech"
+VALUES_FILES = {
+    "default": None,
+    "full": CHART / "ci" / "full-values.yaml",
+    "keda-cpu-airgapped": CHART / "ci" / "keda-values.yaml",
+}
+CRD_API_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
+
+
+def load_values(name: str) -> dict[str, Any]:
+    path = VALUES_FILES[name]
+    return yaml.safe_load(path.read_text()) if path else {}
+
+
+@pytest.fixture(scope="module")
+def helm() -> Any:
+    return module("helm_python")
+
+
+@pytest.fixture(scope="module")
+def chart(helm: Any) -> Iterator[Any]:
+    loaded = helm.Chart.load(CHART)
+    yield loaded
+    loaded.close()
+
+
+Rendered = dict[str, list[dict[str, Any]]]
+
+
+@pytest.fixture(scope="module")
+def rendered(chart: Any) -> dict[str, Rendered]:
+    """values set -> kind -> objects."""
+    out: dict[str, Rendered] = {}
+    for name in VALUES_FILES:
+        manifests = chart.render(load_values(name), name=RELEASE, namespace=NAMESPACE, is_install=True)
+        by_kind: Rendered = {}
+        for path, text in manifests.items():
+            if path.endswith("NOTES.txt"):
+                by_kind.setdefault("NOTES", []).append({"text": text})
+                continue
+            for doc in yaml.safe_load_all(text):
+                if doc:
+                    doc.setdefault("_template", path)
+                    by_kind.setdefault(doc["kind"], []).append(doc)
+        out[name] = by_kind
+    return out
+
+
+def one(objects: Rendered, kind: str) -> dict[str, Any]:
+    assert len(objects.get(kind, [])) == 1, f"expected one {kind}, got {len(objects.get(kind, []))}"
+    return objects[kind][0]
+
+
+def hook_of(obj: dict[str, Any]) -> str | None:
+    hook: str | None = obj["metadata"].get("annotations", {}).get("helm.sh/hook")
+    return hook
+
+
+def server_pod_spec(objects: Rendered) -> dict[str, Any]:
+    spec: dict[str, Any] = one(objects, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def appliance_container(objects: Rendered) -> dict[str, Any]:
+    (container,) = [c for c in server_pod_spec(objects)["containers"] if c["name"] == "appliance"]
+    return container
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container.get("env", [])}
+
+
+def subset(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+# --- lint and template ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_name", list(VALUES_FILES))
+def test_helm_lint_strict_is_clean(helm: Any, values_name: str) -> None:
+    report = helm.lint(CHART, load_values(values_name) or None, strict=True, kube_version=f"v{KUBE_VERSIONS[0]}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings fail under --strict
+    assert not problems and not report["errors"], json.dumps(report, indent=2)
+
+
+@pytest.mark.parametrize("values_name", list(VALUES_FILES))
+def test_rendered_manifests_pass_kubernetes_schemas(rendered: dict[str, Rendered], values_name: str) -> None:
+    kubernetes_validate = module("kubernetes_validate")
+    problems, checked = [], 0
+    for kind, objects in rendered[values_name].items():
+        if kind == "NOTES":
+            continue
+        for obj in objects:
+            doc = {k: v for k, v in obj.items() if k != "_template"}
+            if doc["apiVersion"].startswith(CRD_API_GROUPS):
+                continue  # no bundled schema: see test_custom_resources_are_well_formed
+            for version in KUBE_VERSIONS:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    problems.append(f"{kind}/{doc['metadata']['name']} @ {version}: {exc.message} at {list(exc.path)}")
+            checked += 1
+    assert checked >= 2  # at least the Deployment and the Service
+    assert not problems, "\n".join(problems)
+
+
+def test_full_values_enable_every_feature(rendered: dict[str, Rendered]) -> None:
+    full = rendered["full"]
+    expected = {
+        "Deployment", "Service", "ServiceAccount", "Secret", "PersistentVolumeClaim", "Ingress",
+        "HorizontalPodAutoscaler", "ServiceMonitor", "PodMonitor", "PrometheusRule", "PodDisruptionBudget",
+        "NetworkPolicy", "ConfigMap", "Pod",
+    }  # fmt: skip
+    assert expected <= set(full), f"missing: {expected - set(full)}"
+    assert "ScaledObject" in rendered["keda-cpu-airgapped"]
+    assert "HorizontalPodAutoscaler" not in rendered["keda-cpu-airgapped"]
+    default = rendered["default"]
+    assert {"Deployment", "Service", "ServiceAccount", "PersistentVolumeClaim", "PodDisruptionBudget"} <= set(default)
+    assert not {"Ingress", "ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ScaledObject"} & set(default)
+
+
+def test_custom_resources_are_well_formed(rendered: dict[str, Rendered]) -> None:
+    """CRDs have no bundled schema: check what would break them (selectors, ports, required fields)."""
+    full = rendered["full"]
+    service = one(full, "Service")
+    pod_labels = one(full, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    for kind, endpoints_key in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
+        monitor = one(full, kind)
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        target_labels = service["metadata"]["labels"] if kind == "ServiceMonitor" else pod_labels
+        assert subset(monitor["spec"]["selector"]["matchLabels"], target_labels), kind
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+        (endpoint,) = monitor["spec"][endpoints_key]
+        assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    scaled = one(rendered["keda-cpu-airgapped"], "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert (
+        scaled["spec"]["scaleTargetRef"]["name"]
+        == one(rendered["keda-cpu-airgapped"], "Deployment")["metadata"]["name"]
+    )
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert {"serverAddress", "query", "threshold"} <= set(trigger["metadata"])
+    assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata must be strings"
+    promql = module("promql_parser")
+    promql.parse(trigger["metadata"]["query"])
+
+
+# --- the pods -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_name", list(VALUES_FILES))
+def test_pod_security_and_probes(rendered: dict[str, Rendered], values_name: str) -> None:
+    objects = rendered[values_name]
+    spec = server_pod_spec(objects)
+    container = appliance_container(objects)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+    assert spec["enableServiceLinks"] is False
+    assert spec["automountServiceAccountToken"] is False
+    for each in [container, *spec.get("initContainers", [])]:
+        security = each["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["capabilities"]["drop"] == ["ALL"]
+    # Readiness on /ready, liveness on /health (never on the engine), a startup budget of minutes.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    # Writable paths for a read-only root filesystem.
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/cache", "/tmp", "/dev/shm", "/models"} <= mounts
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+
+
+@pytest.mark.parametrize("values_name", list(VALUES_FILES))
+def test_termination_grace_exceeds_the_drain(rendered: dict[str, Rendered], values_name: str) -> None:
+    objects = rendered[values_name]
+    spec = server_pod_spec(objects)
+    container = appliance_container(objects)
+    drain = float(env_of(container)["SHUTDOWN_GRACE_SECONDS"])
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
+    assert pre_stop[0] == "sleep"
+    assert spec["terminationGracePeriodSeconds"] > float(pre_stop[1]) + drain
+
+
+def test_gpu_resources(rendered: dict[str, Rendered]) -> None:
+    for name in ("default", "full"):
+        limits = appliance_container(rendered[name])["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == 1, name
+    full_spec = server_pod_spec(rendered["full"])
+    assert full_spec["runtimeClassName"] == "nvidia"
+    assert full_spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert full_spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "podAntiAffinity" in full_spec["affinity"]
+    assert full_spec["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"]
+    cpu = appliance_container(rendered["keda-cpu-airgapped"])
+    assert not any("gpu" in key for key in cpu["resources"].get("limits", {}))
+
+
+@pytest.mark.parametrize("values_name", list(VALUES_FILES))
+def test_env_is_what_the_appliance_reads(rendered: dict[str, Rendered], values_name: str) -> None:
+    """Every config variable is settable from values, and the rendered values load with the appliance's
+    own parser (no `2.62144e+07`-style float rendering, every range respected)."""
+    config = module("qwenasr_appliance.config")
+    env = env_of(appliance_container(rendered[values_name]))
+    settable = set(config.ENV_VARIABLES) - {"API_KEYS", "API_KEYS_FILE"}  # keys come from a Secret
+    assert settable <= set(env), f"config variables the chart cannot set: {sorted(settable - set(env))}"
+    literal = {name: value for name, value in env.items() if isinstance(value, str)}
+    settings = config.load_settings(literal)  # raises ConfigError naming the bad variable
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["config"] | load_values(values_name).get("config", {})
+    assert settings.max_upload_bytes == values["maxUploadBytes"]
+    assert settings.model_id == values["modelId"]
+    assert literal["HF_HOME"].endswith("/huggingface")
+
+
+def test_api_keys_come_from_a_secret(rendered: dict[str, Rendered]) -> None:
+    full = rendered["full"]
+    secret = one(full, "Secret")
+    env = env_of(appliance_container(full))
+    assert env["API_KEYS"] == {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "api-keys"}}
+    assert base64.b64decode(secret["data"]["api-keys"]).decode() == "sk-test-0123456789,sk-test-abcdefghij"
+    external = env_of(appliance_container(rendered["keda-cpu-airgapped"]))
+    assert external["API_KEYS"] == {"secretKeyRef": {"name": "qwenasr-api-keys", "key": "keys"}}
+    assert "API_KEYS" not in env_of(appliance_container(rendered["default"]))
+    assert "Secret" not in rendered["default"]
+
+
+def test_model_cache_volume(rendered: dict[str, Rendered]) -> None:
+    default = rendered["default"]
+    claim = one(default, "PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    models = {v["name"]: v for v in server_pod_spec(default)["volumes"]}["models"]
+    assert models["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    airgapped = rendered["keda-cpu-airgapped"]
+    assert "PersistentVolumeClaim" not in airgapped
+    volume = {v["name"]: v for v in server_pod_spec(airgapped)["volumes"]}["models"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "qwen3-asr-weights", "readOnly": True}
+    assert env_of(appliance_container(airgapped))["HF_HUB_OFFLINE"] == "1"
+    prefetch = server_pod_spec(rendered["full"])["initContainers"][0]
+    assert prefetch["name"] == "prefetch-model"
+    compile(prefetch["command"][2], "prefetch", "exec")
+
+
+def test_selectors_tie_the_objects_together(rendered: dict[str, Rendered]) -> None:
+    full = rendered["full"]
+    deployment = one(full, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert subset(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    service = one(full, "Service")
+    assert subset(service["spec"]["selector"], pod_labels)
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert subset(one(full, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
+    assert subset(one(full, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"], pod_labels)
+    hpa = one(full, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "qwenasr_requests_queued"
+    assert "replicas" not in deployment["spec"]  # the HPA owns the replica count
+    ingress = one(full, "Ingress")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": service["metadata"]["name"], "port": {"name": "http"}}
+    assert server_pod_spec(full)["serviceAccountName"] == one(full, "ServiceAccount")["metadata"]["name"]
+
+
+def test_network_policy_admits_the_test_pod(rendered: dict[str, Rendered]) -> None:
+    full = rendered["full"]
+    policy = one(full, "NetworkPolicy")
+    (test_pod,) = [p for p in full["Pod"] if hook_of(p) == "test"]
+    allowed = [
+        peer["podSelector"]["matchLabels"] for peer in policy["spec"]["ingress"][0]["from"] if "podSelector" in peer
+    ]
+    assert any(subset(selector, test_pod["metadata"]["labels"]) for selector in allowed)
+    assert "Egress" in policy["spec"]["policyTypes"]
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+    assert {53, 443} <= egress_ports
+
+
+# --- helm test hook -------------------------------------------------------------------------------
+
+
+def test_helm_test_hook_transcribes_the_bundled_clip(rendered: dict[str, Rendered]) -> None:
+    full = rendered["full"]
+    (pod,) = [p for p in full["Pod"] if hook_of(p) == "test"]
+    (config_map,) = [c for c in full["ConfigMap"] if hook_of(c) == "test"]
+    container = pod["spec"]["containers"][0]
+    env = env_of(container)
+    service = one(full, "Service")
+    assert (
+        env["BASE_URL"] == f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{service['spec']['ports'][0]['port']}"
+    )
+    assert env["API_KEY"]["secretKeyRef"]["name"] == one(full, "Secret")["metadata"]["name"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["volumes"][0]["configMap"]["name"] == config_map["metadata"]["name"]
+    clip = base64.b64decode(config_map["binaryData"]["test-clip.wav"])
+    assert clip == (CHART / "files" / "test-clip.wav").read_bytes()
+    assert clip[:4] == b"RIFF" and clip[8:12] == b"WAVE" and len(clip) < 100_000
+    compile(config_map["data"]["check.py"], "check.py", "exec")
+    assert "/v1/audio/transcriptions" in config_map["data"]["check.py"]
+
+
+def test_helm_test_script_against_the_live_server(live_server_url: str, tmp_path: Path) -> None:
+    """Run the hook's script exactly as the test pod does, against a real server process."""
+    script = CHART / "files" / "helm-test-transcribe.py"
+    env = {"BASE_URL": live_server_url, "EXPECT_SUBSTRING": "", "TIMEOUT_SECONDS": "60",
+           "CLIP": str(CHART / "files" / "test-clip.wav"), "PATH": "/usr/bin:/bin"}  # fmt: skip
+    result = subprocess.run([tool("python3"), "-B", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok:" in result.stdout
+
+
+# --- monitoring objects -------------------------------------------------------------------------------
+
+
+def test_prometheus_rule_is_the_deploy_rules(rendered: dict[str, Rendered], tmp_path: Path) -> None:
+    rule = one(rendered["full"], "PrometheusRule")
+    source = yaml.safe_load(RULES.read_text())
+    groups = {g["name"]: g for g in rule["spec"]["groups"]}
+    for group in source["groups"]:
+        rendered_rules = groups[group["name"]]["rules"]
+        expected = [r for r in group["rules"] if r.get("alert") != "QwenASRNoTraffic"]  # disabled in full values
+        assert len(rendered_rules) == len(expected)
+        for got, want in zip(rendered_rules, expected, strict=True):
+            assert got["expr"] == want["expr"]
+            assert got.get("annotations") == want.get("annotations")
+            if "alert" in want:
+                assert got["labels"] == {**want["labels"], "team": "speech"}
+    assert "qwenasr-appliance.custom" in groups
+    # The rendered groups (templates in annotations intact, extra group included) pass promtool.
+    rules_file = tmp_path / "rendered.rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    result = subprocess.run(
+        [tool("promtool", "PROMTOOL"), "check", "rules", str(rules_file)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_config_map_is_the_deploy_dashboard(rendered: dict[str, Rendered]) -> None:
+    (config_map,) = [c for c in rendered["full"]["ConfigMap"] if hook_of(c) is None]
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["qwenasr-appliance.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_notes_render(rendered: dict[str, Rendered]) -> None:
+    notes = rendered["default"]["NOTES"][0]["text"]
+    assert "port-forward service/asr-qwenasr-appliance" in notes
+    assert "no API keys are configured" in notes
+    assert "https://asr.example.com" in rendered["full"]["NOTES"][0]["text"]
+
+
+# --- values.schema.json and the chart's guards ----------------------------------------------------------
+
+BAD_VALUES = {
+    "negative replicas": {"replicaCount": -1},
+    "unknown quantMode": {"config": {"quantMode": "int8"}},
+    "unknown engine": {"config": {"engine": "tensorrt"}},
+    "gpu memory share above 1": {"config": {"gpuMemoryUtilization": 1.5}},
+    "gpu memory share 0": {"config": {"gpuMemoryUtilization": 0}},
+    "chunk below 5 s": {"config": {"chunkSeconds": 2}},
+    "negative drain": {"config": {"shutdownGraceSeconds": -5}},
+    "string where a number goes": {"config": {"maxQueueSize": "lots"}},
+    "typo in a config key": {"config": {"modelID": "x"}},
+    "typo at the top level": {"replicas": 2},
+    "empty model id": {"config": {"modelId": ""}},
+    "zero GPUs": {"gpu": {"count": 0}},
+    "bad service type": {"service": {"type": "External"}},
+    "bad image digest": {"image": {"digest": "latest"}},
+    "api key with a comma": {"apiKeys": {"keys": ["abcdefgh,ijklmnop"]}},
+    "bad scrape interval": {"metrics": {"serviceMonitor": {"enabled": True, "interval": "often"}}},
+    "unknown pull policy": {"image": {"pullPolicy": "Sometimes"}},
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_VALUES))
+def test_schema_rejects_bad_values(chart: Any, helm: Any, bad: str) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(BAD_VALUES[bad])
+    with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)):
+        chart.render(BAD_VALUES[bad], name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize("values_name", list(VALUES_FILES))
+def test_schema_accepts_the_shipped_values(chart: Any, values_name: str) -> None:
+    chart.validate_schema(load_values(values_name))
+
+
+GUARDED = {
+    "hpa and keda together": ({"autoscaling": {"enabled": True}, "keda": {"enabled": True}}, "alternatives"),
+    "vllm without a gpu": ({"gpu": {"enabled": False}, "config": {"engine": "vllm"}}, "no GPU"),
+    "grace shorter than the drain": ({"terminationGracePeriodSeconds": 20}, "killed mid-drain"),
+    "prefetch of a local path": (
+        {"config": {"modelId": "/models/x"}, "modelCache": {"prefetch": {"enabled": True}}},
+        "local path",
+    ),
+    "max new tokens over the context": ({"config": {"maxModelLen": 256, "maxNewTokens": 512}}, "maxModelLen"),
+}
+
+
+@pytest.mark.parametrize("case", list(GUARDED))
+def test_template_guards_refuse_inconsistent_values(chart: Any, helm: Any, case: str) -> None:
+    values, message = GUARDED[case]
+    with pytest.raises(helm.HelmRenderError, match=message):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_chart_app_version_is_the_project_version(chart: Any) -> None:
+    tomllib = module("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert chart.metadata["appVersion"] == project["version"]
