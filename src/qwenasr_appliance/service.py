@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from qwenasr_appliance.admission import AdmissionController
-from qwenasr_appliance.audio.decode import DecodedAudio, decode_audio
+from qwenasr_appliance.audio.decode import TARGET_SAMPLE_RATE, DecodedAudio, decode_audio
 from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, split_at_quiet_points
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
@@ -163,7 +163,7 @@ class TranscriptionService:
         segments = [
             TranscriptSegment(
                 start=chunk.offset_seconds,
-                end=chunk.offset_seconds + (chunk.end_sample - chunk.start_sample) / 16_000,
+                end=chunk.offset_seconds + (chunk.end_sample - chunk.start_sample) / TARGET_SAMPLE_RATE,
                 text=result.text.strip(),
             )
             for chunk, result in zip(chunks, parsed, strict=True)

@@ -45,7 +45,7 @@ log = structlog.get_logger(__name__)
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
-_AUDIO_ERROR_STATUS = {"unsupported_format": 415, "file_too_large": 413}
+_AUDIO_ERROR_STATUS = {"unsupported_format": 415, "file_too_large": 413, "decode_failed": 503}
 
 
 async def require_multipart(request: Request[Any, Any, State]) -> None:
@@ -147,6 +147,8 @@ def _map_error(exc: Exception) -> APIError:
         return overloaded("The server is at capacity; retry after the time in the Retry-After header.", exc.retry_after)
     if isinstance(exc, AudioError):
         status = _AUDIO_ERROR_STATUS.get(exc.code, 400)
+        if status >= 500:
+            return APIError(status, str(exc), type="service_unavailable", code=exc.code, headers={"Retry-After": "5"})
         return APIError(status, str(exc), param="file", code=exc.code)
     if isinstance(exc, EngineDeadError):
         return unavailable(
