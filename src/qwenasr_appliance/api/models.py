@@ -7,6 +7,7 @@ from typing import Any
 
 from litestar import Controller, Request, get
 from litestar.datastructures import State
+from litestar.params import FromPath
 
 from qwenasr_appliance.api.auth import require_api_key
 from qwenasr_appliance.api.context import AppContext, request_context
@@ -39,7 +40,7 @@ class ModelsController(Controller):
         return ModelList(data=[_card(request_context(request))])
 
     @get("/{model_id:path}", summary="Retrieve a model")
-    async def get_model(self, request: Request[Any, Any, State], model_id: str) -> ModelCard:
+    async def get_model(self, request: Request[Any, Any, State], model_id: FromPath[str]) -> ModelCard:
         context = request_context(request)
         wanted = model_id.lstrip("/")
         if wanted not in {context.settings.model_name, context.settings.model_id}:
