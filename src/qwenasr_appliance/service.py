@@ -130,6 +130,7 @@ class TranscriptionService:
             context=request.prompt,
             temperature=request.temperature,
             max_new_tokens=self._settings.max_new_tokens,
+            incremental=request.stream,
         )
 
     async def _decode(self, request: TranscriptionRequest, stats: RequestStats) -> DecodedAudio:

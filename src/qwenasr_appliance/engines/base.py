@@ -28,6 +28,9 @@ class TranscribeOptions:
     context: str = ""  # the `prompt` field: biasing text placed in the system turn
     temperature: float = 0.0
     max_new_tokens: int = 512
+    # True when the caller streams text to its client: the engine then reports partial output as it
+    # goes. False lets an engine skip per-token work and report once, at the end.
+    incremental: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,646 @@
+"""The GPU engine: Qwen3-ASR on vLLM's async engine (`AsyncLLM`, continuous batching).
+
+vLLM 0.26 is used the way its own `/v1/audio/transcriptions` server uses it, minus the HTTP layer:
+
+* one `AsyncLLM` built from `AsyncEngineArgs` with the API server's usage context (so vLLM picks the
+  same hardware-dependent batch defaults as `vllm serve`); the model runs in vLLM's engine-core child
+  process, this process renders prompts, detokenizes and streams;
+* each chunk is rendered by `AsyncLLM.renderer.render_cmpl_async` (tokenization and Whisper feature
+  extraction in vLLM's renderer thread pool, off the event loop), then submitted with
+  `AsyncLLM.generate(..., request_id)` and streamed as DELTA outputs that this engine accumulates into
+  the cumulative `EngineOutput`s the protocol asks for;
+* the prompt is `engines.prompt.build_prompt` (the same string the CPU engine uses), the audio goes in
+  as `multi_modal_data={"audio": (samples, 16000)}`.
+
+Aborting: closing the stream (client gone) or cancelling its task closes vLLM's generator, which makes
+vLLM 0.26 abort the request itself (`AsyncLLM.generate` handles `GeneratorExit` and `CancelledError`);
+the engine then calls `AsyncLLM.abort(request_id)` as well, which costs nothing when the request is
+already gone. `abort(request_id)` from another task ends the stream with `EngineRequestError`.
+
+Benchmark-only switch: with `QWENASR_BENCH_IGNORE_EOS=1` in the environment every request generates
+exactly `max_new_tokens` tokens (`ignore_eos`, `min_tokens`): dummy weights rarely emit EOS, so a fixed
+output length is the only fair comparison. It is not a setting and must never be set in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import math
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import numpy as np
+
+from qwenasr_appliance.engines.base import (
+    SAMPLE_RATE,
+    AudioArray,
+    EngineDeadError,
+    EngineDescription,
+    EngineError,
+    EngineLoadError,
+    EngineOutput,
+    EngineRequestError,
+    TranscribeOptions,
+)
+from qwenasr_appliance.engines.prompt import build_prompt
+from qwenasr_appliance.engines.vllm_errors import (
+    classify_load_failure,
+    failure_region,
+    map_request_error,
+    root_cause_line,
+)
+
+if TYPE_CHECKING:
+    from qwenasr_appliance.config import Settings
+
+BENCH_IGNORE_EOS_ENV: Final = "QWENASR_BENCH_IGNORE_EOS"
+
+# Audio placeholder tokens per second of audio: the encoder turns every 100 mel frames (1 s) into 13
+# tokens (vLLM's `_get_feat_extract_output_lengths`). Prompt text around the audio: about 20 tokens.
+PROMPT_OVERHEAD_TOKENS: Final = 64
+DEFAULT_CONTEXT_TOKENS: Final = 2000
+MAX_MODEL_LEN_STEP: Final = 1024
+MODEL_MAX_POSITIONS: Final = 65536
+# Stop a runaway loop: a pattern of 1-10 tokens repeated 20 times in a row. `prompt.fix_repetitions`
+# collapses such loops to one occurrence anyway, so stopping early changes nothing but the time spent.
+REPETITION_GUARD: Final[Mapping[str, int]] = {"min_pattern_size": 1, "max_pattern_size": 10, "min_count": 20}
+# Stream every 8th token (and always the first and the last): vLLM's output processor then builds a
+# tenth of the per-token `RequestOutput`s this process has to handle under load; at 2-10 ms per decode
+# step a client still sees text every 20-80 ms.
+STREAM_INTERVAL_TOKENS: Final = 8
+WARMUP_SECONDS: Final = 2.0
+WARMUP_TOKENS: Final = 4
+VRAM_RELEASE_TIMEOUT_SECONDS: Final = 20.0
+VRAM_RELEASE_SLACK_BYTES: Final = 512 * 1024**2
+
+LLMFactory = Callable[[dict[str, Any]], Any]
+ParamsFactory = Callable[[dict[str, Any]], Any]
+
+
+class PlanLike(Protocol):
+    """What the engine reads of `supervisor.plans.Plan`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def quantization(self) -> str | None: ...
+    @property
+    def gpu_memory_utilization(self) -> float | None: ...
+
+
+# -- pure helpers (unit-tested without vLLM) ------------------------------------------------------
+
+
+def audio_tokens(seconds: float) -> int:
+    """Audio placeholder tokens vLLM inserts for `seconds` of 16 kHz audio (hop 160: 100 frames/s)."""
+    frames = max(1, math.ceil(seconds * 100))
+    leave = frames % 100
+    feat = (leave - 1) // 2 + 1
+    return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (frames // 100) * 13
+
+
+def derive_max_model_len(settings: Settings) -> int:
+    """`MAX_MODEL_LEN`, or when 0 what one chunk can need: its audio tokens, the longest context, the
+    output budget and the template, rounded up to a multiple of 1024.
+
+    vLLM's default is the model's 65,536 positions, which makes it refuse GPUs whose free memory cannot
+    hold one such sequence although ASR never comes near it.
+    """
+    if settings.max_model_len > 0:
+        return settings.max_model_len
+    context = settings.max_prompt_chars if settings.max_prompt_chars > 0 else DEFAULT_CONTEXT_TOKENS
+    need = audio_tokens(settings.chunk_seconds) + PROMPT_OVERHEAD_TOKENS + context + settings.max_new_tokens
+    return min(MODEL_MAX_POSITIONS, math.ceil(need / MAX_MODEL_LEN_STEP) * MAX_MODEL_LEN_STEP)
+
+
+def renderer_workers(cpu_count: int | None = None) -> int:
+    """Threads for vLLM's renderer (tokenization and Whisper features of incoming chunks)."""
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return max(1, min(8, cores // 2))
+
+
+def build_engine_args(settings: Settings, plan: PlanLike, *, cpu_count: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of vLLM's `AsyncEngineArgs` for this plan."""
+    quantization = plan.quantization
+    util = plan.gpu_memory_utilization
+    args: dict[str, Any] = {
+        "model": settings.model_id,
+        "served_model_name": settings.model_name,
+        "dtype": plan.dtype,
+        "quantization": quantization,
+        # In-flight bitsandbytes quantization needs vLLM's bitsandbytes loader (vLLM forces it anyway, and
+        # it reads real weight files: load_format "dummy" cannot be combined with it).
+        "load_format": "bitsandbytes" if quantization == "bitsandbytes" else settings.load_format,
+        "gpu_memory_utilization": settings.gpu_memory_utilization if util is None else util,
+        "max_model_len": derive_max_model_len(settings),
+        "max_num_seqs": settings.max_num_seqs,
+        "enforce_eager": settings.enforce_eager,
+        "limit_mm_per_prompt": {"audio": 1},
+        # Every chunk is new audio: the processor cache would only hash and hold it. Without the cache
+        # vLLM allows several renderer threads.
+        "mm_processor_cache_gb": 0.0,
+        "renderer_num_workers": renderer_workers(cpu_count),
+        "stream_interval": STREAM_INTERVAL_TOKENS,
+        "disable_log_stats": False,  # keeps the vllm:* Prometheus metrics
+        "enable_log_requests": False,
+        "trust_remote_code": False,
+        "seed": 0,
+    }
+    return args
+
+
+def build_sampling_kwargs(options: TranscribeOptions, *, fixed_length: bool = False) -> dict[str, Any]:
+    """Keyword arguments of vLLM's `SamplingParams` for one chunk (`output_kind` by member name)."""
+    kwargs: dict[str, Any] = {
+        "n": 1,
+        "temperature": max(0.0, options.temperature),
+        "max_tokens": options.max_new_tokens,
+        "skip_special_tokens": True,  # `<asr_text>` is not special and stays in the text
+        # Without a streaming client, vLLM's frontend need neither detokenize every step nor build
+        # an output per step: the text is decoded once from the final token ids (see `stream`).
+        "output_kind": "DELTA" if options.incremental else "FINAL_ONLY",
+        "detokenize": options.incremental,
+    }
+    if fixed_length:
+        kwargs.update(ignore_eos=True, min_tokens=options.max_new_tokens)
+    else:
+        kwargs["repetition_detection"] = dict(REPETITION_GUARD)
+    return kwargs
+
+
+def build_request_input(audio: AudioArray, options: TranscribeOptions) -> dict[str, Any]:
+    """The prompt vLLM renders for one chunk: the chat prompt text and the 16 kHz samples."""
+    samples = np.ascontiguousarray(audio, dtype=np.float32)
+    if samples.ndim != 1 or samples.size == 0:
+        raise EngineRequestError(f"expected non-empty mono audio, got shape {samples.shape}")
+    return {
+        "prompt": build_prompt(options.context, options.language),
+        "multi_modal_data": {"audio": (samples, SAMPLE_RATE)},
+    }
+
+
+def bench_fixed_length(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the benchmark-only fixed-output-length switch is on."""
+    env = os.environ if environ is None else environ
+    return env.get(BENCH_IGNORE_EOS_ENV, "").strip() == "1"
+
+
+def _attr(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# -- vLLM glue (imported only in load) ------------------------------------------------------------
+
+
+def _default_llm_factory(engine_kwargs: dict[str, Any]) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs), usage_context=UsageContext.OPENAI_API_SERVER)
+
+
+def _default_params_factory(kwargs: dict[str, Any]) -> Any:
+    from vllm.sampling_params import RepetitionDetectionParams, RequestOutputKind, SamplingParams
+
+    kwargs = dict(kwargs)
+    kwargs["output_kind"] = RequestOutputKind[kwargs.get("output_kind", "DELTA")]
+    guard = kwargs.pop("repetition_detection", None)
+    if guard is not None:
+        kwargs["repetition_detection"] = RepetitionDetectionParams(**guard)
+    return SamplingParams(**kwargs)
+
+
+class OutputTap:
+    """Sends this process's stdout and stderr through pipes, forwarding everything and keeping the tail.
+
+    vLLM's engine core is a child process: when it fails to start, its traceback only reaches its own
+    stderr/stdout, which it inherits from this process. While the tap is on, children started meanwhile
+    inherit the pipes, so their output is forwarded as before and its tail stays readable here for as
+    long as they run (`text()`), also after `stop()` gave this process its own descriptors back.
+    """
+
+    def __init__(self, limit_bytes: int = 256 * 1024, fds: Iterable[int] = (1, 2)) -> None:
+        self._limit = limit_bytes
+        self._fds = tuple(fds)
+        self._tail = bytearray()
+        self._lock = threading.Lock()
+        self._saved: dict[int, int] = {}
+
+    def start(self) -> None:
+        self._flush()
+        for fd in self._fds:
+            try:
+                os.fstat(fd)
+                read_fd, write_fd = os.pipe()
+            except OSError:
+                continue
+            saved = os.dup(fd)
+            os.dup2(write_fd, fd)  # inheritable: children get the pipe as their stdout/stderr
+            os.close(write_fd)
+            self._saved[fd] = saved
+            threading.Thread(
+                target=self._pump, args=(read_fd, saved), name=f"vllm-output-tap-{fd}", daemon=True
+            ).start()
+
+    def stop(self) -> None:
+        """Give this process its descriptors back; children keep writing through the tap."""
+        self._flush()
+        for fd, saved in self._saved.items():
+            with contextlib.suppress(OSError):
+                os.dup2(saved, fd)
+        self._saved.clear()
+
+    def text(self) -> str:
+        with self._lock:
+            return self._tail.decode("utf-8", "replace")
+
+    def _pump(self, read_fd: int, out_fd: int) -> None:
+        forward = True
+        try:
+            while chunk := os.read(read_fd, 65536):
+                with self._lock:
+                    self._tail += chunk
+                    if len(self._tail) > self._limit:
+                        del self._tail[: len(self._tail) - self._limit]
+                view = memoryview(chunk)
+                while forward and view:
+                    try:
+                        view = view[os.write(out_fd, view) :]
+                    except OSError:
+                        forward = False  # keep draining the pipe so writers never block
+        except OSError:
+            pass
+        finally:
+            for fd in (read_fd, out_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    @staticmethod
+    def _flush() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+
+def _used_vram_bytes() -> int | None:
+    from qwenasr_appliance.supervisor.probe import probe_vram
+
+    gpu = probe_vram().first
+    return gpu.used_bytes if gpu else None
+
+
+def _release_torch_cache() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    with contextlib.suppress(Exception):
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+
+class VLLMEngine:
+    """Qwen3-ASR on vLLM's `AsyncLLM`. Implements `engines.base.Engine`.
+
+    `llm_factory(engine_kwargs)` builds the `AsyncLLM` and `params_factory(kwargs)` the `SamplingParams`;
+    both default to vLLM's own and exist so tests can run the engine without vLLM.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        plan: PlanLike,
+        *,
+        llm_factory: LLMFactory | None = None,
+        params_factory: ParamsFactory | None = None,
+        capture_output: bool | None = None,
+        environ: Mapping[str, str] | None = None,
+        vram_probe: Callable[[], int | None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._plan = plan
+        self._llm_factory = llm_factory
+        self._params_factory = params_factory
+        self._capture_output = llm_factory is None if capture_output is None else capture_output
+        self._fixed_length = bench_fixed_length(environ)
+        self._vram_probe = vram_probe if vram_probe is not None else (_used_vram_bytes if llm_factory is None else None)
+        self._engine_args = build_engine_args(settings, plan)
+        self._llm: Any = None
+        self._tap: OutputTap | None = None
+        self._active: set[str] = set()
+        self._abort_requested: set[str] = set()
+        self._closed = False
+        self._load_seconds: float | None = None
+        self._vram_before: int | None = None
+        self._vram_loaded: int | None = None
+        self._gpu_name = ""
+        self._vllm_version = ""
+
+    # -- introspection
+
+    @property
+    def engine_args(self) -> dict[str, Any]:
+        return dict(self._engine_args)
+
+    @property
+    def active_requests(self) -> frozenset[str]:
+        return frozenset(self._active)
+
+    @property
+    def is_dead(self) -> bool:
+        """True when vLLM reports its engine core dead (the supervisor should restart)."""
+        return self._llm is not None and bool(getattr(self._llm, "errored", False))
+
+    def engine_output_tail(self) -> str:
+        """The tail of the engine core's output (empty when not captured)."""
+        return self._tap.text() if self._tap else ""
+
+    # -- lifecycle
+
+    async def load(self) -> None:
+        if self._closed:
+            raise EngineLoadError("other", "this engine was closed; make a new one")
+        if self._llm is not None:
+            return
+        llm_factory = self._llm_factory
+        if llm_factory is None:
+            llm_factory = await asyncio.to_thread(self._import_vllm)  # importing vLLM takes seconds
+        if self._params_factory is None:
+            self._params_factory = _default_params_factory
+        if self._llm_factory is None:
+            self._gpu_name = await asyncio.to_thread(self._read_gpu_name)
+        if self._vram_probe is not None:
+            self._vram_before = await asyncio.to_thread(self._vram_probe)
+
+        began = time.monotonic()
+        tap = OutputTap() if self._capture_output else None
+        self._tap = tap
+        loop = asyncio.get_running_loop()
+        if tap:
+            tap.start()
+        try:
+            future = loop.run_in_executor(None, llm_factory, dict(self._engine_args))
+            try:
+                llm = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                # The build cannot be interrupted: shut the engine down once it exists.
+                future.add_done_callback(_shutdown_when_built)
+                raise
+        except EngineLoadError:
+            raise
+        except Exception as exc:
+            error = classify_load_failure(exc, tap.text() if tap else "")
+            await self._wait_for_vram_release()
+            raise error from exc
+        finally:
+            if tap:
+                tap.stop()
+        self._llm = llm
+        try:
+            await self._warm_up()
+        except asyncio.CancelledError:
+            await self.close()
+            raise
+        except Exception as exc:
+            error = classify_load_failure(exc, tap.text() if tap else "")
+            await self.close()
+            raise error from exc
+        self._load_seconds = time.monotonic() - began
+        if self._vram_probe is not None:
+            self._vram_loaded = await asyncio.to_thread(self._vram_probe)
+
+    def _import_vllm(self) -> LLMFactory:
+        # vLLM reports usage statistics to its authors unless told not to; an appliance does not phone home.
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        os.environ.setdefault("DO_NOT_TRACK", "1")
+        # The engine core is started from a worker thread while the event loop and other threads run:
+        # forking such a process can leave the child waiting on a lock another thread held (stdout's
+        # buffer, a handler's). A spawned child starts clean, at the price of importing vLLM again.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        try:
+            import vllm
+        except ImportError as exc:
+            raise EngineLoadError("import", f"vLLM cannot be imported: {exc}") from exc
+        except Exception as exc:  # a broken install (CUDA libraries, torch mismatch) fails on import
+            raise classify_load_failure(exc) from exc
+        self._vllm_version = str(getattr(vllm, "__version__", ""))
+        return _default_llm_factory
+
+    @staticmethod
+    def _read_gpu_name() -> str:
+        try:
+            from qwenasr_appliance.supervisor.probe import probe_vram
+
+            gpu = probe_vram().first
+        except Exception:
+            return ""
+        return gpu.name if gpu else ""
+
+    async def _warm_up(self) -> None:
+        audio = np.zeros(int(WARMUP_SECONDS * SAMPLE_RATE), dtype=np.float32)
+        options = TranscribeOptions(max_new_tokens=WARMUP_TOKENS)
+        stream = self.stream(audio, options, f"warmup-{uuid.uuid4().hex[:12]}")
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        self._closed = True
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        if self._active:
+            # Ends every open stream (vLLM sends each a final "abort" output); shutting down first would
+            # leave them waiting forever.
+            with contextlib.suppress(Exception):
+                await llm.abort(list(self._active))
+            await asyncio.sleep(0)
+        await self._shutdown(llm)
+        del llm
+        _release_torch_cache()
+        await self._wait_for_vram_release()
+
+    async def _shutdown(self, llm: Any) -> None:
+        shutdown = getattr(llm, "shutdown", None)
+        if shutdown is None:
+            return
+        # Blocking (it joins the engine-core process); vLLM closes its sockets on the loop thread itself.
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(shutdown)
+
+    async def _wait_for_vram_release(self) -> None:
+        """Wait (bounded) until the GPU memory of the engine core is back, so the next plan sees it free."""
+        baseline = self._vram_before
+        if self._vram_probe is None or baseline is None:
+            return
+        deadline = time.monotonic() + VRAM_RELEASE_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            used = await asyncio.to_thread(self._vram_probe)
+            if used is None or used <= baseline + VRAM_RELEASE_SLACK_BYTES:
+                return
+            await asyncio.sleep(0.25)
+
+    # -- requests
+
+    async def abort(self, request_id: str) -> None:
+        if request_id not in self._active:
+            return
+        self._abort_requested.add(request_id)
+        llm = self._llm
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                await llm.abort(request_id)
+
+    async def stream(
+        self, audio: AudioArray, options: TranscribeOptions, request_id: str
+    ) -> AsyncIterator[EngineOutput]:
+        llm = self._llm
+        if llm is None:
+            raise EngineDeadError("the vLLM engine is not loaded" if not self._closed else "the vLLM engine is closed")
+        if getattr(llm, "errored", False):
+            raise EngineDeadError(self._dead_message("the vLLM engine core is dead"))
+        if request_id in self._active:
+            raise EngineRequestError(f"request id {request_id!r} is already running")
+        params_factory = self._params_factory or _default_params_factory
+        self._active.add(request_id)
+        generator: Any = None
+        finished = False
+        text = ""
+        tokens = 0
+        try:
+            prompt = build_request_input(audio, options)
+            engine_input = await self._render(llm, prompt)
+            self._check_aborted(request_id)
+            params = params_factory(build_sampling_kwargs(options, fixed_length=self._fixed_length))
+            generator = llm.generate(engine_input, params, request_id)
+            async for output in generator:
+                reason: str | None = None
+                for completion in output.outputs[:1]:
+                    if options.incremental:
+                        text += completion.text
+                        tokens += len(completion.token_ids)
+                    else:
+                        text = self._decode(completion.token_ids)
+                        tokens = len(completion.token_ids)
+                    reason = completion.finish_reason
+                finished = bool(output.finished)
+                if reason in ("abort", "error") or (not finished and request_id in self._abort_requested):
+                    finished = False
+                    self._check_aborted(request_id)
+                    raise EngineRequestError(f"vLLM ended request {request_id!r} with finish reason {reason!r}")
+                yield EngineOutput(raw_text=text, output_tokens=tokens, finished=finished)
+                # No break on `finished`: vLLM's generator returns right after its final output, and
+                # leaving it suspended would make its finalizer send a (useless) abort.
+            if not finished:
+                raise EngineRequestError(f"vLLM ended request {request_id!r} without finishing it")
+        except EngineDeadError:
+            raise
+        except EngineError:
+            if getattr(llm, "errored", False):
+                raise EngineDeadError(self._dead_message("the vLLM engine core died")) from None
+            raise
+        except Exception as exc:
+            error = map_request_error(exc, engine_errored=bool(getattr(llm, "errored", False)))
+            if isinstance(error, EngineDeadError):
+                error = EngineDeadError(self._dead_message(str(error)))
+            raise error from exc
+        finally:
+            self._active.discard(request_id)
+            self._abort_requested.discard(request_id)
+            if generator is not None and not finished:
+                # Closing vLLM's generator aborts the request inside vLLM (it handles GeneratorExit);
+                # the explicit abort by our id is a no-op when that already happened.
+                with contextlib.suppress(Exception):
+                    await generator.aclose()
+                with contextlib.suppress(Exception):
+                    await llm.abort(request_id)
+
+    def _decode(self, token_ids: Any) -> str:
+        tokenizer = _attr(self._llm, "tokenizer")
+        if tokenizer is None:
+            raise EngineRequestError("the vLLM engine has no tokenizer to decode the output")
+        return str(tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    async def _render(self, llm: Any, prompt: dict[str, Any]) -> Any:
+        """Tokenize and extract audio features in vLLM's renderer threads (as `vllm serve` does)."""
+        renderer = getattr(llm, "renderer", None)
+        render = getattr(renderer, "render_cmpl_async", None)
+        if render is None:
+            return prompt
+        rendered = await render([prompt])
+        return rendered[0]
+
+    def _check_aborted(self, request_id: str) -> None:
+        if request_id in self._abort_requested:
+            raise EngineRequestError(f"request {request_id!r} was aborted")
+
+    def _dead_message(self, message: str) -> str:
+        if self._tap is None:
+            return message
+        cause = root_cause_line(failure_region(self._tap.text()))
+        return f"{message} (engine core: {cause})" if cause else message
+
+    # -- description
+
+    def describe(self) -> EngineDescription:
+        llm = self._llm
+        model_config = _attr(llm, "vllm_config.model_config")
+        cache_config = _attr(llm, "vllm_config.cache_config")
+        scheduler_config = _attr(llm, "vllm_config.scheduler_config")
+        dtype = str(getattr(model_config, "dtype", None) or self._plan.dtype).removeprefix("torch.")
+        blocks = getattr(cache_config, "num_gpu_blocks", None)
+        block_size = getattr(cache_config, "block_size", None)
+        kv_tokens = int(blocks) * int(block_size) if blocks and block_size else None
+        max_seqs = getattr(scheduler_config, "max_num_seqs", None) or self._settings.max_num_seqs
+        details: dict[str, str | int | float | bool | None] = {
+            "plan": self._plan.name,
+            "vllm_version": self._vllm_version or None,
+            "gpu_memory_utilization": float(self._engine_args["gpu_memory_utilization"]),
+            "kv_cache_tokens": kv_tokens,
+            "max_model_len": int(getattr(model_config, "max_model_len", None) or self._engine_args["max_model_len"]),
+            "max_num_batched_tokens": getattr(scheduler_config, "max_num_batched_tokens", None),
+            "load_format": str(self._engine_args["load_format"]),
+            "enforce_eager": bool(self._engine_args["enforce_eager"]),
+            "renderer_workers": int(self._engine_args["renderer_num_workers"]),
+            "load_seconds": round(self._load_seconds, 3) if self._load_seconds is not None else None,
+        }
+        if self._vram_before is not None and self._vram_loaded is not None:
+            details["vram_used_bytes"] = max(0, self._vram_loaded - self._vram_before)
+        if self._fixed_length:
+            details["bench_ignore_eos"] = True
+        return EngineDescription(
+            name="vllm",
+            model=self._settings.model_id,
+            device=f"cuda:0 {self._gpu_name}".rstrip(),
+            dtype=dtype,
+            quantization=self._plan.quantization,
+            max_concurrency=int(max_seqs),
+            details=details,
+        )
+
+
+def _shutdown_when_built(future: asyncio.Future[Any]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    shutdown = getattr(future.result(), "shutdown", None)
+    if shutdown is not None:
+        threading.Thread(target=shutdown, name="vllm-late-shutdown", daemon=True).start()
