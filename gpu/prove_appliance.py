@@ -184,7 +184,7 @@ def hold_vram(free_gib: float) -> subprocess.Popen[bytes] | None:
 
 def run_scenario(name: str, args: argparse.Namespace, port: int) -> dict[str, Any]:
     env = {
-        "ENGINE": "vllm",
+        "ENGINE": args.engine,
         "MODEL_ID": args.model,
         "SERVED_MODEL_NAME": "qwen3-asr",
         "LOAD_FORMAT": "dummy",
@@ -251,6 +251,7 @@ def main() -> int:
     parser.add_argument("--free-gib", type=float, default=8.0)
     parser.add_argument("--burst", type=int, default=160)
     parser.add_argument("--port", type=int, default=18001)
+    parser.add_argument("--engine", default="vllm", help="cpu: a dry run of the script with a tiny CPU model")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -1,0 +1,354 @@
+"""The benchmark's CPU-side pieces: workload synthesis, the load client's statistics, the report."""
+
+from __future__ import annotations
+
+import asyncio
+import email.message
+import email.parser
+import io
+import math
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from bench import report
+from bench.client import (
+    RequestResult,
+    Target,
+    histogram_quantile,
+    multipart_body,
+    parse_metrics,
+    percentile,
+    run_load,
+    stage_stats,
+    summarize,
+    token_stats,
+)
+from bench.run_all import Plan
+from bench.workload import AudioItem, clip_specs, decode, encode, ensure, synthesize_speech
+
+# -- workload ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [16_000, 44_100])
+def test_synthesis_has_the_requested_duration_and_level(rate: int) -> None:
+    samples = synthesize_speech(3.25, seed=7, sample_rate=rate)
+    assert samples.dtype == np.float32
+    assert samples.shape == (round(3.25 * rate),)
+    assert np.all(np.isfinite(samples))
+    assert 0.3 < float(np.max(np.abs(samples))) <= 1.0
+
+
+def test_synthesis_is_deterministic_and_seeds_differ() -> None:
+    a = synthesize_speech(2.0, seed=1)
+    assert np.array_equal(a, synthesize_speech(2.0, seed=1))
+    assert not np.allclose(a, synthesize_speech(2.0, seed=2))
+
+
+def test_synthesis_is_speech_like_voiced_segments_and_pauses() -> None:
+    samples = synthesize_speech(20.0, seed=3)
+    frames = samples[: samples.size // 400 * 400].reshape(-1, 400)  # 25 ms
+    energy = np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1))
+    quiet = float((energy < 0.01).mean())
+    assert 0.1 < quiet < 0.7, quiet  # pauses, but mostly speech
+    spectrum = np.abs(np.fft.rfft(samples.astype(np.float64))) ** 2
+    freqs = np.fft.rfftfreq(samples.size, 1 / 16_000)
+    low = spectrum[(freqs > 80) & (freqs < 1000)].sum()
+    high = spectrum[freqs > 4000].sum()
+    assert low > 5 * high  # the energy sits in the voiced range, as in speech
+
+
+@pytest.mark.parametrize(("fmt", "rate"), [("mp3", 44_100), ("mp3", 16_000), ("wav", 16_000)])
+def test_encoded_files_decode_to_the_same_duration(fmt: str, rate: int) -> None:
+    samples = synthesize_speech(2.5, seed=5, sample_rate=rate)
+    data = encode(samples, rate, fmt)
+    decoded, decoded_rate = decode(data)
+    assert decoded_rate == rate
+    assert abs(decoded.size / rate - 2.5) < 0.06
+    if fmt == "wav":
+        assert np.max(np.abs(decoded - samples)) < 1e-4
+    av = pytest.importorskip("av")  # the servers' other decoder (PyAV / FFmpeg)
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        total = sum(frame.samples for frame in container.decode(stream))
+    assert abs(total / rate - 2.5) < 0.1
+
+
+def test_ensure_caches_files_and_keeps_indices_apart(tmp_path: Path) -> None:
+    items = ensure(tmp_path, clip_specs("wav", [0, 1], seconds=1.0), workers=1)
+    assert [item.seconds for item in items] == [1.0, 1.0]
+    assert items[0].read() != items[1].read()
+    mtime = items[0].path.stat().st_mtime_ns
+    again = ensure(tmp_path, clip_specs("wav", [0], seconds=1.0), workers=1)
+    assert again[0].path == items[0].path and again[0].path.stat().st_mtime_ns == mtime
+    assert items[0].content_type == "audio/wav"
+
+
+def test_plan_gives_every_request_its_own_clip() -> None:
+    plan = Plan(
+        formats=["mp3", "wav"], concurrency=[1, 16, 64], long_seconds=[488.0], clip_seconds=29.5,
+        requests_factor=2, min_requests=32, requests_c1=16, warmup_requests=4, max_new_tokens=100,
+    )  # fmt: skip
+    plan.allocate()
+    assert [(fmt, n, len(idx)) for fmt, n, idx in plan.cells] == [
+        ("mp3", 1, 16), ("mp3", 16, 32), ("mp3", 64, 128), ("wav", 1, 16), ("wav", 16, 32), ("wav", 64, 128),
+    ]  # fmt: skip
+    every = [i for idx in plan.warmup.values() for i in idx] + [i for _, _, idx in plan.cells for i in idx]
+    assert len(every) == len(set(every))
+    assert {spec.fmt for spec in plan.long_specs()} == {"mp3", "wav"}
+
+
+# -- client statistics -------------------------------------------------------------------------------
+
+
+def test_percentile_matches_numpy_linear_interpolation() -> None:
+    rng = np.random.default_rng(0)
+    values = list(rng.exponential(size=37))
+    for q in (0, 5, 50, 95, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([2.0], 95) == 2.0
+    assert math.isnan(percentile([], 50))
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summary_throughput_is_successful_audio_over_wall_time() -> None:
+    results = [
+        RequestResult(index=i, audio_seconds=30.0, started=0.0, latency=lat, status=200, error="")
+        for i, lat in enumerate([1.0, 2.0, 3.0])
+    ] + [RequestResult(index=3, audio_seconds=30.0, started=0.0, latency=0.1, status=503, error="http_503")]
+    summary = summarize(results, wall_seconds=2.0)
+    assert summary["throughput"] == 45.0  # 3 x 30 s / 2 s; the failed request's audio does not count
+    assert summary["requests"] == 4 and summary["ok"] == 3 and summary["errors"] == 1
+    assert summary["error_kinds"] == {"http_503": 1}
+    assert summary["p50"] == 2.0 and summary["p95"] == pytest.approx(2.9)
+    assert summary["requests_per_second"] == 1.5
+
+
+def test_multipart_body_is_valid_form_data() -> None:
+    body, content_type = multipart_body(
+        {"model": "m", "max_completion_tokens": "100"}, "a.mp3", "audio/mpeg", b"\x00ID3"
+    )
+    message = email.parser.BytesParser().parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    parts: dict[str, email.message.Message] = {}
+    for part in message.walk():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            parts[name] = part
+    assert set(parts) == {"model", "max_completion_tokens", "file"}
+    assert parts["model"].get_payload() == "m"
+    assert parts["max_completion_tokens"].get_payload() == "100"
+    assert parts["file"].get_content_type() == "audio/mpeg"
+    assert parts["file"].get_payload(decode=True) == b"\x00ID3"
+
+
+def test_run_load_keeps_the_concurrency_and_counts_errors(tmp_path: Path) -> None:
+    in_flight = 0
+    peak = 0
+    seen_fields: list[bytes] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        body = await request.aread()
+        seen_fields.append(body)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        if b"clip-3" in body:
+            return httpx.Response(500, json={"error": {"code": "boom"}})
+        return httpx.Response(200, json={"text": "hello world"})
+
+    items = []
+    for i in range(10):
+        path = tmp_path / f"clip-{i}.wav"
+        path.write_bytes(b"RIFF" + bytes([i]))
+        items.append(AudioItem(name=path.name, fmt="wav", seconds=30.0, path=path))
+    target = Target("vllm", "http://server", "qwen3-asr", {"max_completion_tokens": "100"})
+    load = asyncio.run(run_load(target, items, 3, transport=httpx.MockTransport(handler)))
+    assert peak == 3
+    assert len(load.results) == 10 and [r.index for r in load.results] == list(range(10))
+    summary = load.summary()
+    assert summary["ok"] == 9 and summary["error_kinds"] == {"http_500_boom": 1}
+    assert summary["throughput"] == pytest.approx(9 * 30.0 / load.wall_seconds, rel=0.01)
+    assert all(b'name="max_completion_tokens"' in body and b'name="model"' in body for body in seen_fields)
+    assert all(r.latency > 0 for r in load.results)
+
+
+METRICS_BEFORE = """
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="qwen3-asr"} 1000.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="qwen3-asr"} 10.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="qwen3-asr"} 0.0
+vllm:prompt_tokens_total{engine="0",model_name="qwen3-asr"} 4000.0
+qwenasr_stage_duration_seconds_bucket{le="0.01",stage="decode"} 0.0
+qwenasr_stage_duration_seconds_bucket{le="0.1",stage="decode"} 0.0
+qwenasr_stage_duration_seconds_bucket{le="+Inf",stage="decode"} 0.0
+qwenasr_stage_duration_seconds_count{stage="decode"} 0.0
+qwenasr_stage_duration_seconds_sum{stage="decode"} 0.0
+"""
+
+METRICS_AFTER = """
+vllm:generation_tokens_total{engine="0",model_name="qwen3-asr"} 4000.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="qwen3-asr"} 39.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="qwen3-asr"} 1.0
+vllm:prompt_tokens_total{engine="0",model_name="qwen3-asr"} 16000.0
+qwenasr_stage_duration_seconds_bucket{le="0.01",stage="decode"} 10.0
+qwenasr_stage_duration_seconds_bucket{le="0.1",stage="decode"} 30.0
+qwenasr_stage_duration_seconds_bucket{le="+Inf",stage="decode"} 30.0
+qwenasr_stage_duration_seconds_count{stage="decode"} 30.0
+qwenasr_stage_duration_seconds_sum{stage="decode"} 0.9
+"""
+
+
+def test_token_and_stage_statistics_from_metric_deltas() -> None:
+    before, after = parse_metrics(METRICS_BEFORE), parse_metrics(METRICS_AFTER)
+    tokens = token_stats(before, after)
+    assert tokens is not None
+    assert tokens["engine_requests"] == 30 and tokens["finished"] == {"length": 29, "stop": 1}
+    assert tokens["generation_tokens"] == 3000 and tokens["tokens_per_engine_request"] == 100.0
+    assert tokens["prompt_tokens"] == 12000
+    stages = stage_stats(before, after)
+    assert stages is not None
+    assert stages["decode"]["count"] == 30 and stages["decode"]["mean_ms"] == pytest.approx(30.0)
+    assert stages["decode"]["p50_ms"] == pytest.approx(32.5)  # 15th of 30 lies in (0.01, 0.1]: 0.01 + 0.09 * 5/20
+    assert token_stats({}, parse_metrics("qwenasr_x_total 1")) is None
+
+
+def test_histogram_quantile_follows_prometheus() -> None:
+    buckets = [(0.1, 50.0), (0.5, 90.0), (1.0, 100.0), (math.inf, 100.0)]
+    assert histogram_quantile(buckets, 0.5) == pytest.approx(0.1)
+    assert histogram_quantile(buckets, 0.95) == pytest.approx(0.75)
+    assert histogram_quantile([(0.1, 0.0), (math.inf, 0.0)], 0.5) is None
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+
+def _load(system: str, fmt: str, n: int, throughput: float, p50: float, tokens: float = 100.0) -> dict[str, object]:
+    return {
+        "system": system, "format": fmt, "concurrency": n, "requests": 32, "ok": 32, "errors": 0,
+        "throughput": throughput, "p50": p50, "p95": p50 * 1.5, "mean": p50, "client_cpu_fraction": 0.1,
+        "tokens": {"engine_requests": 32, "finished": {"length": 32}, "tokens_per_engine_request": tokens},
+        "stages": {"decode": {"mean_ms": 20.0, "p95_ms": 30.0}, "engine": {"mean_ms": 250.0, "p95_ms": 300.0}}
+        if system == "appliance" else None,
+    }  # fmt: skip
+
+
+def test_report_renders_tables_and_target_checks() -> None:
+    data = {
+        "meta": {"max_new_tokens": 100, "clip_seconds": 29.5, "model_size": "1.7b", "invocations": []},
+        "servers": {"vllm": {"startup_seconds": 120.0}},
+        "loads": [
+            _load("vllm", "mp3", 1, 100.0, 0.30),
+            _load("appliance", "mp3", 1, 110.0, 0.31),
+            _load("vllm", "mp3", 64, 1900.0, 1.0),
+            _load("appliance", "mp3", 64, 3000.0, 0.6),
+            _load("appliance", "mp3", 256, 3900.0, 2.0, tokens=99.0),
+        ],
+        "long_files": [
+            {
+                "system": "appliance",
+                "format": "mp3",
+                "audio_seconds": 488.0,
+                "ok": True,
+                "wall_seconds": 0.8,
+                "rtf": 0.0016,
+            }
+        ],
+        "offline": [{"batch": 256, "throughput": 5000.0, "throughput_median": 4900.0, "repeats": []}],
+    }
+    text = report.render(data)
+    assert "| appliance | mp3 | 64 | 32/32 | 3,000 |" in text
+    checks = {name: (ok, detail) for name, ok, detail in report.target_checks(data)}
+    assert checks["c=64 mp3: appliance >= 1.5x vllm serve"] == (True, "3,000 vs 1,900 audio-s/s = 1.58x")
+    assert checks["c=256 mp3: appliance >= 80% of offline ceiling"] == (False, "3,900 vs 5,000 audio-s/s = 78%")
+    assert checks["c=1 mp3: appliance p50 <= vllm serve p50 + 5%"][0] is True  # 0.31 <= 0.315
+    assert checks["one 488 s mp3 file <= 1.0 s"] == (True, "0.800 s")
+    length = next(v for k, v in checks.items() if k.startswith("same output length"))
+    assert length[0] is False and "c=256" in length[1]  # 99 tokens per request is not the fixed length
+    assert "| mp3 | 64 | 3,000 | 1,900 | 1.58x |" in text
+
+
+def test_c64_speedup_check_passes_at_one_and_a_half() -> None:
+    data = {"meta": {}, "loads": [_load("vllm", "wav", 64, 1000.0, 1.0), _load("appliance", "wav", 64, 1500.0, 1.0)]}
+    checks = {name: ok for name, ok, _ in report.target_checks(data)}
+    assert checks["c=64 wav: appliance >= 1.5x vllm serve"] is True
+    assert checks["c=1 wav: appliance p50 <= vllm serve p50 + 5%"] is None
+
+
+def test_merge_lets_later_results_win() -> None:
+    first = {"loads": [_load("vllm", "mp3", 16, 900.0, 0.5)], "servers": {"vllm": {"startup_seconds": 100}}}
+    second = {"loads": [_load("vllm", "mp3", 16, 1000.0, 0.4), _load("appliance", "mp3", 16, 1500.0, 0.3)]}
+    merged = report.merge([first, second])
+    assert sorted((e["system"], e["throughput"]) for e in merged["loads"]) == [("appliance", 1500.0), ("vllm", 1000.0)]
+    assert merged["servers"]["vllm"]["startup_seconds"] == 100
+
+
+# -- offline ceiling (the loop around LLM.generate, with a stand-in for vLLM) ------------------------
+
+
+def test_offline_ceiling_times_distinct_batches_with_fixed_length_sampling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+
+    from bench import offline_ceiling
+
+    calls: list[tuple[list[dict[str, object]], dict[str, object]]] = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs: object) -> None:
+            self.kwargs = kwargs
+
+        def generate(
+            self, prompts: list[dict[str, object]], params: dict[str, object], use_tqdm: bool = True
+        ) -> list[object]:
+            calls.append((prompts, params))
+            count = int(params["max_tokens"])  # type: ignore[call-overload]
+            output = types.SimpleNamespace(token_ids=list(range(count)))
+            return [types.SimpleNamespace(outputs=[output]) for _ in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = FakeLLM  # type: ignore[attr-defined]
+    fake.SamplingParams = lambda **kwargs: kwargs  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    out = tmp_path / "offline.json"
+    args = offline_ceiling.build_parser().parse_args(
+        ["--model", str(tmp_path), "--out", str(out), "--batch", "3", "--repeats", "2", "--warmup", "1",
+         "--clip-seconds", "1.0", "--max-tokens", "7"]
+    )  # fmt: skip
+    result = offline_ceiling.run(args)
+    assert [len(prompts) for prompts, _ in calls] == [1, 3, 3]
+    params = calls[1][1]
+    assert params["max_tokens"] == params["min_tokens"] == 7 and params["ignore_eos"] is True
+    assert params["temperature"] == 0.0
+    prompt = calls[1][0][0]
+    assert prompt["prompt"] == offline_ceiling.appliance_prompt()
+    audio, rate = prompt["multi_modal_data"]["audio"]  # type: ignore[index]
+    assert rate == 16_000 and len(audio) == 16_000
+    first, second = (np.concatenate([p["multi_modal_data"]["audio"][0] for p in c[0]]) for c in calls[1:])  # type: ignore[index]
+    assert not np.allclose(first, second)  # every batch is new audio
+    assert result["tokens_per_request"] == 7.0 and len(result["repeats"]) == 2
+    assert result["throughput"] == max(r["throughput"] for r in result["repeats"])
+    assert result["engine_args"]["max_num_seqs"] == 256 and result["engine_args"]["load_format"] == "dummy"
+
+
+def test_the_appliance_must_be_on_vllm_in_benchmark_mode() -> None:
+    from bench.run_all import check_appliance_engine
+
+    def status(name: str, quantization: str | None = None, bench: bool = True) -> dict[str, object]:
+        details = {"bench_ignore_eos": True} if bench else {}
+        engine = {"name": name, "quantization": quantization, "details": details}
+        return {"engine": {"plan": "p", "engine": engine}}
+
+    assert check_appliance_engine(status("vllm")) is None
+    assert "bench_ignore_eos" in str(check_appliance_engine(status("vllm", bench=False)))
+    assert check_appliance_engine(None) is not None
+    with pytest.raises(RuntimeError, match="fallback"):
+        check_appliance_engine(status("cpu"))
+    with pytest.raises(RuntimeError, match="fallback"):
+        check_appliance_engine(status("vllm", quantization="bitsandbytes"))
