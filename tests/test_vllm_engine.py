@@ -739,3 +739,35 @@ def test_output_tap_keeps_what_child_processes_print_and_restores_the_descriptor
         threading.Event().wait(0.01)
     assert "hello" in tap.text()
     assert classify_load_failure(STARTUP_FAILED, tap.text()).kind == "out_of_memory"
+
+
+def test_audio_features_are_computed_in_worker_processes_when_an_extractor_is_known() -> None:
+    from qwenasr_appliance.audio.features import LogMelExtractor
+
+    async def main() -> None:
+        engine, fake = make_engine(FakeLLM(tokens=2))
+        engine._extractor = LogMelExtractor()
+        await engine.load()
+        try:
+            await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "features")
+            audio_item = fake.renderer.rendered[-1]["multi_modal_data"]["audio"]
+            frames = len(AUDIO) // 160
+            assert tuple(audio_item["input_audio_features"].shape) == (128, frames)
+            assert audio_item["audio_feature_lengths"].tolist() == [frames]
+            np.testing.assert_allclose(audio_item["input_audio_features"].numpy(), LogMelExtractor()(AUDIO))
+            assert engine.describe().details["audio_features"] == "workers"
+        finally:
+            await engine.close()
+
+    run(main(), timeout=60)
+
+
+def test_without_an_extractor_vllm_gets_the_samples() -> None:
+    async def main() -> None:
+        engine, fake = await loaded(FakeLLM(tokens=2))
+        await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "samples")
+        samples, rate = fake.renderer.rendered[-1]["multi_modal_data"]["audio"]
+        assert rate == 16_000 and samples.shape == AUDIO.shape
+        assert engine.describe().details["audio_features"] == "vllm"
+
+    run(main())

@@ -148,6 +148,10 @@ class AudioError(ValueError):
         self.code: AudioErrorCode = code
         self.message = message
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Decoding runs in worker processes: the error must survive pickling with its code.
+        return (AudioError, (self.code, self.message))
+
 
 class AudioTooLongError(AudioError):
     """The audio is longer than `max_seconds`.
@@ -165,6 +169,13 @@ class AudioTooLongError(AudioError):
         self.duration_seconds = duration_seconds
         self.max_seconds = max_seconds
         self.at_least = at_least
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_too_long, (self.duration_seconds, self.max_seconds, self.at_least))
+
+
+def _too_long(duration_seconds: float, max_seconds: float, at_least: bool) -> AudioTooLongError:
+    return AudioTooLongError(duration_seconds, max_seconds, at_least=at_least)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -37,7 +37,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
+import structlog
 
+from qwenasr_appliance.audio.features import LogMelExtractor, find_extractor
 from qwenasr_appliance.engines.base import (
     SAMPLE_RATE,
     AudioArray,
@@ -56,9 +58,12 @@ from qwenasr_appliance.engines.vllm_errors import (
     map_request_error,
     root_cause_line,
 )
+from qwenasr_appliance.workers import WorkerPool
 
 if TYPE_CHECKING:
     from qwenasr_appliance.config import Settings
+
+log = structlog.get_logger(__name__)
 
 BENCH_IGNORE_EOS_ENV: Final = "QWENASR_BENCH_IGNORE_EOS"
 
@@ -352,6 +357,10 @@ class VLLMEngine:
         self._vram_loaded: int | None = None
         self._gpu_name = ""
         self._vllm_version = ""
+        # Log-mel features computed in worker processes (see audio/features.py); None: vLLM computes them.
+        self._features: WorkerPool | None = None
+        self._extractor: LogMelExtractor | None = None
+        self._feature_source = "vllm"
 
     # -- introspection
 
@@ -414,6 +423,7 @@ class VLLMEngine:
                 tap.stop()
         self._llm = llm
         try:
+            await self._start_feature_workers()
             await self._warm_up()
         except asyncio.CancelledError:
             await self.close()
@@ -454,6 +464,16 @@ class VLLMEngine:
         return gpu.name if gpu else ""
 
     async def _warm_up(self) -> None:
+        try:
+            await self._warm_up_once()
+        except EngineRequestError as exc:
+            if self._features is None:
+                raise
+            log.warning("vllm.precomputed_features_refused", error=str(exc))
+            self._stop_feature_workers()
+            await self._warm_up_once()
+
+    async def _warm_up_once(self) -> None:
         audio = np.zeros(int(WARMUP_SECONDS * SAMPLE_RATE), dtype=np.float32)
         options = TranscribeOptions(max_new_tokens=WARMUP_TOKENS)
         stream = self.stream(audio, options, f"warmup-{uuid.uuid4().hex[:12]}")
@@ -463,8 +483,39 @@ class VLLMEngine:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
+    async def _start_feature_workers(self) -> None:
+        if self._llm_factory is not None and self._extractor is None:
+            return  # tests inject an extractor when they want this path
+        extractor = self._extractor or await asyncio.to_thread(find_extractor, self._settings.model_id)
+        if extractor is None:
+            log.info("vllm.features_in_vllm", reason="no preprocessor_config.json found for the model")
+            return
+        pool = WorkerPool(self._settings.effective_decode_workers, "features")
+        await pool.warm_up()
+        self._extractor, self._features, self._feature_source = extractor, pool, "workers"
+
+    def _stop_feature_workers(self) -> None:
+        pool, self._features = self._features, None
+        self._feature_source = "vllm"
+        if pool is not None:
+            pool.close()
+
+    async def _audio_input(self, audio: AudioArray) -> Any:
+        """The `multi_modal_data` audio item: precomputed features, or the samples for vLLM to process."""
+        pool, extractor = self._features, self._extractor
+        if pool is None or extractor is None:
+            return (np.ascontiguousarray(audio, dtype=np.float32), SAMPLE_RATE)
+        features = await pool.run(extractor, audio)
+        import torch  # vLLM's dependency: present wherever this engine runs
+
+        return {
+            "input_audio_features": torch.from_numpy(features),
+            "audio_feature_lengths": torch.tensor([features.shape[1]], dtype=torch.long),
+        }
+
     async def close(self) -> None:
         self._closed = True
+        self._stop_feature_workers()
         llm, self._llm = self._llm, None
         if llm is None:
             return
@@ -528,6 +579,7 @@ class VLLMEngine:
         tokens = 0
         try:
             prompt = build_request_input(audio, options)
+            prompt["multi_modal_data"] = {"audio": await self._audio_input(audio)}
             engine_input = await self._render(llm, prompt)
             self._check_aborted(request_id)
             params = params_factory(build_sampling_kwargs(options, fixed_length=self._fixed_length))
@@ -622,6 +674,7 @@ class VLLMEngine:
             "enforce_eager": bool(self._engine_args["enforce_eager"]),
             "renderer_workers": int(self._engine_args["renderer_num_workers"]),
             "load_seconds": round(self._load_seconds, 3) if self._load_seconds is not None else None,
+            "audio_features": self._feature_source,
         }
         if self._vram_before is not None and self._vram_loaded is not None:
             details["vram_used_bytes"] = max(0, self._vram_loaded - self._vram_before)
