@@ -7,6 +7,7 @@ from typing import Literal
 import msgspec
 from litestar.datastructures import UploadFile
 
+from qwenasr_appliance.supervisor.aligner import AlignerStatus
 from qwenasr_appliance.supervisor.supervisor import SupervisorStatus
 
 ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
@@ -114,5 +115,6 @@ class StatusResponse(msgspec.Struct, kw_only=True):
     uptime_seconds: float
     ready: bool
     engine: SupervisorStatus
+    aligner: AlignerStatus  # the optional forced aligner (state "disabled" without ALIGNER_MODEL_ID)
     queue: QueueStatus
     limits: LimitsStatus

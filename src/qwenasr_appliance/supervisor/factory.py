@@ -11,21 +11,28 @@ import importlib
 from collections.abc import Callable
 from typing import cast
 
+from qwenasr_appliance.aligner.base import Aligner
 from qwenasr_appliance.config import Settings, replace
 from qwenasr_appliance.engines.base import Engine, EngineLoadError
 from qwenasr_appliance.supervisor.plans import Plan
 
 EngineFactory = Callable[[Plan, Settings], Engine]
+AlignerFactory = Callable[[Plan, Settings], Aligner]
 
 ENGINE_CLASSES: dict[str, tuple[str, str]] = {
     "vllm": ("qwenasr_appliance.engines.vllm_engine", "VLLMEngine"),
     "cpu": ("qwenasr_appliance.engines.cpu_engine", "CPUEngine"),
 }
+ALIGNER_CLASSES: dict[str, tuple[str, str]] = {
+    "vllm": ("qwenasr_appliance.aligner.vllm", "VLLMAligner"),
+    "cpu": ("qwenasr_appliance.aligner.cpu", "CPUAligner"),
+}
 
 
-def import_engine_class(plan: Plan) -> type:
-    """The engine class for `plan`; raises `EngineLoadError("import", ...)` when it cannot be imported."""
-    module_name, class_name = ENGINE_CLASSES[plan.engine]
+def import_engine_class(plan: Plan, classes: dict[str, tuple[str, str]] | None = None) -> type:
+    """The engine class for `plan` (from `classes`, default `ENGINE_CLASSES`); raises
+    `EngineLoadError("import", ...)` when it cannot be imported."""
+    module_name, class_name = (ENGINE_CLASSES if classes is None else classes)[plan.engine]
     try:
         module = importlib.import_module(module_name)
         engine_class = getattr(module, class_name)
@@ -40,3 +47,11 @@ def default_engine_factory(plan: Plan, settings: Settings) -> Engine:
     if plan.engine == "vllm":
         return cast(Engine, engine_class(settings, plan))
     return cast(Engine, engine_class(replace(settings, dtype=plan.dtype)))
+
+
+def default_aligner_factory(plan: Plan, settings: Settings) -> Aligner:
+    """`VLLMAligner(settings, plan)` or `CPUAligner(settings)` with the plan's dtype."""
+    aligner_class = import_engine_class(plan, ALIGNER_CLASSES)
+    if plan.engine == "vllm":
+        return cast(Aligner, aligner_class(settings, plan))
+    return cast(Aligner, aligner_class(replace(settings, dtype=plan.dtype)))

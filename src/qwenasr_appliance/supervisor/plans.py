@@ -11,6 +11,9 @@ returns the plans with the reason each one is in the list. Rules:
   the memory vLLM may use, bitsandbytes 4-bit first otherwise.
 - The last GPU plan repeats the lightest allowed variant at 80% of that utilization: it leaves room
   for memory vLLM does not account for (CUDA context, graph capture, other processes growing).
+- With a forced aligner (`ALIGNER_MODEL_ID`), the aligner's share (`ALIGNER_GPU_MEMORY_UTILIZATION` of
+  the GPU, plus its own CUDA context) is kept free: the ASR utilization is lowered so that both fit in
+  what is free. `aligner_plan` then says how the aligner loads once the ASR model serves.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def _gpu_plans(settings: Settings, probe: VramProbe, vllm_available: bool) -> tu
         return [], f"no GPU is visible ({probe.error or 'NVML found none'})"
     if not vllm_available:
         return [], f"a GPU is visible ({gpu.name}) but vLLM is not installed"
-    util, util_reason = _usable_util(settings.gpu_memory_utilization, gpu)
+    util, util_reason = _usable_util(settings.gpu_memory_utilization, gpu, _aligner_reserve(settings, gpu))
     if util < MIN_UTIL:
         return [], (f"GPU {gpu.index} ({gpu.name}) has only {_gib(gpu.free_bytes)} free of {_gib(gpu.total_bytes)}")
     dtype = _gpu_dtype(settings, gpu)
@@ -187,18 +190,57 @@ def _vllm_plan(settings: Settings, dtype: PlanDType, bnb: bool, util: float, rea
     return Plan(name, "vllm", dtype, "bitsandbytes" if bnb else None, util, reason)
 
 
-def _usable_util(configured: float, gpu: GpuInfo) -> tuple[float, str]:
-    """The configured utilization, or the one that fits the memory that is free, and why."""
-    available = gpu.free_bytes - CONTEXT_RESERVE_BYTES
+def _aligner_reserve(settings: Settings, gpu: GpuInfo) -> int:
+    """GPU memory kept free for the forced aligner's own vLLM engine (0 without an aligner)."""
+    if not settings.aligner_model_id:
+        return 0
+    return int(settings.aligner_gpu_memory_utilization * gpu.total_bytes) + CONTEXT_RESERVE_BYTES
+
+
+def _usable_util(configured: float, gpu: GpuInfo, reserved: int = 0) -> tuple[float, str]:
+    """The configured utilization, or the one that fits the memory that is free, and why.
+
+    `reserved` bytes of the free memory are kept for the forced aligner.
+    """
+    available = gpu.free_bytes - CONTEXT_RESERVE_BYTES - reserved
     if configured * gpu.total_bytes <= available:
         return configured, ""
     lowered = max(0.0, _floor_util(available / gpu.total_bytes))
     held = gpu.total_bytes - gpu.free_bytes
+    aligner = f", {_gib(reserved)} kept for the forced aligner" if reserved else ""
     return lowered, (
         f"GPU_MEMORY_UTILIZATION={configured:.2f} needs {_gib(configured * gpu.total_bytes)} but only "
-        f"{_gib(gpu.free_bytes)} of {_gib(gpu.total_bytes)} is free ({_gib(held)} held by other processes); "
+        f"{_gib(gpu.free_bytes)} of {_gib(gpu.total_bytes)} is free ({_gib(held)} held by other processes{aligner}); "
         f"utilization lowered to {lowered:.2f}"
     )
+
+
+def aligner_plan(settings: Settings, asr_plan: Plan, probe: VramProbe) -> Plan:
+    """How the forced aligner loads, next to the ASR model that serves with `asr_plan`.
+
+    It follows the ASR engine: vLLM's forced-aligner model beside a vLLM plan (with
+    `ALIGNER_GPU_MEMORY_UTILIZATION`, lowered to what is free now), the qwen-asr package beside the CPU
+    engine. Raises `NoPlanError` when the GPU has no room left for it.
+    """
+    if asr_plan.engine == "cpu":
+        return Plan(f"aligner-cpu-{asr_plan.dtype}", "cpu", asr_plan.dtype, None, None, "the ASR model runs on the CPU")
+    dtype: PlanDType = asr_plan.dtype
+    gpu = probe.first
+    configured = settings.aligner_gpu_memory_utilization
+    util, reason = configured, "ALIGNER_GPU_MEMORY_UTILIZATION"
+    if gpu is not None:
+        util, lowered = _usable_util(configured, gpu)
+        if util < MIN_UTIL:
+            raise NoPlanError(
+                f"no room for the forced aligner: GPU {gpu.index} ({gpu.name}) has {_gib(gpu.free_bytes)} free "
+                f"of {_gib(gpu.total_bytes)} after the ASR model loaded; lower GPU_MEMORY_UTILIZATION"
+            )
+        if lowered:
+            reason = lowered.replace("GPU_MEMORY_UTILIZATION", "ALIGNER_GPU_MEMORY_UTILIZATION", 1)
+    name = f"aligner-vllm-{_DTYPE_TAGS[dtype]}"
+    if not math.isclose(util, configured):
+        name += f"-util{util:.2f}"
+    return Plan(name, "vllm", dtype, None, util, reason)
 
 
 def _floor_util(value: float) -> float:

@@ -30,7 +30,14 @@ import structlog
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import Engine, EngineDescription, EngineLoadError, LoadFailureKind
 from qwenasr_appliance.metrics import METRICS, Metrics
-from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory, import_engine_class
+from qwenasr_appliance.supervisor.aligner import AlignerSupervisor
+from qwenasr_appliance.supervisor.factory import (
+    AlignerFactory,
+    EngineFactory,
+    default_aligner_factory,
+    default_engine_factory,
+    import_engine_class,
+)
 from qwenasr_appliance.supervisor.plans import NoPlanError, Plan, plan_chain
 from qwenasr_appliance.supervisor.probe import VramProbe, VramProbeFn, probe_vram
 
@@ -140,6 +147,7 @@ class EngineSupervisor:
         settings: Settings,
         *,
         engine_factory: EngineFactory = default_engine_factory,
+        aligner_factory: AlignerFactory = default_aligner_factory,
         probe: VramProbeFn = probe_vram,
         metrics: Metrics = METRICS,
         vllm_available: bool | None = None,
@@ -176,6 +184,10 @@ class EngineSupervisor:
         self._ready_at: datetime | None = None
         self._serving_since = 0.0
         self._plan_labels: dict[str, str] | None = None
+        # The optional forced aligner: loaded after the model serves, never part of readiness.
+        self._aligner = AlignerSupervisor(
+            settings, factory=aligner_factory, probe=probe, default=aligner_factory is default_aligner_factory
+        )
         metrics.set_engine_state("starting")
 
     # -- public view ------------------------------------------------------------------------------
@@ -197,6 +209,11 @@ class EngineSupervisor:
     @property
     def plan(self) -> Plan | None:
         return self._plan if self.ready else None
+
+    @property
+    def aligner(self) -> AlignerSupervisor:
+        """The forced aligner's supervisor (state `disabled` without ALIGNER_MODEL_ID)."""
+        return self._aligner
 
     @property
     def chain(self) -> tuple[Plan, ...]:
@@ -283,6 +300,7 @@ class EngineSupervisor:
             await self._stopped.wait()
             return
         self._stopping = True
+        await self._aligner.stop()
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
@@ -444,6 +462,7 @@ class EngineSupervisor:
         degraded = self._degraded_reason(plan, index)
         self._set_plan_metric(plan)
         self._set_state("degraded" if degraded else "ready", degraded)
+        self._aligner.start(plan)  # the first time the model serves; a no-op afterwards
         description = self._description
         logger.info(
             "engine.ready",
