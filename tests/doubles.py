@@ -9,6 +9,7 @@ subprocess (`create_test_app`).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ class DoubleBehaviour:
     load_delay: float = 0.0
     language: str = "English"
     max_concurrency: int = 4
-    die_on_call: int = 0  # the Nth stream() call raises EngineDeadError (0: never)
+    # The Nth stream() call of the process (counted over every engine made) kills its engine: that call
+    # and every other stream on the engine raise EngineDeadError, as a crashed engine core does. Once.
+    die_on_call: int = 0
 
     @classmethod
     def from_env(cls) -> DoubleBehaviour:
@@ -44,6 +47,9 @@ class DoubleBehaviour:
             max_concurrency=int(os.environ.get("DOUBLE_MAX_CONCURRENCY", "4")),
             die_on_call=int(os.environ.get("DOUBLE_DIE_ON_CALL", "0")),
         )
+
+
+_STREAM_CALLS = itertools.count(1)  # stream() calls in this process, for `die_on_call`
 
 
 @dataclass
@@ -58,6 +64,7 @@ class TestDoubleEngine:
     calls: list[tuple[float, TranscribeOptions, str]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    dead: bool = False
 
     async def load(self) -> None:
         if self.behaviour.load_delay:
@@ -77,8 +84,9 @@ class TestDoubleEngine:
         self, audio: AudioArray, options: TranscribeOptions, request_id: str
     ) -> AsyncIterator[EngineOutput]:
         self.calls.append((len(audio) / 16_000, options, request_id))
-        if self.behaviour.die_on_call and len(self.calls) == self.behaviour.die_on_call:
-            raise EngineDeadError("the test double engine died")
+        if next(_STREAM_CALLS) == self.behaviour.die_on_call:
+            self.dead = True
+        self._check_alive()
         # With a forced language the prompt already ends in `language X<asr_text>`: the model only writes text.
         raw = "" if options.language else f"language {self.behaviour.language}<asr_text>"
         words = self.words_for(audio, options)
@@ -86,12 +94,19 @@ class TestDoubleEngine:
             for index, word in enumerate(words):
                 if self.behaviour.token_delay:
                     await asyncio.sleep(self.behaviour.token_delay)
+                self._check_alive()
                 raw += word if index == 0 else f" {word}"
                 yield EngineOutput(raw_text=raw, output_tokens=index + 1, finished=index == len(words) - 1)
             self.finished.append(request_id)
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request_id)
             raise
+
+    def _check_alive(self) -> None:
+        if self.dead:
+            raise EngineDeadError("the test double engine died")
+        if self.closed:
+            raise EngineDeadError("the test double engine was closed during the request")
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

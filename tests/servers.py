@@ -50,8 +50,16 @@ class ServerProcess:
         ]  # fmt: skip
         return cls(argv, env, port, log_path)
 
+    @classmethod
+    def product_with_test_double(cls, env: dict[str, str], log_path: Path) -> ServerProcess:
+        """The appliance's own granian configuration (cli.build_server) around the test double engine."""
+        port = free_port()
+        argv = [sys.executable, "-m", "tests.serve_double"]
+        return cls(argv, {"HOST": "127.0.0.1", "PORT": str(port), **env}, port, log_path)
+
     def logs(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_until(self, path: str, status: int = 200, timeout: float = 120.0) -> None:

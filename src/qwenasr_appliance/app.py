@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,11 +17,13 @@ from qwenasr_appliance.admission import AdmissionController
 from qwenasr_appliance.api.context import AppContext, app_context
 from qwenasr_appliance.api.models import ModelsController
 from qwenasr_appliance.api.ops import OpsController
+from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
 from qwenasr_appliance.config import Settings, load_settings
-from qwenasr_appliance.errors import EXCEPTION_HANDLERS
+from qwenasr_appliance.errors import EXCEPTION_HANDLERS, MULTIPART_PART_LIMIT
 from qwenasr_appliance.observability import RequestObserver, configure_logging
 from qwenasr_appliance.service import TranscriptionService
+from qwenasr_appliance.shutdown import ShutdownGrace
 from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
 
@@ -47,11 +50,19 @@ def _lifespan(context: AppContext) -> object:
             quant_mode=context.settings.quant_mode,
         )
         await context.supervisor.start()
+        context.shutdown.install_signal_handlers()
+        # Start the decode workers in the background: the server answers at once.
+        warming = asyncio.create_task(context.service.warm_up())
         try:
             yield
         finally:
+            warming.cancel()
             log.info("server.stopping", in_flight=context.admission.active, queued=context.admission.queued)
-            await _drain(context.admission, context.settings.shutdown_grace_seconds)
+            # Under granian nothing is in flight any more (it drains connections first, see shutdown.py);
+            # other servers may start the lifespan shutdown earlier.
+            context.shutdown.begin("lifespan shutdown")
+            await _drain(context.admission, context.settings.shutdown_grace_seconds + 1.0)
+            context.shutdown.close()
             await context.supervisor.stop()
             context.service.close()
             log.info("server.stopped")
@@ -68,14 +79,21 @@ def build_litestar(settings: Settings, *, engine_factory: EngineFactory | None =
         queue_timeout=settings.queue_timeout_seconds,
     )
     service = TranscriptionService(settings, supervisor, admission)
-    context = AppContext(settings=settings, supervisor=supervisor, admission=admission, service=service)
+    context = AppContext(
+        settings=settings,
+        supervisor=supervisor,
+        admission=admission,
+        service=service,
+        shutdown=ShutdownGrace(settings.shutdown_grace_seconds),
+    )
     return Litestar(
         route_handlers=[TranscriptionController, ModelsController, OpsController],
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[BodyReadTimeout(settings.client_timeout_seconds)],
         lifespan=[_lifespan(context)],  # type: ignore[list-item]
         state=State({"context": context}),
         request_max_body_size=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES,
-        multipart_form_part_limit=64,
+        multipart_form_part_limit=MULTIPART_PART_LIMIT,
         openapi_config=OpenAPIConfig(
             title="qwenasr-appliance",
             version=__version__,

@@ -5,20 +5,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from qwenasr_appliance import __version__
 from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, Settings, load_settings
 
+APP_TARGET = "qwenasr_appliance.app:create_app"
+# granian's HTTP/1 read buffer: the largest request head (request line and headers) it reads, larger
+# ones get 431, and the largest piece of body per read. Nothing this API takes needs a head over a few
+# kilobytes (granian's default buffer is about 400 KiB); below 128 KiB uploads stream measurably slower.
+MAX_REQUEST_HEAD_BYTES = 128 * 1024
 
-def _serve(settings: Settings) -> int:
+
+def build_server(settings: Settings, target: str = APP_TARGET) -> Any:
+    """granian's server for `target` (an app factory) as the appliance runs it; the tests reuse it."""
     from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server import Server
 
     from qwenasr_appliance.observability import granian_log_config
 
-    server = Server(
-        "qwenasr_appliance.app:create_app",
+    return Server(
+        target,
         address=settings.host,
         port=settings.port,
         interface=Interfaces.ASGI,
@@ -26,9 +35,21 @@ def _serve(settings: Settings) -> int:
         workers=1,  # one engine per process; scale with replicas, not workers
         log_level=LogLevels(settings.log_level),
         log_dictconfig=granian_log_config(settings.log_format),
+        # Slow clients: the request head must arrive within CLIENT_TIMEOUT_SECONDS (slowloris), and an
+        # idle keep-alive connection is closed after as long. The body is timed by the app.
+        http1_settings=HTTP1Settings(
+            header_read_timeout=round(settings.client_timeout_seconds * 1000),
+            keep_alive=True,
+            max_buffer_size=MAX_REQUEST_HEAD_BYTES,
+        ),
+        # The app answers what is still running when SHUTDOWN_GRACE_SECONDS end (see shutdown.py); this
+        # kill is the backstop for a worker that is stuck.
         workers_kill_timeout=int(settings.shutdown_grace_seconds) + 5,
     )
-    server.serve()
+
+
+def _serve(settings: Settings) -> int:
+    build_server(settings).serve()
     return 0
 
 

@@ -60,8 +60,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_keys: tuple[str, ...] = ()
     protect_ops_endpoints: bool = False
     shutdown_grace_seconds: float = 30.0
+    client_timeout_seconds: float = 30.0
     engine_restart_max: int = 5
     engine_restart_backoff_seconds: float = 2.0
+    # The optional forced aligner (word timestamps): empty means none is loaded.
+    aligner_model_id: str = ""
+    aligner_gpu_memory_utilization: float = 0.10
 
     @property
     def model_name(self) -> str:
@@ -160,9 +164,17 @@ _VARS: dict[str, _Var] = {
     "API_KEYS": _Var("api_keys", _parse_keys),
     "PROTECT_OPS_ENDPOINTS": _Var("protect_ops_endpoints", _parse_bool),
     "SHUTDOWN_GRACE_SECONDS": _Var("shutdown_grace_seconds", _parse_float, _range(0.0, 3600.0)),
+    "CLIENT_TIMEOUT_SECONDS": _Var("client_timeout_seconds", _parse_float, _range(1.0, 3600.0)),
     "ENGINE_RESTART_MAX": _Var("engine_restart_max", _parse_int, _range(0, 1000)),
     "ENGINE_RESTART_BACKOFF_SECONDS": _Var("engine_restart_backoff_seconds", _parse_float, _range(0.0, 600.0)),
+    "ALIGNER_MODEL_ID": _Var("aligner_model_id", str.strip),
+    "ALIGNER_GPU_MEMORY_UTILIZATION": _Var(
+        "aligner_gpu_memory_utilization", _parse_float, _range(0.0, 1.0, low_open=True)
+    ),
 }
+
+# Qwen3-ForcedAligner aligns at most this much audio per call (qwen-asr's MAX_FORCE_ALIGN_INPUT_SECONDS).
+MAX_ALIGN_SECONDS = 180.0
 
 ENV_VARIABLES: tuple[str, ...] = (*_VARS, "API_KEYS_FILE")
 
@@ -197,6 +209,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(**values)
     if settings.max_new_tokens > 0 and settings.max_model_len and settings.max_new_tokens >= settings.max_model_len:
         raise ConfigError("MAX_NEW_TOKENS", "must be smaller than MAX_MODEL_LEN")
+    if settings.aligner_model_id and settings.chunk_seconds > MAX_ALIGN_SECONDS:
+        raise ConfigError(
+            "CHUNK_SECONDS",
+            f"must be at most {MAX_ALIGN_SECONDS:.0f} when ALIGNER_MODEL_ID is set "
+            "(the forced aligner handles at most that much audio at once)",
+        )
     return settings
 
 

@@ -14,6 +14,7 @@ import msgspec
 import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_401_UNAUTHORIZED,
@@ -65,6 +66,33 @@ class APIError(Exception):
         return Response(body, status_code=self.status_code, headers=self.headers, media_type=MediaType.JSON)
 
 
+_ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Invalid field, malformed multipart form or undecodable audio",
+    401: "Missing or invalid API key (when API keys are configured)",
+    404: "Unknown model",
+    408: "The request body stalled",
+    413: "Upload over the size limit, or a multipart form over the parser's limits",
+    415: "Not a multipart/form-data request, or not an audio file",
+    429: "The queue is full; retry after Retry-After seconds",
+    500: "Unexpected server error",
+    503: "The model is loading or restarting, or the server is shutting down; retry after Retry-After seconds",
+    504: "The transcription took longer than the server's time limit",
+}
+
+
+def error_responses(*status_codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the errors a route can answer, all in OpenAI's error shape."""
+    return {
+        code: ResponseSpec(ErrorResponse, description=_ERROR_DESCRIPTIONS[code], generate_examples=False)
+        for code in status_codes
+    }
+
+
+def clip(value: str, limit: int = 64) -> str:
+    """A client-sent value as echoed in an error message: cut to `limit` characters."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
 def bad_request(message: str, *, param: str | None = None, code: str | None = "invalid_value") -> APIError:
     return APIError(HTTP_400_BAD_REQUEST, message, param=param, code=code)
 
@@ -72,7 +100,7 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = "i
 def model_not_found(model: str) -> APIError:
     return APIError(
         HTTP_404_NOT_FOUND,
-        f"The model '{model}' does not exist.",
+        f"The model '{clip(model)}' does not exist.",
         param="model",
         code="model_not_found",
     )
@@ -134,6 +162,9 @@ _STATUS_TYPES = {
 }
 
 
+# Most parts a multipart form may have (Litestar's `multipart_form_part_limit`, set in app.py).
+MULTIPART_PART_LIMIT = 64
+_MULTIPART_LIMIT_DETAIL = "Request Entity Too Large"
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 
 
@@ -146,8 +177,10 @@ def _validation_details(exc: ValidationException) -> tuple[str, str | None]:
         missing = _MISSING_FIELD.search(message)
         if missing:
             return f"Missing required parameter: '{missing.group(1)}'.", missing.group(1)
+        if key == "file":
+            return "'file' must be exactly one uploaded file (a form part with a filename).", "file"
         if key and key != "data" and message:
-            return f"Invalid value for '{key}': {message}", str(key)
+            return f"Invalid value for '{clip(str(key))}': {message}", str(key)
         if message:
             return message, None
     return str(exc.detail or "The request is invalid."), None
@@ -162,8 +195,16 @@ def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) 
     error_type, code = _STATUS_TYPES.get(status, ("invalid_request_error" if status < 500 else "server_error", None))
     if isinstance(exc, ValidationException):
         message, param = _validation_details(exc)
+    elif status == HTTP_400_BAD_REQUEST and exc.detail == _MULTIPART_LIMIT_DETAIL:
+        # Litestar answers a multipart form over one of its parser's limits with this 400.
+        status, code = HTTP_413_REQUEST_ENTITY_TOO_LARGE, "multipart_limit"
+        message, param = (
+            f"The multipart form is over the server's limits: at most {MULTIPART_PART_LIMIT} parts, 8 headers per part "
+            "and 4 KiB per part header line.",
+            None,
+        )
     elif status == HTTP_404_NOT_FOUND:
-        message, param = f"No route for {request.method} {request.url.path}.", None
+        message, param = f"No route for {clip(request.method, 16)} {clip(request.url.path, 200)}.", None
     elif status == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
         message, param = "The request body is larger than the server accepts.", "file"
     else:

@@ -79,7 +79,8 @@ class UnsupportedLanguageError(ValueError):
 
     def __init__(self, value: str) -> None:
         listed = ", ".join(f"{name} ({code})" for name, code in _PRIMARY_CODES.items())
-        super().__init__(f"unsupported language {value!r}; supported: {listed}")
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        super().__init__(f"unsupported language {shown!r}; supported: {listed}")
         self.value = value
 
 

@@ -7,16 +7,17 @@ HTTP concerns (form parsing, status codes, formats) live in `api/`; engine conce
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import structlog
 
 from qwenasr_appliance.admission import AdmissionController
-from qwenasr_appliance.audio.decode import TARGET_SAMPLE_RATE, DecodedAudio, decode_audio
+from qwenasr_appliance.aligner.base import AlignedChunk, Aligner, AlignerDeadError, merge_chunks
+from qwenasr_appliance.audio.decode import TARGET_SAMPLE_RATE, AudioError, DecodedAudio, decode_audio
 from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, split_at_quiet_points
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
@@ -27,9 +28,10 @@ from qwenasr_appliance.engines.base import (
     run_to_completion,
 )
 from qwenasr_appliance.engines.prompt import ParsedTranscript, parse_output, parse_partial
-from qwenasr_appliance.formats import Transcript, TranscriptSegment
+from qwenasr_appliance.formats import Transcript, TranscriptSegment, TranscriptWord
 from qwenasr_appliance.metrics import METRICS, Metrics
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
+from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +47,7 @@ class TranscriptionRequest:
     response_format: str
     temperature: float
     stream: bool
+    word_timestamps: bool = False  # timestamp_granularities[]=word: align with the forced aligner
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,19 @@ def join_texts(parts: list[str]) -> str:
     return out
 
 
+def first_error(group: BaseExceptionGroup[BaseException], *, prefer: type[BaseException]) -> BaseException:
+    """The first exception of type `prefer` in a (nested) exception group, else its first exception."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        current = pending.pop(0)
+        if isinstance(current, BaseExceptionGroup):
+            pending[:0] = current.exceptions
+        else:
+            leaves.append(current)
+    return next((leaf for leaf in leaves if isinstance(leaf, prefer)), leaves[0])
+
+
 def _merged_language(parsed: list[ParsedTranscript], chunks: list[AudioChunk], forced: str | None) -> str:
     if forced:
         return forced
@@ -119,10 +135,13 @@ class TranscriptionService:
         self._supervisor = supervisor
         self._admission = admission
         self._metrics = metrics
-        self._decoder = ThreadPoolExecutor(settings.effective_decode_workers, thread_name_prefix="decode")
+        self._decoder = WorkerPool(settings.effective_decode_workers, "decode")
+
+    async def warm_up(self) -> None:
+        await self._decoder.warm_up()
 
     def close(self) -> None:
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._decoder.close()
 
     def _options(self, request: TranscriptionRequest) -> TranscribeOptions:
         return TranscribeOptions(
@@ -135,11 +154,14 @@ class TranscriptionService:
 
     async def _decode(self, request: TranscriptionRequest, stats: RequestStats) -> DecodedAudio:
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        decoded = await loop.run_in_executor(
-            self._decoder,
-            lambda: decode_audio(request.audio, request.filename, max_seconds=self._settings.max_audio_seconds),
-        )
+        try:
+            decoded = await self._decoder.run(
+                decode_audio, request.audio, request.filename, max_seconds=self._settings.max_audio_seconds
+            )
+        except WorkerCrashedError:
+            raise AudioError(
+                "invalid_audio", "The audio file could not be decoded: the decoder failed on it."
+            ) from None
         stats.decode_seconds = time.perf_counter() - started
         stats.audio_seconds = decoded.duration_seconds
         self._metrics.stage_duration.labels(stage="decode").observe(stats.decode_seconds)
@@ -189,11 +211,15 @@ class TranscriptionService:
     async def transcribe(self, request: TranscriptionRequest, request_id: str, stats: RequestStats) -> Transcript:
         """Transcribe a whole file. Raises EngineUnavailable, Overloaded, AudioError, EngineError, TimeoutError."""
         engine = self._supervisor.require_engine()
+        # Word timestamps need the forced aligner: AlignerUnavailable (503) before any work when it is not up.
+        aligner = self._supervisor.aligner.require() if request.word_timestamps else None
         started = time.perf_counter()
         async with self._admission.slot() as waited:
             stats.queue_seconds = waited
             self._metrics.stage_duration.labels(stage="queue").observe(waited)
             decoded = await self._decode(request, stats)
+            # The engine may have died, or been replaced, while this request waited for its slot.
+            engine = self._supervisor.require_engine()
             chunks = self._chunks(decoded)
             options = self._options(request)
             engine_started = time.perf_counter()
@@ -207,17 +233,56 @@ class TranscriptionService:
             self._metrics.stage_duration.labels(stage="engine").observe(stats.engine_seconds)
             parsed = [parse_output(o.raw_text, request.language) for o in outputs]
             transcript = self._finish(decoded, chunks, parsed, request, stats)
+            if aligner is not None:
+                words = await self._align(aligner, chunks, parsed, transcript)
+                transcript = dataclasses.replace(transcript, words=words)
         self._observe_success(stats, started)
         return transcript
+
+    async def _align(
+        self, aligner: Aligner, chunks: list[AudioChunk], parsed: list[ParsedTranscript], transcript: Transcript
+    ) -> list[TranscriptWord]:
+        """Word (CJK: character) timestamps: every chunk's text aligned against its audio, all chunks at once
+        (off the event loop in the aligner), then placed on the recording's time line, inside its duration
+        and non-decreasing (`aligner.base.merge_chunks`)."""
+        started = time.perf_counter()
+
+        async def align_chunk(chunk: AudioChunk, result: ParsedTranscript) -> AlignedChunk:
+            seconds = (chunk.end_sample - chunk.start_sample) / TARGET_SAMPLE_RATE
+            text = result.text.strip()
+            language = result.language or transcript.language
+            units = await aligner.align(pad_to_min(chunk.samples), text, language) if text else []
+            return AlignedChunk(chunk.offset_seconds, seconds, units)
+
+        tasks = [asyncio.create_task(align_chunk(c, r)) for c, r in zip(chunks, parsed, strict=True)]
+        try:
+            async with asyncio.timeout(self._settings.request_timeout_seconds):
+                aligned = await asyncio.gather(*tasks)
+        except AlignerDeadError as exc:
+            await self._supervisor.aligner.report_dead(aligner, exc)
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._metrics.stage_duration.labels(stage="align").observe(time.perf_counter() - started)
+        units = merge_chunks(aligned, transcript.duration)
+        return [TranscriptWord(word=unit.text, start=unit.start, end=unit.end) for unit in units]
 
     async def _transcribe_chunks(
         self, engine: Engine, chunks: list[AudioChunk], options: TranscribeOptions, request_id: str
     ) -> list[EngineOutput]:
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(run_to_completion(engine, pad_to_min(chunk.samples), options, f"{request_id}-{i}"))
-                for i, chunk in enumerate(chunks)
-            ]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(
+                        run_to_completion(engine, pad_to_min(chunk.samples), options, f"{request_id}-{i}")
+                    )
+                    for i, chunk in enumerate(chunks)
+                ]
+        except ExceptionGroup as failures:
+            # Callers (and the supervisor) act on the error, not on a group of them: a dead engine first.
+            raise first_error(failures, prefer=EngineDeadError) from None
         return [task.result() for task in tasks]
 
     async def stream(
@@ -234,6 +299,8 @@ class TranscriptionService:
             stats.queue_seconds = waited
             self._metrics.stage_duration.labels(stage="queue").observe(waited)
             decoded = await self._decode(request, stats)
+            # The engine may have died, or been replaced, while this request waited for its slot.
+            engine = self._supervisor.require_engine()
             chunks = self._chunks(decoded)
             options = self._options(request)
             engine_started = time.perf_counter()

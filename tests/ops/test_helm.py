@@ -384,6 +384,7 @@ BAD_VALUES = {
     "unknown engine": {"config": {"engine": "tensorrt"}},
     "gpu memory share above 1": {"config": {"gpuMemoryUtilization": 1.5}},
     "gpu memory share 0": {"config": {"gpuMemoryUtilization": 0}},
+    "aligner memory share 0": {"config": {"alignerGpuMemoryUtilization": 0}},
     "chunk below 5 s": {"config": {"chunkSeconds": 2}},
     "negative drain": {"config": {"shutdownGraceSeconds": -5}},
     "string where a number goes": {"config": {"maxQueueSize": "lots"}},
@@ -421,6 +422,7 @@ GUARDED = {
         "local path",
     ),
     "max new tokens over the context": ({"config": {"maxModelLen": 256, "maxNewTokens": 512}}, "maxModelLen"),
+    "aligner with chunks over 180 s": ({"config": {"alignerModelId": "x/y", "chunkSeconds": 300}}, "180"),
 }
 
 

@@ -114,9 +114,9 @@ The appliance's environment, one variable per `config` key (names from config.py
 */}}
 {{- define "qwenasr.configEnv" -}}
 {{- $c := .Values.config }}
-{{- $text := dict "MODEL_ID" $c.modelId "SERVED_MODEL_NAME" $c.servedModelName "ENGINE" $c.engine "DTYPE" $c.dtype "QUANT_MODE" $c.quantMode "LOAD_FORMAT" $c.loadFormat "LOG_LEVEL" $c.logLevel "LOG_FORMAT" $c.logFormat }}
+{{- $text := dict "MODEL_ID" $c.modelId "SERVED_MODEL_NAME" $c.servedModelName "ENGINE" $c.engine "DTYPE" $c.dtype "QUANT_MODE" $c.quantMode "LOAD_FORMAT" $c.loadFormat "LOG_LEVEL" $c.logLevel "LOG_FORMAT" $c.logFormat "ALIGNER_MODEL_ID" $c.alignerModelId }}
 {{- $bool := dict "ENFORCE_EAGER" $c.enforceEager "PROTECT_OPS_ENDPOINTS" $c.protectOpsEndpoints }}
-{{- $num := dict "GPU_MEMORY_UTILIZATION" $c.gpuMemoryUtilization "MAX_MODEL_LEN" $c.maxModelLen "MAX_NUM_SEQS" $c.maxNumSeqs "MAX_NEW_TOKENS" $c.maxNewTokens "CHUNK_SECONDS" $c.chunkSeconds "MAX_UPLOAD_BYTES" $c.maxUploadBytes "MAX_AUDIO_SECONDS" $c.maxAudioSeconds "MAX_CONCURRENT_REQUESTS" $c.maxConcurrentRequests "MAX_QUEUE_SIZE" $c.maxQueueSize "QUEUE_TIMEOUT_SECONDS" $c.queueTimeoutSeconds "REQUEST_TIMEOUT_SECONDS" $c.requestTimeoutSeconds "MAX_PROMPT_CHARS" $c.maxPromptChars "DECODE_WORKERS" $c.decodeWorkers "CPU_THREADS" $c.cpuThreads "SHUTDOWN_GRACE_SECONDS" $c.shutdownGraceSeconds "ENGINE_RESTART_MAX" $c.engineRestartMax "ENGINE_RESTART_BACKOFF_SECONDS" $c.engineRestartBackoffSeconds }}
+{{- $num := dict "GPU_MEMORY_UTILIZATION" $c.gpuMemoryUtilization "MAX_MODEL_LEN" $c.maxModelLen "MAX_NUM_SEQS" $c.maxNumSeqs "MAX_NEW_TOKENS" $c.maxNewTokens "CHUNK_SECONDS" $c.chunkSeconds "MAX_UPLOAD_BYTES" $c.maxUploadBytes "MAX_AUDIO_SECONDS" $c.maxAudioSeconds "MAX_CONCURRENT_REQUESTS" $c.maxConcurrentRequests "MAX_QUEUE_SIZE" $c.maxQueueSize "QUEUE_TIMEOUT_SECONDS" $c.queueTimeoutSeconds "REQUEST_TIMEOUT_SECONDS" $c.requestTimeoutSeconds "MAX_PROMPT_CHARS" $c.maxPromptChars "DECODE_WORKERS" $c.decodeWorkers "CPU_THREADS" $c.cpuThreads "SHUTDOWN_GRACE_SECONDS" $c.shutdownGraceSeconds "CLIENT_TIMEOUT_SECONDS" $c.clientTimeoutSeconds "ENGINE_RESTART_MAX" $c.engineRestartMax "ENGINE_RESTART_BACKOFF_SECONDS" $c.engineRestartBackoffSeconds "ALIGNER_GPU_MEMORY_UTILIZATION" $c.alignerGpuMemoryUtilization }}
 {{- range $name, $value := $text }}
 - name: {{ $name }}
   value: {{ $value | toString | quote }}
@@ -152,6 +152,9 @@ Consistency checks that JSON schema cannot express.
 {{- end }}
 {{- if and .Values.modelCache.prefetch.enabled (hasPrefix "/" .Values.config.modelId) }}
 {{- fail "modelCache.prefetch downloads a Hugging Face repo id: config.modelId is a local path, pre-fetch it into the volume yourself" }}
+{{- end }}
+{{- if and .Values.config.alignerModelId (gt (float64 .Values.config.chunkSeconds) 180.0) }}
+{{- fail "config.alignerModelId needs config.chunkSeconds <= 180: the forced aligner takes at most 180 s of audio at once" }}
 {{- end }}
 {{- if and .Values.modelCache.readOnly .Values.modelCache.prefetch.enabled }}
 {{- fail "modelCache.prefetch needs a writable model volume: set modelCache.readOnly to false" }}

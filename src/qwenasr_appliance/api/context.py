@@ -11,6 +11,7 @@ from litestar.datastructures import State
 from qwenasr_appliance.admission import AdmissionController
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.service import TranscriptionService
+from qwenasr_appliance.shutdown import ShutdownGrace
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
 
 
@@ -20,6 +21,7 @@ class AppContext:
     supervisor: EngineSupervisor
     admission: AdmissionController
     service: TranscriptionService
+    shutdown: ShutdownGrace
     started_at: float = field(default_factory=time.monotonic)
 
 

@@ -1,4 +1,4 @@
-"""Stop server-side work when the client goes away."""
+"""Stop server-side work when the client goes away (or when the shutdown grace period ends)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from litestar.types import Receive
+
+from qwenasr_appliance.shutdown import ServerStopping
 
 T = TypeVar("T")
 
@@ -22,21 +24,30 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def cancel_on_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+async def cancel_on_disconnect(receive: Receive, work: Awaitable[T], *, stop: asyncio.Event | None = None) -> T:
     """Run `work`; if the client disconnects first, cancel it (which aborts engine requests).
 
+    When `stop` is set first (the shutdown grace period ended), cancel it too and raise `ServerStopping`.
     Call only after the request body has been read, so `receive` has nothing left but the disconnect.
     """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    waiters = {task, watcher} if stopper is None else {task, watcher, stopper}
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not task.done() and not watcher.done():
+        if not any(waiter.done() for waiter in waiters):
             task.cancel()  # we were cancelled ourselves
+            watcher.cancel()
+        if stopper is not None:
+            stopper.cancel()
     if task.done():
         watcher.cancel()
         return task.result()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    raise ClientDisconnected
+    if watcher.done():
+        raise ClientDisconnected
+    watcher.cancel()
+    raise ServerStopping

@@ -11,7 +11,7 @@ from litestar.params import FromPath
 
 from qwenasr_appliance.api.auth import require_api_key
 from qwenasr_appliance.api.context import AppContext, request_context
-from qwenasr_appliance.errors import model_not_found
+from qwenasr_appliance.errors import error_responses, model_not_found
 from qwenasr_appliance.languages import SUPPORTED_LANGUAGES
 from qwenasr_appliance.schemas import ModelCard, ModelList
 
@@ -35,11 +35,11 @@ class ModelsController(Controller):
     guards = [require_api_key]
     tags = ["models"]
 
-    @get("/", summary="List models")
+    @get("/", summary="List models", responses=error_responses(401))
     async def list_models(self, request: Request[Any, Any, State]) -> ModelList:
         return ModelList(data=[_card(request_context(request))])
 
-    @get("/{model_id:path}", summary="Retrieve a model")
+    @get("/{model_id:path}", summary="Retrieve a model", responses=error_responses(401, 404))
     async def get_model(self, request: Request[Any, Any, State], model_id: FromPath[str]) -> ModelCard:
         context = request_context(request)
         wanted = model_id.lstrip("/")

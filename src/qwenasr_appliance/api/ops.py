@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from litestar import Controller, Request, Response, get
+from litestar import Controller, MediaType, Request, Response, get
 from litestar.datastructures import State
+from litestar.openapi import ResponseSpec
 
 from qwenasr_appliance import __version__
 from qwenasr_appliance.api.auth import require_api_key_for_ops
 from qwenasr_appliance.api.context import request_context
+from qwenasr_appliance.errors import error_responses
 from qwenasr_appliance.metrics import render_latest
 from qwenasr_appliance.schemas import (
     HealthResponse,
@@ -27,11 +29,18 @@ class OpsController(Controller):
     tags = ["operations"]
     include_in_schema = True
 
-    @get("/health", summary="Liveness: the process answers")
+    @get("/health", summary="Liveness: the process answers", responses=error_responses(401))
     async def health(self) -> HealthResponse:
         return HealthResponse()
 
-    @get("/ready", summary="Readiness: 200 only when the engine can serve")
+    @get(
+        "/ready",
+        summary="Readiness: 200 only when the engine can serve",
+        responses={
+            503: ResponseSpec(ReadyResponse, description="The engine is not serving", generate_examples=False),
+            **error_responses(401),
+        },
+    )
     async def ready(self, request: Request[Any, Any, State]) -> Response[ReadyResponse]:
         supervisor = request_context(request).supervisor
         status = supervisor.snapshot()
@@ -40,7 +49,11 @@ class OpsController(Controller):
             return Response(body, status_code=200)
         return Response(body, status_code=503, headers={"Retry-After": "10"})
 
-    @get("/status", summary="Engine state, plan, attempts, VRAM, queue, uptime and version")
+    @get(
+        "/status",
+        summary="Engine and aligner state, plan, attempts, VRAM, queue, uptime and version",
+        responses=error_responses(401),
+    )
     async def status(self, request: Request[Any, Any, State]) -> StatusResponse:
         context = request_context(request)
         settings = context.settings
@@ -52,6 +65,7 @@ class OpsController(Controller):
             uptime_seconds=round(time.monotonic() - context.started_at, 3),
             ready=context.supervisor.ready,
             engine=context.supervisor.snapshot(),
+            aligner=context.supervisor.aligner.snapshot(),
             queue=QueueStatus(
                 in_flight=admission.active,
                 queued=admission.queued,
@@ -65,7 +79,14 @@ class OpsController(Controller):
             ),
         )
 
-    @get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    @get(
+        "/metrics",
+        summary="Prometheus metrics",
+        media_type=MediaType.TEXT,
+        responses=error_responses(401),
+    )
     async def metrics(self) -> Response[bytes]:
         body, content_type = render_latest()
-        return Response(body, media_type=content_type)
+        # Litestar appends `; charset=utf-8` to text types itself: drop the one the content type has.
+        media_type = "; ".join(p.strip() for p in content_type.split(";") if not p.strip().startswith("charset="))
+        return Response(body, media_type=media_type)

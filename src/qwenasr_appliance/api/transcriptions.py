@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from litestar.params import Body
 from litestar.response import Stream
 
 from qwenasr_appliance.admission import Overloaded
+from qwenasr_appliance.aligner.base import AlignerDeadError, AlignerError
 from qwenasr_appliance.api.auth import require_api_key
 from qwenasr_appliance.api.context import AppContext, request_context
 from qwenasr_appliance.api.disconnect import ClientDisconnected, cancel_on_disconnect
@@ -26,6 +28,8 @@ from qwenasr_appliance.errors import (
     APIError,
     ErrorResponse,
     bad_request,
+    clip,
+    error_responses,
     internal_error,
     model_not_found,
     overloaded,
@@ -39,6 +43,8 @@ from qwenasr_appliance.metrics import METRICS
 from qwenasr_appliance.observability import REQUEST_ID, REQUEST_STATS
 from qwenasr_appliance.schemas import RESPONSE_FORMATS, TIMESTAMP_GRANULARITIES, TranscriptionForm
 from qwenasr_appliance.service import RequestStats, StreamDelta, StreamDone, StreamEvent, TranscriptionRequest
+from qwenasr_appliance.shutdown import ServerStopping
+from qwenasr_appliance.supervisor.aligner import AlignerUnavailable
 from qwenasr_appliance.supervisor.supervisor import EngineUnavailable
 
 log = structlog.get_logger(__name__)
@@ -54,7 +60,7 @@ async def require_multipart(request: Request[Any, Any, State]) -> None:
     if not content_type.lower().startswith("multipart/form-data"):
         raise unsupported_media(
             "The request must be multipart/form-data with the audio in the 'file' field "
-            f"(got {content_type or 'no content type'!r}).",
+            f"(got {clip(content_type) or 'no content type'!r}).",
             param=None,
         )
 
@@ -86,7 +92,7 @@ def _granularities(value: list[str] | str | None) -> set[str]:
     unknown = granularities - set(TIMESTAMP_GRANULARITIES)
     if unknown:
         raise bad_request(
-            f"Unsupported timestamp granularity {sorted(unknown)[0]!r}; use 'segment' or 'word'.",
+            f"Unsupported timestamp granularity {clip(sorted(unknown)[0])!r}; use 'segment' or 'word'.",
             param="timestamp_granularities[]",
         )
     return granularities
@@ -99,7 +105,7 @@ def validate_form(form: TranscriptionForm, settings: Settings) -> tuple[str, str
     response_format = form.response_format.strip().lower()
     if response_format not in RESPONSE_FORMATS:
         raise bad_request(
-            f"Unsupported response_format {form.response_format!r}; use one of {', '.join(RESPONSE_FORMATS)}.",
+            f"Unsupported response_format {clip(form.response_format)!r}; use one of {', '.join(RESPONSE_FORMATS)}.",
             param="response_format",
         )
     language: str | None = None
@@ -121,10 +127,11 @@ def validate_form(form: TranscriptionForm, settings: Settings) -> tuple[str, str
             "'timestamp_granularities[]' requires response_format 'verbose_json'.",
             param="timestamp_granularities[]",
         )
-    if "word" in granularities:
+    if "word" in granularities and not settings.aligner_model_id:
         raise bad_request(
-            "Word timestamps need the forced aligner, which this server has not loaded "
-            "(set ALIGNER_MODEL_ID to enable them).",
+            "Word timestamps need the forced aligner, which this server does not load: its operator can "
+            "enable them with ALIGNER_MODEL_ID=Qwen/Qwen3-ForcedAligner-0.6B. Segment timestamps are "
+            "available ('timestamp_granularities[]=segment').",
             param="timestamp_granularities[]",
             code="word_timestamps_unavailable",
         )
@@ -143,6 +150,18 @@ def _map_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, EngineUnavailable):
         return unavailable(f"The model is not ready: {exc.reason}", exc.retry_after_seconds)
+    if isinstance(exc, AlignerUnavailable):
+        return unavailable(
+            f"Word timestamps are unavailable: {exc.reason}. Other requests are served as usual.",
+            exc.retry_after_seconds,
+            code="aligner_unavailable",
+        )
+    if isinstance(exc, AlignerDeadError):
+        return unavailable(
+            "The forced aligner failed during the request and is restarting.", 10, code="aligner_restarting"
+        )
+    if isinstance(exc, AlignerError):
+        return internal_error(f"Word alignment failed: {exc}")
     if isinstance(exc, Overloaded):
         return overloaded("The server is at capacity; retry after the time in the Retry-After header.", exc.retry_after)
     if isinstance(exc, AudioError):
@@ -150,6 +169,12 @@ def _map_error(exc: Exception) -> APIError:
         if status >= 500:
             return APIError(status, str(exc), type="service_unavailable", code=exc.code, headers={"Retry-After": "5"})
         return APIError(status, str(exc), param="file", code=exc.code)
+    if isinstance(exc, ServerStopping):
+        return unavailable(
+            "The server is shutting down and stopped this request before it finished; retry it.",
+            1,
+            code="server_shutting_down",
+        )
     if isinstance(exc, EngineDeadError):
         return unavailable(
             "The engine failed while processing the request and is restarting.", 5, code="engine_restarting"
@@ -165,7 +190,10 @@ def _map_error(exc: Exception) -> APIError:
 
 
 def _outcome(error: APIError) -> str:
-    if error.status_code in (429, 503) and error.code in ("server_overloaded", "engine_unavailable"):
+    if error.code == "server_shutting_down":
+        return "cancelled"
+    rejections = ("server_overloaded", "engine_unavailable", "aligner_unavailable")
+    if error.status_code in (429, 503) and error.code in rejections:
         return "rejected"
     return "client_error" if error.status_code < 500 else "engine_error"
 
@@ -174,7 +202,27 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
 
-async def _sse_events(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+async def _next_event(rest: AsyncIterator[StreamEvent], stop: asyncio.Event) -> StreamEvent | None:
+    """The next event, or `ServerStopping` when the shutdown grace period ends first."""
+    if stop.is_set():
+        raise ServerStopping
+    following = asyncio.ensure_future(anext(rest, None))
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({following, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not following.done():
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+    if following.cancelled():
+        raise ServerStopping
+    return following.result()
+
+
+async def _sse_events(
+    first: StreamEvent, rest: AsyncIterator[StreamEvent], stop: asyncio.Event
+) -> AsyncIterator[bytes]:
     event: StreamEvent | None = first
     try:
         while event is not None:
@@ -189,7 +237,7 @@ async def _sse_events(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> A
                         "usage": {"type": "duration", "seconds": round(transcript.duration, 3)},
                     }
                 )
-            event = await anext(rest, None)
+            event = await _next_event(rest, stop)
         METRICS.transcriptions.labels(outcome="ok").inc()
     except Exception as exc:
         error = _map_error(exc)
@@ -211,7 +259,7 @@ class TranscriptionController(Controller):
         summary="Transcribe audio",
         description="OpenAI-compatible transcription. Formats: json, text, srt, vtt, verbose_json; stream=true "
         "answers with Server-Sent Events (transcript.text.delta, transcript.text.done).",
-        responses=None,
+        responses=error_responses(400, 401, 404, 408, 413, 415, 429, 500, 503, 504),
     )
     async def create_transcription(
         self,
@@ -248,18 +296,22 @@ class TranscriptionController(Controller):
             response_format=response_format,
             temperature=temperature,
             stream=stream,
+            word_timestamps="word" in _granularities(form.timestamp_granularities),
         )
         request_id = REQUEST_ID.get()
         if stream:
             events = context.service.stream(transcription, request_id, stats)
-            first = await cancel_on_disconnect(request.receive, anext(events))
+            stop = context.shutdown.expired
+            first = await cancel_on_disconnect(request.receive, anext(events), stop=stop)
             return Stream(
-                _sse_events(first, events),
+                _sse_events(first, events, stop),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         transcript = await cancel_on_disconnect(
-            request.receive, context.service.transcribe(transcription, request_id, stats)
+            request.receive,
+            context.service.transcribe(transcription, request_id, stats),
+            stop=context.shutdown.expired,
         )
         started = time.perf_counter()
         body, content_type = render(transcript, response_format)
@@ -275,6 +327,7 @@ class TranscriptionController(Controller):
         status_code=400,
         summary="Translate audio (not supported)",
         description="Qwen3-ASR transcribes; it does not translate. Always answers 400 in OpenAI's error shape.",
+        responses=error_responses(400, 401),
     )
     async def create_translation(self) -> ErrorResponse:
         raise bad_request(
