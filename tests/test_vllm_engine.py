@@ -745,7 +745,8 @@ def test_audio_features_are_computed_in_worker_processes_when_an_extractor_is_kn
     from qwenasr_appliance.audio.features import LogMelExtractor
 
     async def main() -> None:
-        engine, fake = make_engine(FakeLLM(tokens=2))
+        engine, fake = make_engine(FakeLLM(tokens=2), environ={"QWENASR_PRECOMPUTED_FEATURES": "1"})
+        assert engine.engine_args["enable_mm_embeds"] is True
         engine._extractor = LogMelExtractor()
         await engine.load()
         try:
@@ -771,3 +772,29 @@ def test_without_an_extractor_vllm_gets_the_samples() -> None:
         assert engine.describe().details["audio_features"] == "vllm"
 
     run(main())
+
+
+def test_when_vllm_refuses_precomputed_features_the_engine_falls_back_to_samples() -> None:
+    from qwenasr_appliance.audio.features import LogMelExtractor
+
+    class RefusingRenderer(FakeRenderer):
+        async def render_cmpl_async(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            if isinstance(prompts[0]["multi_modal_data"]["audio"], dict):
+                # what vLLM 0.26 said on the H100 without enable_mm_embeds
+                raise ValueError("You must set `--enable-mm-embeds` to input `audio_embeds`")
+            return await super().render_cmpl_async(prompts)
+
+    async def main() -> None:
+        fake = FakeLLM(tokens=2)
+        fake.renderer = RefusingRenderer()
+        engine, _ = make_engine(fake, environ={"QWENASR_PRECOMPUTED_FEATURES": "1"})
+        engine._extractor = LogMelExtractor()
+        await engine.load()
+        try:
+            assert engine.describe().details["audio_features"] == "vllm"
+            result = await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "after")
+            assert result.finished
+        finally:
+            await engine.close()
+
+    run(main(), timeout=60)

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 BENCH_IGNORE_EOS_ENV: Final = "QWENASR_BENCH_IGNORE_EOS"
+PRECOMPUTED_FEATURES_ENV: Final = "QWENASR_PRECOMPUTED_FEATURES"
 
 # Audio placeholder tokens per second of audio: the encoder turns every 100 mel frames (1 s) into 13
 # tokens (vLLM's `_get_feat_extract_output_lengths`). Prompt text around the audio: about 20 tokens.
@@ -191,6 +192,16 @@ def build_request_input(audio: AudioArray, options: TranscribeOptions) -> dict[s
         "prompt": build_prompt(options.context, options.language),
         "multi_modal_data": {"audio": (samples, SAMPLE_RATE)},
     }
+
+
+def precomputed_features(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether to compute log-mel features in worker processes (experimental, off by default).
+
+    vLLM accepts Qwen3-ASR features only with `enable_mm_embeds`; on the H100 run without it vLLM refused
+    them at warm-up and the engine fell back to raw samples, so the path is unmeasured on a GPU.
+    """
+    env = os.environ if environ is None else environ
+    return env.get(PRECOMPUTED_FEATURES_ENV, "").strip() == "1"
 
 
 def bench_fixed_length(environ: Mapping[str, str] | None = None) -> bool:
@@ -345,8 +356,11 @@ class VLLMEngine:
         self._params_factory = params_factory
         self._capture_output = llm_factory is None if capture_output is None else capture_output
         self._fixed_length = bench_fixed_length(environ)
+        self._precompute = precomputed_features(environ)
         self._vram_probe = vram_probe if vram_probe is not None else (_used_vram_bytes if llm_factory is None else None)
         self._engine_args = build_engine_args(settings, plan)
+        if self._precompute:
+            self._engine_args["enable_mm_embeds"] = True  # lets vLLM take `input_audio_features`
         self._llm: Any = None
         self._tap: OutputTap | None = None
         self._active: set[str] = set()
@@ -484,8 +498,8 @@ class VLLMEngine:
             await stream.aclose()  # type: ignore[attr-defined]
 
     async def _start_feature_workers(self) -> None:
-        if self._llm_factory is not None and self._extractor is None:
-            return  # tests inject an extractor when they want this path
+        if not self._precompute:
+            return
         extractor = self._extractor or await asyncio.to_thread(find_extractor, self._settings.model_id)
         if extractor is None:
             log.info("vllm.features_in_vllm", reason="no preprocessor_config.json found for the model")
