@@ -17,8 +17,9 @@ import structlog
 
 from qwenasr_appliance.admission import AdmissionController
 from qwenasr_appliance.aligner.base import AlignedChunk, Aligner, AlignerDeadError, merge_chunks
-from qwenasr_appliance.audio.decode import TARGET_SAMPLE_RATE, AudioError, DecodedAudio, decode_audio
+from qwenasr_appliance.audio.decode import TARGET_SAMPLE_RATE, AudioError, DecodedAudio
 from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, split_at_quiet_points
+from qwenasr_appliance.audio.transfer import decode_for_transfer, receive
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
     Engine,
@@ -155,8 +156,10 @@ class TranscriptionService:
     async def _decode(self, request: TranscriptionRequest, stats: RequestStats) -> DecodedAudio:
         started = time.perf_counter()
         try:
-            decoded = await self._decoder.run(
-                decode_audio, request.audio, request.filename, max_seconds=self._settings.max_audio_seconds
+            decoded = receive(
+                await self._decoder.run(
+                    decode_for_transfer, request.audio, request.filename, max_seconds=self._settings.max_audio_seconds
+                )
             )
         except WorkerCrashedError:
             raise AudioError(
