@@ -24,22 +24,17 @@ from qwenasr_appliance.aligner.base import (
     AlignerRequestError,
     check_align_input,
 )
+from qwenasr_appliance.audio.split import pad_to_min
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import SAMPLE_RATE, AudioArray, EngineLoadError
+from qwenasr_appliance.engines.cpu_engine import CPU_DTYPES, load_failure_kind
 from qwenasr_appliance.engines.cpu_engine import _model_location as model_location
-from qwenasr_appliance.engines.cpu_engine import load_failure_kind
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"auto": "float32", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 # The Whisper feature extractor needs some audio; shorter chunks are padded with silence at the end.
 _MIN_AUDIO_SECONDS = 0.5
 _WARM_UP_SECONDS = 1.0
-
-
-def _pad_to_minimum(audio: AudioArray) -> AudioArray:
-    missing = int(_MIN_AUDIO_SECONDS * SAMPLE_RATE) - audio.shape[0]
-    return np.pad(audio, (0, missing)) if missing > 0 else audio
 
 
 class CPUAligner:
@@ -48,7 +43,7 @@ class CPUAligner:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._model_id = settings.aligner_model_id
-        self._dtype_name = _DTYPES[settings.dtype]
+        self._dtype_name = CPU_DTYPES[settings.dtype]
         self._executor: ThreadPoolExecutor | None = None
         self._aligner: Any = None  # qwen_asr.Qwen3ForcedAligner
         self._details: dict[str, str | int | float | bool | None] = {}
@@ -103,7 +98,9 @@ class CPUAligner:
         )
 
     def _align_blocking(self, audio: AudioArray, text: str, language: str) -> list[AlignedUnit]:
-        results = self._aligner.align(audio=(_pad_to_minimum(audio), SAMPLE_RATE), text=text, language=language)
+        results = self._aligner.align(
+            audio=(pad_to_min(audio, _MIN_AUDIO_SECONDS), SAMPLE_RATE), text=text, language=language
+        )
         return [AlignedUnit(str(item.text), float(item.start_time), float(item.end_time)) for item in results[0]]
 
     async def align(self, audio: AudioArray, text: str, language: str) -> list[AlignedUnit]:

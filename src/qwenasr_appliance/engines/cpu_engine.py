@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from qwenasr_appliance.audio.split import pad_to_min
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
     SAMPLE_RATE,
@@ -38,7 +39,8 @@ from qwenasr_appliance.engines.prompt import build_prompt
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"auto": "float32", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# DTYPE setting -> torch dtype name on the CPU ("auto" is float32: bf16 matmuls are slow on most CPUs).
+CPU_DTYPES = {"auto": "float32", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _WARM_UP_SECONDS = 0.5
 # qwen-asr pads its short chunks to this length; shorter than 201 samples the STFT fails outright.
 _MIN_AUDIO_SECONDS = 0.5
@@ -177,11 +179,6 @@ class _LoopCriterion:
         return self._torch.full((input_ids.shape[0],), looping, dtype=self._torch.bool)
 
 
-def _pad_to_minimum(audio: AudioArray) -> AudioArray:
-    missing = int(_MIN_AUDIO_SECONDS * SAMPLE_RATE) - audio.shape[0]
-    return np.pad(audio, (0, missing)) if missing > 0 else audio
-
-
 def _sampling_arguments(temperature: float) -> dict[str, Any]:
     if temperature <= 0:
         return {"do_sample": False}
@@ -194,7 +191,7 @@ class CPUEngine:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._dtype_name = _DTYPES[settings.dtype]
+        self._dtype_name = CPU_DTYPES[settings.dtype]
         self._executor: ThreadPoolExecutor | None = None
         self._asr: Any = None  # qwen_asr.Qwen3ASRModel
         self._torch: Any = None
@@ -313,7 +310,7 @@ class CPUEngine:
         torch, asr = self._torch, self._asr
         model = asr.model
         prompt = build_prompt(options.context, options.language)
-        audio = _pad_to_minimum(audio)
+        audio = pad_to_min(audio, _MIN_AUDIO_SECONDS)
         inputs = asr.processor(text=[prompt], audio=[audio], return_tensors="pt", padding=True)
         inputs = inputs.to(model.device).to(model.dtype)
         prompt_length = int(inputs["input_ids"].shape[1])
