@@ -27,8 +27,7 @@ from qwenasr_appliance.aligner.base import (
 from qwenasr_appliance.audio.split import pad_to_min
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import SAMPLE_RATE, AudioArray, EngineLoadError
-from qwenasr_appliance.engines.cpu_engine import CPU_DTYPES, load_failure_kind
-from qwenasr_appliance.engines.cpu_engine import _model_location as model_location
+from qwenasr_appliance.engines.cpu_engine import CPU_DTYPES, load_failure_kind, model_location
 
 log = logging.getLogger(__name__)
 

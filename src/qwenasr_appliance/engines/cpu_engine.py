@@ -69,7 +69,7 @@ def _looks_local(model_id: str) -> bool:
     return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
 
 
-def _model_location(model_id: str) -> str:
+def model_location(model_id: str) -> str:
     """What to hand to `from_pretrained`: a hub repo id as is, a local directory expanded and checked.
 
     A local path without a checkpoint fails here with a clear message instead of as a malformed repo id.
@@ -212,7 +212,7 @@ class CPUEngine:
         self._executor = executor
 
     def _load_blocking(self) -> None:
-        location = _model_location(self._settings.model_id)
+        location = model_location(self._settings.model_id)
         try:
             import qwen_asr
             import torch
