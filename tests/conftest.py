@@ -40,7 +40,7 @@ def double_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     """granian on 127.0.0.1 serving the real app around the test double engine."""
     log = tmp_path_factory.mktemp("double-server") / "server.log"
     server = ServerProcess.with_test_double(
-        {"LOG_LEVEL": "info", "MAX_CONCURRENT_REQUESTS": "8", "MAX_QUEUE_SIZE": "16"}, log
+        {"LOG_LEVEL": "info", "MAX_CONCURRENT_REQUESTS": "8", "MAX_QUEUE_SIZE": "16", "DECODE_WORKERS": "2"}, log
     )
     try:
         server.wait_until("/ready", timeout=60)

@@ -24,14 +24,17 @@ pytestmark = pytest.mark.slow
 MODEL = "Qwen/Qwen3-ASR-1.7B"
 
 
-def wav_bytes(seconds: float, rate: int = 16_000, channels: int = 1, silent_gaps: bool = False) -> bytes:
+def wav_bytes(
+    seconds: float, rate: int = 16_000, channels: int = 1, silent_gaps: bool = False, fmt: str = "WAV"
+) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     signal = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
     if silent_gaps:
         signal[(t % 20) > 19] = 0.0  # a second of silence every 20 s
     data = np.stack([signal] * channels, axis=1) if channels > 1 else signal
     out = io.BytesIO()
-    sf.write(out, data.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    subtype = "PCM_16" if fmt == "WAV" else None
+    sf.write(out, data.astype(np.float32), rate, format=fmt, subtype=subtype)
     return out.getvalue()
 
 
@@ -224,19 +227,38 @@ def test_request_ids_are_returned_and_kept(double_server: ServerProcess) -> None
     assert unsafe.headers["x-request-id"] != "bad id\twith tabs"
 
 
+def access_log_line(server: ServerProcess, request_id: str) -> dict[str, object]:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for raw in server.logs().splitlines():
+            if request_id in raw and '"event": "request"' in raw:
+                return dict(json.loads(raw))
+        time.sleep(0.05)
+    pytest.fail("no access log line for the request")
+
+
 def test_access_log_is_json_with_audio_numbers(double_server: ServerProcess) -> None:
     response = post_form(double_server.url, {"file": ("a.wav", wav_bytes(2.5), "audio/wav")}, {"model": MODEL})
-    request_id = response.headers["x-request-id"]
-    deadline = time.monotonic() + 5
-    line: dict[str, object] = {}
-    while time.monotonic() < deadline and not line:
-        for raw in double_server.logs().splitlines():
-            if request_id in raw and '"event": "request"' in raw:
-                line = json.loads(raw)
-        time.sleep(0.05)
-    assert line, "no access log line for the request"
-    assert line["status"] == 200 and line["audio_seconds"] == 2.5
+    line = access_log_line(double_server, response.headers["x-request-id"])
+    assert line["status"] == 200 and line["audio_seconds"] == 2.5 and line["decode_pieces"] == 1
     assert float(line["rtf"]) > 0  # type: ignore[arg-type]
+
+
+def test_a_long_mp3_is_decoded_in_pieces_and_transcribed_whole(double_server: ServerProcess) -> None:
+    data = wav_bytes(75.0, rate=44_100, channels=2, silent_gaps=True, fmt="MP3")
+    response = post_form(
+        double_server.url,
+        {"file": ("long.mp3", data, "audio/mpeg")},
+        {"model": MODEL, "response_format": "verbose_json"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["duration"] == pytest.approx(75.0, abs=0.05)
+    segments = body["segments"]
+    assert len(segments) == 3 and segments[-1]["end"] == pytest.approx(75.0, abs=0.05)
+    assert all(later["start"] == pytest.approx(earlier["end"]) for earlier, later in itertools.pairwise(segments))
+    line = access_log_line(double_server, response.headers["x-request-id"])
+    assert line["decode_pieces"] == 2  # DECODE_WORKERS=2
 
 
 def test_client_disconnect_cancels_the_work(tmp_path: Path) -> None:

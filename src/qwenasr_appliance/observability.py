@@ -157,6 +157,7 @@ class RequestObserver:
                 processing_seconds=round(elapsed, 4),
                 rtf=round(elapsed / stats.audio_seconds, 5),
                 decode_seconds=round(stats.decode_seconds, 4),
+                decode_pieces=stats.decode_pieces,
                 queue_seconds=round(stats.queue_seconds, 4),
                 engine_seconds=round(stats.engine_seconds, 4),
                 chunks=stats.chunks,

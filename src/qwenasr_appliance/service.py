@@ -1,4 +1,4 @@
-"""The transcription pipeline: admit → decode (thread pool) → split at quiet points → engine (all
+"""The transcription pipeline: admit → decode (worker processes; a long file in pieces) → split at quiet points → engine (all
 chunks at once, so the engine batches them) → parse → merge with offsets.
 
 HTTP concerns (form parsing, status codes, formats) live in `api/`; engine concerns in `engines/`.
@@ -17,10 +17,10 @@ import structlog
 
 from qwenasr_appliance.admission import AdmissionController
 from qwenasr_appliance.aligner.base import AlignedChunk, Aligner, AlignerDeadError, merge_chunks
-from qwenasr_appliance.audio.decode import TARGET_SAMPLE_RATE, AudioError, DecodedAudio
+from qwenasr_appliance.audio.decode import TARGET_SAMPLE_RATE, DecodedAudio
 from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, split_at_quiet_points
-from qwenasr_appliance.audio.transfer import decode_for_transfer, receive
 from qwenasr_appliance.config import Settings
+from qwenasr_appliance.decoding import AudioDecoder
 from qwenasr_appliance.engines.base import (
     Engine,
     EngineDeadError,
@@ -32,7 +32,6 @@ from qwenasr_appliance.engines.prompt import ParsedTranscript, parse_output, par
 from qwenasr_appliance.formats import Transcript, TranscriptSegment, TranscriptWord
 from qwenasr_appliance.metrics import METRICS, Metrics
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
-from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +69,7 @@ class RequestStats:
 
     audio_seconds: float = 0.0
     decode_seconds: float = 0.0
+    decode_pieces: int = 0  # 1: decoded in one pass; more: a long file split across the decode workers
     queue_seconds: float = 0.0
     engine_seconds: float = 0.0
     chunks: int = 0
@@ -136,7 +136,7 @@ class TranscriptionService:
         self._supervisor = supervisor
         self._admission = admission
         self._metrics = metrics
-        self._decoder = WorkerPool(settings.effective_decode_workers, "decode")
+        self._decoder = AudioDecoder(settings.effective_decode_workers, max_seconds=settings.max_audio_seconds)
 
     async def warm_up(self) -> None:
         await self._decoder.warm_up()
@@ -155,16 +155,9 @@ class TranscriptionService:
 
     async def _decode(self, request: TranscriptionRequest, stats: RequestStats) -> DecodedAudio:
         started = time.perf_counter()
-        try:
-            decoded = receive(
-                await self._decoder.run(
-                    decode_for_transfer, request.audio, request.filename, max_seconds=self._settings.max_audio_seconds
-                )
-            )
-        except WorkerCrashedError:
-            raise AudioError(
-                "invalid_audio", "The audio file could not be decoded: the decoder failed on it."
-            ) from None
+        result = await self._decoder.decode(request.audio, request.filename)
+        decoded = result.audio
+        stats.decode_pieces = result.pieces
         stats.decode_seconds = time.perf_counter() - started
         stats.audio_seconds = decoded.duration_seconds
         self._metrics.stage_duration.labels(stage="decode").observe(stats.decode_seconds)

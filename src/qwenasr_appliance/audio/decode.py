@@ -15,8 +15,8 @@ resampled by a streaming soxr resampler into one growing buffer, so no full-leng
 source signal ever exists, and decoding stops as soon as the decoded duration passes the limit
 (a decompression bomb or a header that lies costs at most `max_seconds` of work).
 
-Everything here is synchronous, allocation-bounded CPU work with no shared state: run it in a
-thread pool.
+Everything here is synchronous, allocation-bounded CPU work with no shared state: the server runs
+it in decode worker processes (`workers.py`); `segmented.py` splits one long file across them.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ AudioErrorCode = Literal[
 ]
 
 TARGET_SAMPLE_RATE: Final = 16_000
+RESAMPLE_QUALITY: Final = "HQ"  # soxr's; the streaming and the segmented decoders must agree
 # What OpenAI's transcription endpoint documents; the message for unreadable files lists these.
 SUPPORTED_FORMATS: Final = ("flac", "mp3", "mp4", "mpeg", "mpga", "m4a", "ogg", "wav", "webm")
 # Also decoded (content is sniffed; names are only hints), but not advertised.
@@ -82,13 +83,13 @@ _SF_MALFORMED_FILE: Final = 3
 _SF_UNSUPPORTED_ENCODING: Final = 4
 _SF_UNKNOWN_FRAMES: Final = 2**62  # libsndfile reports SF_COUNT_MAX when it does not know the length
 # libsndfile formats whose frame count may be an estimate (see the module docstring).
-_SF_ESTIMATED_LENGTH_FORMATS: Final = frozenset({"MP3", "OGG"})
+SF_ESTIMATED_LENGTH_FORMATS: Final = frozenset({"MP3", "OGG"})
 _SF_BLOCK_SAMPLES: Final = 1 << 18  # per read, all channels together
 _RESAMPLE_BATCH: Final = 1 << 16  # source samples collected before one soxr call
 _INITIAL_CAPACITY_SECONDS: Final = 60.0  # output buffer when the length is unknown; it grows
 _MAX_PREALLOCATED_SECONDS: Final = 4 * 3600.0
 _MAX_CONSECUTIVE_PACKET_ERRORS: Final = 64
-_PYAV_MAX_SAFE_PLANAR_CHANNELS: Final = 8  # see _Interleaver
+_PYAV_MAX_SAFE_PLANAR_CHANNELS: Final = 8  # see Interleaver
 
 # FFmpeg demuxers allowed to open an upload. Others (concat, HLS, image and subtitle formats...)
 # are never probed: some open further files or URLs named inside the upload.
@@ -225,7 +226,7 @@ def probe_duration(data: bytes, filename: str | None) -> float | None:
     if not data:
         return None
     probes: list[Callable[[bytes], float | None]] = (
-        [_probe_pyav, _probe_soundfile] if _ffmpeg_first(data, filename) else [_probe_soundfile, _probe_pyav]
+        [_probe_pyav, _probe_soundfile] if prefers_ffmpeg(data, filename) else [_probe_soundfile, _probe_pyav]
     )
     for probe in probes:
         try:
@@ -252,7 +253,7 @@ def decode_audio(data: bytes, filename: str | None, *, max_seconds: float) -> De
         raise AudioError("empty_file", "The uploaded audio file is empty.")
 
     attempts: list[tuple[DecoderName, Callable[[bytes, float], DecodedAudio]]]
-    if _ffmpeg_first(data, filename):
+    if prefers_ffmpeg(data, filename):
         attempts = [("pyav", _decode_pyav), ("soundfile", _decode_soundfile_any)]
     else:
         attempts = [("soundfile", _decode_soundfile), ("pyav", _decode_pyav)]
@@ -286,7 +287,7 @@ def decode_audio(data: bytes, filename: str | None, *, max_seconds: float) -> De
 # --------------------------------------------------------------------------- decoder choice
 
 
-def _ffmpeg_first(data: bytes, filename: str | None) -> bool:
+def prefers_ffmpeg(data: bytes, filename: str | None) -> bool:
     head = data[:16]
     if head.startswith(_SF_MAGIC):
         return False
@@ -317,7 +318,7 @@ class _ClampedBytesIO(io.BytesIO):
             return super().seek(0)
 
 
-def _open_soundfile(data: bytes) -> sf.SoundFile:
+def open_soundfile(data: bytes) -> sf.SoundFile:
     try:
         return sf.SoundFile(_ClampedBytesIO(data))
     except sf.LibsndfileError as exc:
@@ -330,14 +331,14 @@ def _open_soundfile(data: bytes) -> sf.SoundFile:
         raise _NotRecognised(str(exc)) from exc
 
 
-def _known_frames(sound_file: sf.SoundFile) -> int | None:
+def known_frames(sound_file: sf.SoundFile) -> int | None:
     frames = int(sound_file.frames)
     return frames if 0 <= frames < _SF_UNKNOWN_FRAMES else None
 
 
 def _probe_soundfile(data: bytes) -> float | None:
-    with _open_soundfile(data) as sound_file:
-        frames = _known_frames(sound_file)
+    with open_soundfile(data) as sound_file:
+        frames = known_frames(sound_file)
         rate = int(sound_file.samplerate)
         return frames / rate if frames is not None and rate > 0 else None
 
@@ -351,12 +352,12 @@ def _decode_soundfile_any(data: bytes, max_seconds: float) -> DecodedAudio:
 
 
 def _decode_with_soundfile(data: bytes, max_seconds: float, *, allow_estimated_length: bool) -> DecodedAudio:
-    with _open_soundfile(data) as sound_file:
+    with open_soundfile(data) as sound_file:
         container = str(sound_file.format)
-        estimated = container in _SF_ESTIMATED_LENGTH_FORMATS
+        estimated = container in SF_ESTIMATED_LENGTH_FORMATS
         if estimated and not allow_estimated_length:
             raise _Delegated(container)
-        frames = _known_frames(sound_file)
+        frames = known_frames(sound_file)
         if frames is None:
             # soundfile seeks after every read, which fails when libsndfile does not know the
             # length (e.g. a FLAC stream without a sample count); FFmpeg reads these fine.
@@ -365,9 +366,9 @@ def _decode_with_soundfile(data: bytes, max_seconds: float, *, allow_estimated_l
         channels = int(sound_file.channels)
         if channels < 1:
             raise _invalid("it declares no audio channels")
-        _check_sample_rate(rate)
+        check_sample_rate(rate)
         header_seconds = frames / rate
-        _check_header_duration(header_seconds, max_seconds, exact=not estimated)
+        check_header_duration(header_seconds, max_seconds, exact=not estimated)
         pipeline = _Pipeline(rate, max_seconds, expected_seconds=header_seconds)
 
         block_frames = max(1024, min(1 << 16, _SF_BLOCK_SAMPLES // channels))
@@ -383,7 +384,7 @@ def _decode_with_soundfile(data: bytes, max_seconds: float, *, allow_estimated_l
                 break
             if block.shape[0] == 0:
                 break
-            pipeline.push(_average_channels(block.T))
+            pipeline.push(average_channels(block.T))
         subtype = str(sound_file.subtype)
 
     return _finish(
@@ -399,7 +400,7 @@ def _decode_with_soundfile(data: bytes, max_seconds: float, *, allow_estimated_l
 # --------------------------------------------------------------------------- FFmpeg
 
 
-def _open_pyav(data: bytes) -> Any:
+def open_pyav(data: bytes) -> Any:
     try:
         return av.open(
             io.BytesIO(data),
@@ -414,7 +415,7 @@ def _open_pyav(data: bytes) -> Any:
         raise _NotRecognised(str(exc)) from exc
 
 
-def _pyav_duration(container: Any, stream: Any) -> float | None:
+def pyav_duration(container: Any, stream: Any) -> float | None:
     if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
         return float(stream.duration * stream.time_base)
     if container.duration is not None and container.duration > 0:
@@ -423,27 +424,27 @@ def _pyav_duration(container: Any, stream: Any) -> float | None:
 
 
 def _probe_pyav(data: bytes) -> float | None:
-    with _open_pyav(data) as container:
+    with open_pyav(data) as container:
         if not container.streams.audio:
             return None
-        return _pyav_duration(container, container.streams.audio[0])
+        return pyav_duration(container, container.streams.audio[0])
 
 
 def _decode_pyav(data: bytes, max_seconds: float) -> DecodedAudio:
-    with _open_pyav(data) as container:
+    with open_pyav(data) as container:
         if not container.streams.audio:
             raise _invalid("it contains no audio track")
         stream = container.streams.audio[0]
         if stream.codec_context is None:  # FFmpeg has no decoder for this codec
             raise _invalid("it uses an unsupported audio encoding")
         if stream.codec_context.sample_rate:  # 0 when only the decoder will tell
-            _check_sample_rate(int(stream.codec_context.sample_rate))
-        estimate = _pyav_duration(container, stream)
+            check_sample_rate(int(stream.codec_context.sample_rate))
+        estimate = pyav_duration(container, stream)
         if estimate is not None:
-            _check_header_duration(estimate, max_seconds, exact=False)
+            check_header_duration(estimate, max_seconds, exact=False)
         channels = int(stream.codec_context.layout.nb_channels)
         pipeline: _Pipeline | None = None
-        interleaver = _Interleaver()
+        interleaver = Interleaver()
         truncated = False
         packet_errors = 0
         packets = container.demux(stream)
@@ -474,7 +475,7 @@ def _decode_pyav(data: bytes, max_seconds: float) -> DecodedAudio:
                 else:
                     pipeline.set_source_rate(int(frame.sample_rate))
                 for safe_frame in interleaver.make_safe(frame):
-                    pipeline.push(_frame_to_mono(safe_frame))
+                    pipeline.push(frame_to_mono(safe_frame))
         container_name = str(container.format.name)
         codec = str(stream.codec_context.name)
 
@@ -487,7 +488,7 @@ def _decode_pyav(data: bytes, max_seconds: float) -> DecodedAudio:
     )
 
 
-class _Interleaver:
+class Interleaver:
     """Works around a PyAV 18 crash: for a planar frame with 8 or more channels, `planes` and
     `to_ndarray()` read one data pointer past the end and segfault (a 7.1 AAC upload would kill the
     server). Such frames are converted to the packed (one-plane) sample format by swresample first;
@@ -508,17 +509,17 @@ class _Interleaver:
         return list(self._resampler.resample(frame))
 
 
-def _frame_to_mono(frame: Any) -> AudioArray:
+def frame_to_mono(frame: Any) -> AudioArray:
     planes = frame.to_ndarray()
     if not frame.format.is_planar:  # interleaved: one row of samples * channels
         planes = planes.reshape(-1, int(frame.layout.nb_channels)).T
-    return _average_channels(planes)
+    return average_channels(planes)
 
 
 # --------------------------------------------------------------------------- shared pipeline
 
 
-def _average_channels(planes: npt.NDArray[Any]) -> AudioArray:
+def average_channels(planes: npt.NDArray[Any]) -> AudioArray:
     """(channels, n) samples of any PCM dtype -> a new mono float32 array in [-1, 1] scale."""
     channels = planes.shape[0]
     kind = planes.dtype.kind
@@ -535,14 +536,20 @@ def _average_channels(planes: npt.NDArray[Any]) -> AudioArray:
     return mono
 
 
-def _check_sample_rate(rate: int) -> None:
+def clean_in_place(block: AudioArray) -> None:
+    """NaN and infinities become silence; everything is clipped to full scale."""
+    np.nan_to_num(block, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    np.clip(block, -1.0, 1.0, out=block)
+
+
+def check_sample_rate(rate: int) -> None:
     if rate < MIN_SOURCE_SAMPLE_RATE:
         raise _invalid(f"its sample rate of {rate} Hz is not supported (the minimum is {MIN_SOURCE_SAMPLE_RATE} Hz)")
     if rate > MAX_SOURCE_SAMPLE_RATE:
         raise _invalid(f"its sample rate of {rate} Hz is not supported (the maximum is {MAX_SOURCE_SAMPLE_RATE} Hz)")
 
 
-def _check_header_duration(seconds: float, max_seconds: float, *, exact: bool) -> None:
+def check_header_duration(seconds: float, max_seconds: float, *, exact: bool) -> None:
     limit = max_seconds * (1.0 if exact else _ESTIMATE_SLACK) + DURATION_TOLERANCE_SECONDS
     if seconds > limit:
         raise AudioTooLongError(seconds, max_seconds, at_least=False)
@@ -598,7 +605,7 @@ class _Pipeline:
     """Mono blocks at the source rate -> limit check, cleaning, streaming resampling, one buffer."""
 
     def __init__(self, rate: int, max_seconds: float, *, expected_seconds: float | None) -> None:
-        _check_sample_rate(rate)
+        check_sample_rate(rate)
         self.first_rate = rate
         self.source_frames = 0
         self._seconds_before_rate = 0.0  # decoded at earlier sample rates
@@ -624,7 +631,7 @@ class _Pipeline:
     def _new_resampler(rate: int) -> Any:
         if rate == TARGET_SAMPLE_RATE:
             return None
-        return soxr.ResampleStream(rate, TARGET_SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        return soxr.ResampleStream(rate, TARGET_SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
 
     def push(self, block: AudioArray) -> None:
         """Take ownership of `block` (mono float32 at the current source rate); may modify it."""
@@ -635,8 +642,7 @@ class _Pipeline:
         self._frames_at_rate += frames
         if self.source_seconds > self._limit_seconds:
             raise AudioTooLongError(self.source_seconds, self._max_seconds, at_least=True)
-        np.nan_to_num(block, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        np.clip(block, -1.0, 1.0, out=block)
+        clean_in_place(block)
         self._pending.append(block)
         self._pending_frames += frames
         if self._pending_frames >= _RESAMPLE_BATCH:
@@ -646,7 +652,7 @@ class _Pipeline:
         """Some streams (MP3, ADTS, chained Ogg) change sample rate midway."""
         if rate == self._rate:
             return
-        _check_sample_rate(rate)
+        check_sample_rate(rate)
         self._drain(last=True)
         self._seconds_before_rate = self.source_seconds
         self._frames_at_rate = 0

@@ -1,9 +1,13 @@
-"""Hand a long decoded signal from a decode worker to the serving process without copying it twice.
+"""What crosses the boundary between the serving process and the decode workers, and how.
 
 A result returned from a worker process is pickled: the serving process briefly holds the pickled
 bytes and the unpickled array, two copies of the signal (measured: +0.95 GB for a 2-hour file). A long
 signal is instead written to a file in shared memory (`/dev/shm`, else the temporary directory) and
 mapped read-only by the server; the file is unlinked at once, so its memory goes with the mapping.
+
+A file long enough to split (`segmented.py`) goes the same way in pieces: the worker that planned it
+leaves the upload in a shared file for the others, each piece is written into one shared output
+file at its own offset, and the server maps the result without copying it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qwenasr_appliance.audio.decode import DecodedAudio, decode_audio
+from qwenasr_appliance.audio.decode import AudioArray, DecodedAudio, decode_audio
+from qwenasr_appliance.audio.segmented import DecodedSegment, NotSplittable, SegmentPlan, decode_segment, plan_segments
 
 # Below this a pickled copy is cheaper than a file: about 4 minutes of 16 kHz float32.
 SPILL_ABOVE_BYTES = 16 * 1024 * 1024
@@ -34,6 +39,16 @@ def _spill_directory() -> str:
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
+def _new_shared_file(prefix: str, suffix: str) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=_spill_directory())
+
+
+def _unlink(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def decode_for_transfer(
     data: bytes, filename: str | None, *, max_seconds: float
 ) -> tuple[DecodedAudio, SpilledSamples | None]:
@@ -44,13 +59,11 @@ def decode_for_transfer(
         return decoded, None
     path: str | None = None
     try:
-        fd, path = tempfile.mkstemp(prefix="qwenasr-audio-", suffix=".f32", dir=_spill_directory())
+        fd, path = _new_shared_file("qwenasr-audio-", ".f32")
         with os.fdopen(fd, "wb") as handle:
             samples.tofile(handle)
     except OSError:  # no room in /dev/shm: fall back to pickling
-        if path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        _unlink(path)
         return decoded, None
     empty = np.zeros(0, dtype=np.float32)
     return dataclasses.replace(decoded, samples=empty), SpilledSamples(path, int(samples.size))
@@ -64,6 +77,144 @@ def receive(result: tuple[DecodedAudio, SpilledSamples | None]) -> DecodedAudio:
     try:
         samples = np.memmap(spilled.path, dtype=np.float32, mode="r", shape=(spilled.length,))
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(spilled.path)
+        _unlink(spilled.path)
     return dataclasses.replace(decoded, samples=samples)
+
+
+# --------------------------------------------------------------------------- a file in pieces
+
+
+@dataclass(frozen=True)
+class SharedFiles:
+    """The upload and the output of a job in pieces. The server creates them before the job and
+    removes them after it, whatever happens: a worker only ever opens them, never creates them, so
+    nothing is left behind when a request is cancelled half-way."""
+
+    upload_path: str
+    output_path: str
+
+    @classmethod
+    def create(cls) -> SharedFiles | None:
+        """None when shared memory has no room (the upload is then decoded in one pass)."""
+        paths: list[str] = []
+        try:
+            for prefix, suffix in (("qwenasr-upload-", ".bin"), ("qwenasr-audio-", ".f32")):
+                fd, path = _new_shared_file(prefix, suffix)
+                os.close(fd)
+                paths.append(path)
+        except OSError:
+            for path in paths:
+                _unlink(path)
+            return None
+        return cls(paths[0], paths[1])
+
+    def discard(self) -> None:
+        _unlink(self.upload_path)
+        _unlink(self.output_path)
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """A long upload to decode in pieces: the plan, and the files that the upload and pieces go to."""
+
+    plan: SegmentPlan
+    files: SharedFiles
+
+
+@dataclass(frozen=True)
+class PieceResult:
+    segment: DecodedSegment  # its samples are empty when `written`
+    length: int  # 16 kHz samples in the piece
+    written: bool  # the samples are in the job's output file at the piece's offset
+
+
+def decode_or_plan(
+    data: bytes,
+    filename: str | None,
+    files: SharedFiles | None,
+    *,
+    max_seconds: float,
+    max_segments: int,
+    min_segment_seconds: float,
+) -> tuple[DecodedAudio, SpilledSamples | None] | SegmentJob:
+    """Runs in a worker: a job when the upload is long enough to split (the upload is then in
+    `files.upload_path` for the other workers), else the whole decode at once (`decode_for_transfer`),
+    so a short upload costs no extra round trip."""
+    plan = None
+    if files is not None:
+        plan = plan_segments(
+            data, filename, max_seconds=max_seconds, max_segments=max_segments, min_segment_seconds=min_segment_seconds
+        )
+    if plan is not None and files is not None:
+        try:
+            fd = os.open(files.upload_path, os.O_WRONLY)  # never O_CREAT: see SharedFiles
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+        except OSError:  # no room, or the request is gone: one pass
+            pass
+        else:
+            return SegmentJob(plan, files)
+    return decode_for_transfer(data, filename, max_seconds=max_seconds)
+
+
+def decode_piece(job: SegmentJob, index: int) -> PieceResult:
+    """Runs in a worker: decode piece `index` and write it into the output file at its offset."""
+    with open(job.files.upload_path, "rb") as handle:
+        data = handle.read()
+    segment = decode_segment(data, job.plan, index)
+    samples = segment.samples
+    length = int(samples.size)
+    if length == 0:
+        return PieceResult(segment, length, written=False)
+    try:
+        fd = os.open(job.files.output_path, os.O_WRONLY)
+        try:
+            offset = job.plan.output_offset(index) * samples.itemsize
+            view = samples.data.cast("B")
+            while view:
+                done = os.pwrite(fd, view, offset)
+                view, offset = view[done:], offset + done
+        finally:
+            os.close(fd)
+    except OSError:  # no room in /dev/shm: the samples travel pickled instead
+        return PieceResult(segment, length, written=False)
+    empty = np.zeros(0, dtype=np.float32)
+    return PieceResult(dataclasses.replace(segment, samples=empty), length, written=True)
+
+
+def assemble(job: SegmentJob, pieces: list[PieceResult]) -> DecodedAudio:
+    """Runs in the server: the pieces of `job` as one decoded signal. Raises NotSplittable when they
+    do not fit together (the caller then decodes in one pass)."""
+    plan = job.plan
+    pieces = sorted(pieces, key=lambda piece: piece.segment.index)
+    if [piece.segment.index for piece in pieces] != list(range(plan.segments)):
+        raise NotSplittable("pieces are missing")
+    last = next((i for i, piece in enumerate(pieces) if piece.segment.reached_end), None)
+    if last is None or any(piece.length for piece in pieces[last + 1 :]):
+        raise NotSplittable("pieces past the end of the stream hold audio")
+    for i, piece in enumerate(pieces[:last]):
+        if piece.length != plan.output_offset(i + 1) - plan.output_offset(i):
+            raise NotSplittable("a piece does not fill its range")
+    source_end = pieces[last].segment.source_end
+    total = plan.output_offset(last) + pieces[last].length
+    if total <= 0:
+        raise NotSplittable("no audio")  # the one-pass decoder reports it properly
+    stored = os.path.getsize(job.files.output_path) // 4
+    if all(piece.written for piece in pieces[: last + 1]) and stored == total:
+        samples: AudioArray = np.memmap(job.files.output_path, dtype=np.float32, mode="r", shape=(total,))
+    else:  # some pieces came pickled (no room in /dev/shm)
+        mapped = np.memmap(job.files.output_path, dtype=np.float32, mode="r", shape=(stored,)) if stored else None
+        samples = np.empty(total, dtype=np.float32)
+        for i, piece in enumerate(pieces[: last + 1]):
+            start = plan.output_offset(i)
+            end = start + piece.length
+            samples[start:end] = mapped[start:end] if piece.written and mapped is not None else piece.segment.samples
+    return DecodedAudio(
+        samples=samples,
+        duration_seconds=(source_end - plan.origin) / plan.rate,
+        source_sample_rate=plan.rate,
+        source_channels=plan.channels,
+        container=plan.container,
+        codec=plan.codec,
+        decoder=plan.decoder,
+    )

@@ -1,0 +1,89 @@
+"""Decoding uploads in the decode worker processes: a short one in one task, a long one in pieces
+across all of them (`audio/segmented.py`), so a long file's decode time shrinks with the cores.
+
+Measured on one core: a 488 s mp3 takes 0.62 s in one pass; in 16 pieces the slowest takes 0.07 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+
+from qwenasr_appliance.audio.decode import AudioError, DecodedAudio
+from qwenasr_appliance.audio.segmented import NotSplittable
+from qwenasr_appliance.audio.transfer import (
+    SegmentJob,
+    SharedFiles,
+    assemble,
+    decode_for_transfer,
+    decode_or_plan,
+    decode_piece,
+    receive,
+)
+from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
+
+log = structlog.get_logger(__name__)
+
+# A piece shorter than this is not worth a task of its own (each piece re-reads the container).
+MIN_PIECE_SECONDS: Final = 30.0
+# Smaller uploads are too short to split whatever their format (a minute of 16 kbit/s Opus is 120 KB).
+MIN_SPLIT_BYTES: Final = 100_000
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    audio: DecodedAudio
+    pieces: int  # 1: decoded in one pass
+
+
+class AudioDecoder:
+    def __init__(self, processes: int, *, max_seconds: float) -> None:
+        self._pool = WorkerPool(processes, "decode")
+        self._max_seconds = max_seconds
+
+    async def warm_up(self) -> None:
+        await self._pool.warm_up()
+
+    def close(self) -> None:
+        self._pool.close()
+
+    async def decode(self, data: bytes, filename: str | None) -> DecodeResult:
+        """Raises AudioError (a worker crash on the file included), nothing else of its own."""
+        files = SharedFiles.create() if self._pool.processes > 1 and len(data) >= MIN_SPLIT_BYTES else None
+        try:
+            first = await self._pool.run(
+                decode_or_plan,
+                data,
+                filename,
+                files,
+                max_seconds=self._max_seconds,
+                max_segments=self._pool.processes,
+                min_segment_seconds=MIN_PIECE_SECONDS,
+            )
+            if not isinstance(first, SegmentJob):
+                return DecodeResult(receive(first), 1)
+            try:
+                return DecodeResult(await self._decode_pieces(first), first.plan.segments)
+            except NotSplittable as exc:
+                log.info("decode.one_pass_fallback", reason=str(exc))
+                result = await self._pool.run(decode_for_transfer, data, filename, max_seconds=self._max_seconds)
+                return DecodeResult(receive(result), 1)
+        except WorkerCrashedError:
+            raise AudioError(
+                "invalid_audio", "The audio file could not be decoded: the decoder failed on it."
+            ) from None
+        finally:
+            if files is not None:
+                files.discard()
+
+    async def _decode_pieces(self, job: SegmentJob) -> DecodedAudio:
+        tasks = [asyncio.ensure_future(self._pool.run(decode_piece, job, i)) for i in range(job.plan.segments)]
+        try:
+            return assemble(job, await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
