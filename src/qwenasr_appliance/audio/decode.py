@@ -98,6 +98,11 @@ _PYAV_FORMAT_WHITELIST: Final = "aac,ac3,aiff,amr,asf,au,caf,eac3,flac,loas,matr
 # not a protocol name). This stops any demuxer from opening files or URLs it finds in the data.
 _PYAV_PROTOCOL_WHITELIST: Final = "none"
 
+# PyAV before 19 fails on undecodable metadata strings unless told to ignore them; 19 dropped the option
+# (it raises TypeError on it).
+_PYAV_OPEN_EXTRA: Final[dict[str, str]] = (
+    {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
+)
 _PYAV_ERRORS: Final = (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError)
 _SF_ERRORS: Final = (sf.SoundFileError, RuntimeError, ValueError, TypeError)
 
@@ -401,15 +406,16 @@ def _decode_with_soundfile(data: bytes, max_seconds: float, *, allow_estimated_l
 
 
 def open_pyav(data: bytes) -> Any:
+    open_container: Callable[..., Any] = av.open  # its overloads cannot type the version-dependent keywords
     try:
-        return av.open(
+        return open_container(
             io.BytesIO(data),
             mode="r",
             options={
                 "format_whitelist": _PYAV_FORMAT_WHITELIST,
                 "protocol_whitelist": _PYAV_PROTOCOL_WHITELIST,
             },
-            metadata_errors="ignore",
+            **_PYAV_OPEN_EXTRA,
         )
     except _PYAV_ERRORS as exc:
         raise _NotRecognised(str(exc)) from exc
