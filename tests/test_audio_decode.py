@@ -405,7 +405,7 @@ def test_unexpected_decoder_failure_is_an_audio_error(monkeypatch: pytest.Monkey
         raise RuntimeError("boom")
 
     monkeypatch.setattr(sf.SoundFile, "read", broken)
-    monkeypatch.setattr(decode_module, "frame_to_mono", broken)
+    monkeypatch.setattr(decode_module, "average_channels", broken)
     assert error_of(stereo_clip("wav")).code == "invalid_audio"
 
 

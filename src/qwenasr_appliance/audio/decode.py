@@ -451,8 +451,19 @@ def _decode_pyav(data: bytes, max_seconds: float) -> DecodedAudio:
         channels = int(stream.codec_context.layout.nb_channels)
         pipeline: _Pipeline | None = None
         interleaver = Interleaver()
+        batcher = FrameBatcher()
         truncated = False
         packet_errors = 0
+
+        def push(blocks: list[MonoBlock]) -> None:
+            nonlocal pipeline
+            for block in blocks:
+                if pipeline is None:
+                    pipeline = _Pipeline(block.rate, max_seconds, expected_seconds=estimate)
+                else:
+                    pipeline.set_source_rate(block.rate)
+                pipeline.push(block.samples)
+
         packets = container.demux(stream)
         while True:
             try:
@@ -475,13 +486,11 @@ def _decode_pyav(data: bytes, max_seconds: float) -> DecodedAudio:
             for frame in frames:
                 if frame.samples == 0:
                     continue
-                if pipeline is None:
-                    pipeline = _Pipeline(int(frame.sample_rate), max_seconds, expected_seconds=estimate)
+                if pipeline is None and batcher.empty:
                     channels = int(frame.layout.nb_channels)
-                else:
-                    pipeline.set_source_rate(int(frame.sample_rate))
                 for safe_frame in interleaver.make_safe(frame):
-                    pipeline.push(frame_to_mono(safe_frame))
+                    push(batcher.add(safe_frame))
+        push(batcher.flush())
         container_name = str(container.format.name)
         codec = str(stream.codec_context.name)
 
@@ -515,11 +524,55 @@ class Interleaver:
         return list(self._resampler.resample(frame))
 
 
-def frame_to_mono(frame: Any) -> AudioArray:
-    planes = frame.to_ndarray()
-    if not frame.format.is_planar:  # interleaved: one row of samples * channels
-        planes = planes.reshape(-1, int(frame.layout.nb_channels)).T
-    return average_channels(planes)
+@dataclass(frozen=True, slots=True)
+class MonoBlock:
+    samples: AudioArray
+    rate: int
+
+
+class FrameBatcher:
+    """Decoded frames -> mono blocks of many frames each.
+
+    Per-frame numpy work (downmix, cleaning, resampler calls) cost more than decoding a 1,152-sample
+    MP3 frame: batching it took a 488 s mp3 from 0.62 s to 0.43 s on one core (a 30 s clip: 37 -> 28 ms).
+    A block ends early where the sample format, layout or rate changes.
+    """
+
+    def __init__(self, block_samples: int = 1 << 15) -> None:
+        self._block_samples = block_samples
+        self._arrays: list[npt.NDArray[Any]] = []
+        self._samples = 0
+        self._key: tuple[str, bool, int, int] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self._arrays
+
+    def add(self, frame: Any) -> list[MonoBlock]:
+        """Take a frame (as made safe by `Interleaver`); returns the blocks that are complete."""
+        key = (
+            str(frame.format.name),
+            bool(frame.format.is_planar),
+            int(frame.layout.nb_channels),
+            int(frame.sample_rate),
+        )
+        done = self.flush() if key != self._key else []
+        self._key = key
+        self._arrays.append(frame.to_ndarray())
+        self._samples += int(frame.samples)
+        if self._samples >= self._block_samples:
+            done += self.flush()
+        return done
+
+    def flush(self) -> list[MonoBlock]:
+        if not self._arrays or self._key is None:
+            return []
+        _, planar, channels, rate = self._key
+        planes = np.concatenate(self._arrays, axis=1) if len(self._arrays) > 1 else self._arrays[0]
+        self._arrays, self._samples = [], 0
+        if not planar:  # interleaved: one row of samples * channels
+            planes = planes.reshape(-1, channels).T
+        return [MonoBlock(average_channels(planes), rate)]
 
 
 # --------------------------------------------------------------------------- shared pipeline

@@ -40,12 +40,13 @@ from qwenasr_appliance.audio.decode import (
     AudioArray,
     AudioTooLongError,
     DecoderName,
+    FrameBatcher,
     Interleaver,
+    MonoBlock,
     average_channels,
     check_header_duration,
     check_sample_rate,
     clean_in_place,
-    frame_to_mono,
     known_frames,
     open_pyav,
     open_soundfile,
@@ -310,8 +311,23 @@ def _read_pyav(data: bytes, plan: SegmentPlan, first: int, until: int | None) ->
         if rate != plan.rate:
             raise NotSplittable("the file changed")
         interleaver = Interleaver()
+        batcher = FrameBatcher()
         expected_packet: int | None = None
-        position = first  # the next sample to yield
+        batched_from: int | None = None  # stream position of the first sample handed to the batcher
+        batched_to = first  # ... and of the sample after its last one
+
+        def trimmed(blocks: list[MonoBlock]) -> Iterator[AudioArray]:
+            nonlocal batched_from
+            for block in blocks:
+                assert batched_from is not None
+                begin, batched_from = batched_from, batched_from + block.samples.shape[0]
+                if block.rate != rate:
+                    raise NotSplittable("the sample rate changes")
+                low = max(0, first - begin)
+                high = block.samples.shape[0] if until is None else min(block.samples.shape[0], until - begin)
+                if high > low:
+                    yield block.samples[low:high]
+
         for packet in container.demux(stream):
             flush = packet.size == 0 and packet.pts is None
             if not flush:
@@ -334,20 +350,16 @@ def _read_pyav(data: bytes, plan: SegmentPlan, first: int, until: int | None) ->
                 end = begin + int(frame.samples)
                 if end <= first:
                     continue  # pre-roll output
-                if int(frame.sample_rate) != rate:
-                    raise NotSplittable("the sample rate changes")
-                if begin > position:
-                    raise NotSplittable("decoded audio has a gap")
-                if begin < position and position != first:
-                    raise NotSplittable("decoded audio overlaps")
+                if batched_from is None:
+                    if begin > first:
+                        raise NotSplittable("decoded audio starts late")
+                    batched_from = begin
+                elif begin != batched_to:
+                    raise NotSplittable("decoded audio has a gap or overlap")
+                batched_to = end
                 for safe in interleaver.make_safe(frame):
-                    mono = frame_to_mono(safe)
-                    skip = position - begin
-                    if until is not None:
-                        mono = mono[: max(0, until - begin)]
-                    if skip < mono.shape[0]:
-                        yield mono[skip:] if skip > 0 else mono
-                        position = begin + mono.shape[0]
-                    begin += int(safe.samples)
-                if until is not None and position >= until:
+                    yield from trimmed(batcher.add(safe))
+                if until is not None and batched_to >= until:
+                    yield from trimmed(batcher.flush())
                     return
+        yield from trimmed(batcher.flush())
