@@ -62,3 +62,57 @@ def test_audio_errors_survive_pickling() -> None:
     assert (error.code, error.message, str(error)) == ("invalid_audio", "bad", "bad")
     too_long = pickle.loads(pickle.dumps(AudioTooLongError(9000.0, 7200.0, at_least=True)))
     assert isinstance(too_long, AudioTooLongError) and too_long.code == "audio_too_long" and too_long.at_least
+
+
+def _slow_pid(seconds: float) -> int:
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_a_result_nobody_waits_for_is_cleaned_up_and_queued_work_is_dropped() -> None:
+    async def scenario() -> None:
+        pool = WorkerPool(1, "test")
+        cleaned: list[int] = []
+        try:
+            await pool.warm_up()
+            running = asyncio.create_task(pool.run_with_cleanup(cleaned.append, _slow_pid, 0.3))
+            queued = asyncio.create_task(pool.run_with_cleanup(cleaned.append, _slow_pid, 0.0))
+            await asyncio.sleep(0.1)
+            running.cancel()
+            queued.cancel()
+            await asyncio.gather(running, queued, return_exceptions=True)
+            assert await pool.run(_slow_pid, 0.0) != os.getpid()  # the worker finished the first, then this
+            assert len(cleaned) == 1  # the running task's result; the queued one never ran
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_pool_answers_while_other_threads_hold_the_interpreter_lock() -> None:
+    import threading
+
+    stop = threading.Event()
+
+    def hold() -> None:
+        while not stop.is_set():
+            sum(range(20_000))
+
+    async def scenario() -> None:
+        pool = WorkerPool(2, "test")
+        try:
+            await pool.warm_up()
+            results = await asyncio.gather(*(pool.run(_slow_pid, 0.01) for _ in range(8)))
+            assert len(set(results)) == 2  # both workers took tasks
+        finally:
+            pool.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        stop.set()
+        thread.join()

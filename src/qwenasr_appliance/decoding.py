@@ -21,6 +21,7 @@ from qwenasr_appliance.audio.transfer import (
     decode_for_transfer,
     decode_or_plan,
     decode_piece,
+    discard,
     receive,
 )
 from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
@@ -54,7 +55,8 @@ class AudioDecoder:
         """Raises AudioError (a worker crash on the file included), nothing else of its own."""
         files = SharedFiles.create() if self._pool.processes > 1 and len(data) >= MIN_SPLIT_BYTES else None
         try:
-            first = await self._pool.run(
+            first = await self._pool.run_with_cleanup(
+                discard,
                 decode_or_plan,
                 data,
                 filename,
@@ -69,7 +71,9 @@ class AudioDecoder:
                 return DecodeResult(await self._decode_pieces(first), first.plan.segments)
             except NotSplittable as exc:
                 log.info("decode.one_pass_fallback", reason=str(exc))
-                result = await self._pool.run(decode_for_transfer, data, filename, max_seconds=self._max_seconds)
+                result = await self._pool.run_with_cleanup(
+                    discard, decode_for_transfer, data, filename, max_seconds=self._max_seconds
+                )
                 return DecodeResult(receive(result), 1)
         except WorkerCrashedError:
             raise AudioError(

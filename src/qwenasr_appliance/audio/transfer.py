@@ -25,7 +25,7 @@ from qwenasr_appliance.audio.decode import AudioArray, DecodedAudio, decode_audi
 from qwenasr_appliance.audio.segmented import DecodedSegment, NotSplittable, SegmentPlan, decode_segment, plan_segments
 
 # Below this a pickled copy is cheaper than a file: about 4 minutes of 16 kHz float32.
-SPILL_ABOVE_BYTES = 16 * 1024 * 1024
+SPILL_ABOVE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,12 @@ def decode_for_transfer(
         return decoded, None
     empty = np.zeros(0, dtype=np.float32)
     return dataclasses.replace(decoded, samples=empty), SpilledSamples(path, int(samples.size))
+
+
+def discard(result: object) -> None:
+    """Runs in the server: drop a worker's result that nobody will receive (its request was cancelled)."""
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], SpilledSamples):
+        _unlink(result[1].path)
 
 
 def receive(result: tuple[DecodedAudio, SpilledSamples | None]) -> DecodedAudio:

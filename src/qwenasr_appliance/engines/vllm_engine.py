@@ -197,8 +197,9 @@ def build_request_input(audio: AudioArray, options: TranscribeOptions) -> dict[s
 def precomputed_features(environ: Mapping[str, str] | None = None) -> bool:
     """Whether to compute log-mel features in worker processes (experimental, off by default).
 
-    vLLM accepts Qwen3-ASR features only with `enable_mm_embeds`; on the H100 run without it vLLM refused
-    them at warm-up and the engine fell back to raw samples, so the path is unmeasured on a GPU.
+    vLLM 0.26 refuses them even with `enable_mm_embeds` (set here): on an H100 its Qwen3-ASR processor
+    failed at warm-up ("Failed to apply Qwen3ASRProcessor on data={'text': '<|audio_pad|>'}") and the
+    engine fell back to raw samples. Kept, off, for a vLLM whose processor accepts audio embeddings.
     """
     env = os.environ if environ is None else environ
     return env.get(PRECOMPUTED_FEATURES_ENV, "").strip() == "1"
