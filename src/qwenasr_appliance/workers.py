@@ -9,8 +9,9 @@ The pool talks to its workers from the event loop itself: a task is pickled onto
 pipe, and the loop reads the result when the pipe becomes readable. `concurrent.futures`'
 ProcessPoolExecutor hands every task through several helper threads instead, each of which must win
 the interpreter lock from vLLM's busy frontend threads. Pipes are widened to 1 MiB so that a 30 s clip
-crosses in one write. Measured on 2 cores, decoding a 30 s wav (2 ms of work) with N other threads of
-the server busy: ProcessPoolExecutor 9 / 176 / 514 ms (N = 0 / 1 / 3), this pool 3.4 / 21 / 109 ms.
+crosses in one write. Measured on 2 cores (`bench/worker_roundtrip.py`, docs/benchmarks.md), decoding a
+30 s wav (2 ms of work) with N other threads of the server busy holding the lock: the server before
+(ProcessPoolExecutor, result pickled back) 9 / 176 / 514 ms for N = 0 / 1 / 3, now 3 / 11-21 / 64-109 ms.
 
 A worker that dies (a decoder segfault on a hostile file) fails only the task it was running, and a
 new worker takes its place.
