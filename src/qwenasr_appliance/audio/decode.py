@@ -530,48 +530,68 @@ class MonoBlock:
     rate: int
 
 
+_PLANAR_DTYPES: Final[dict[str, np.dtype[Any]]] = {
+    "u8p": np.dtype(np.uint8),
+    "s16p": np.dtype(np.int16),
+    "s32p": np.dtype(np.int32),
+    "s64p": np.dtype(np.int64),
+    "fltp": np.dtype(np.float32),
+    "dblp": np.dtype(np.float64),
+}
+
+
 class FrameBatcher:
     """Decoded frames -> mono blocks of many frames each.
 
     Per-frame numpy work (downmix, cleaning, resampler calls) cost more than decoding a 1,152-sample
     MP3 frame: batching it took a 488 s mp3 from 0.62 s to 0.43 s on one core (a 30 s clip: 37 -> 28 ms).
+    Planar frames (MP3, AAC, Opus decoders) are read plane by plane in place, because PyAV's
+    `to_ndarray` stacks the planes of every frame (28 -> 24 ms for the clip, 0.43 -> 0.38 s for 488 s).
     A block ends early where the sample format, layout or rate changes.
     """
 
     def __init__(self, block_samples: int = 1 << 15) -> None:
         self._block_samples = block_samples
-        self._arrays: list[npt.NDArray[Any]] = []
+        self._frames: list[Any] = []  # planar: a list of channel arrays per frame; packed: one array
         self._samples = 0
         self._key: tuple[str, bool, int, int] | None = None
 
     @property
     def empty(self) -> bool:
-        return not self._arrays
+        return not self._frames
 
     def add(self, frame: Any) -> list[MonoBlock]:
         """Take a frame (as made safe by `Interleaver`); returns the blocks that are complete."""
-        key = (
-            str(frame.format.name),
-            bool(frame.format.is_planar),
-            int(frame.layout.nb_channels),
-            int(frame.sample_rate),
-        )
+        sample_format = frame.format
+        name = str(sample_format.name)
+        key = (name, bool(sample_format.is_planar), int(frame.layout.nb_channels), int(frame.sample_rate))
         done = self.flush() if key != self._key else []
         self._key = key
-        self._arrays.append(frame.to_ndarray())
-        self._samples += int(frame.samples)
+        samples = int(frame.samples)
+        dtype = _PLANAR_DTYPES.get(name) if key[1] else None
+        if dtype is not None:
+            self._frames.append([np.frombuffer(plane, dtype=dtype, count=samples) for plane in frame.planes])
+        else:
+            self._frames.append(frame.to_ndarray())
+        self._samples += samples
         if self._samples >= self._block_samples:
             done += self.flush()
         return done
 
     def flush(self) -> list[MonoBlock]:
-        if not self._arrays or self._key is None:
+        if not self._frames or self._key is None:
             return []
-        _, planar, channels, rate = self._key
-        planes = np.concatenate(self._arrays, axis=1) if len(self._arrays) > 1 else self._arrays[0]
-        self._arrays, self._samples = [], 0
-        if not planar:  # interleaved: one row of samples * channels
-            planes = planes.reshape(-1, channels).T
+        name, planar, channels, rate = self._key
+        frames, self._frames, total = self._frames, [], self._samples
+        self._samples = 0
+        if planar and name in _PLANAR_DTYPES:
+            planes = np.empty((channels, total), dtype=_PLANAR_DTYPES[name])
+            for channel in range(channels):
+                np.concatenate([frame[channel] for frame in frames], out=planes[channel])
+        else:
+            planes = np.concatenate(frames, axis=1) if len(frames) > 1 else frames[0]
+            if not planar:  # interleaved: one row of samples * channels
+                planes = planes.reshape(-1, channels).T
         return [MonoBlock(average_channels(planes), rate)]
 
 
