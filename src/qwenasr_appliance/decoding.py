@@ -1,7 +1,8 @@
 """Decoding uploads in the decode worker processes: a short one in one task, a long one in pieces
 across all of them (`audio/segmented.py`), so a long file's decode time shrinks with the cores.
 
-Measured on one core: a 488 s mp3 takes 0.62 s in one pass; in 16 pieces the slowest takes 0.07 s.
+Measured on one core: a 488 s mp3 takes 0.38-0.47 s in one pass; in 16 pieces the slowest takes 0.05 s.
+On a 16-core H100 host the whole decode step went from 0.64-1.00 s to 0.19-0.22 s.
 """
 
 from __future__ import annotations

@@ -61,9 +61,11 @@ RESAMPLE_MARGIN_SECONDS: Final = 0.1
 # The first decoded frame must come within this many packets, or the file is left to one pass.
 _FIRST_FRAME_PACKETS: Final = 64
 _SF_BLOCK_FRAMES: Final = 1 << 16
-# Demuxing a second of audio costs about this fraction of decoding it (mp3: 36 ms vs 0.62 s for 488 s).
-_DEMUX_COST: Final = 0.06
-# libsndfile subtypes read by copying (FLAC calls its samples PCM too): at 16 kHz there is nothing to share out, pieces only add work.
+# Demuxing a second of audio costs about this fraction of decoding it (mp3: 36 ms vs 0.38 s for 488 s;
+# measured on one core, the slowest of 16 pieces: 53-55 ms at 0.06, 50-52 ms at 0.09, 56 ms at 0.12).
+_DEMUX_COST: Final = 0.09
+# libsndfile subtypes read by copying (FLAC calls its samples PCM too): at 16 kHz there is nothing to
+# share out, pieces only add work.
 _SF_PLAIN_SUBTYPES: Final = ("PCM_", "FLOAT", "DOUBLE", "ULAW", "ALAW")
 
 
