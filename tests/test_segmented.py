@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -244,40 +246,41 @@ def test_a_cancelled_request_leaves_no_shared_files(stereo_speech: np.ndarray) -
     assert _shared_files() == before
 
 
-def test_pieces_that_could_not_be_written_to_shared_memory_travel_pickled(
-    stereo_speech: np.ndarray, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    data = encode(stereo_speech, 44_100, "opus")
-    plan = plan_segments(data, "x.opus", max_seconds=MAX_SECONDS, max_segments=3, min_segment_seconds=20)
+@contextlib.contextmanager
+def _job(data: bytes, name: str) -> Iterator[SegmentJob]:
+    """A job of three pieces with its shared files, as the server sets it up."""
+    plan = plan_segments(data, name, max_seconds=MAX_SECONDS, max_segments=3, min_segment_seconds=20)
     files = SharedFiles.create()
     assert plan is not None and files is not None
     try:
         Path(files.upload_path).write_bytes(data)
-        job = SegmentJob(plan, files)
+        yield SegmentJob(plan, files)
+    finally:
+        files.discard()
+
+
+def test_pieces_that_could_not_be_written_to_shared_memory_travel_pickled(
+    stereo_speech: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = encode(stereo_speech, 44_100, "opus")
+    with _job(data, "x.opus") as job:
         written = decode_piece(job, 0)
 
         def no_room(*_: object) -> int:
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(transfer_module.os, "pwrite", no_room)
-        pickled = [decode_piece(job, i) for i in range(1, plan.segments)]
+        pickled = [decode_piece(job, i) for i in range(1, job.plan.segments)]
         assert written.written and not any(piece.written for piece in pickled)
         decoded = assemble(job, [*pickled, written])
-    finally:
-        files.discard()
     reference = decode_audio(data, "x.opus", max_seconds=MAX_SECONDS)
     np.testing.assert_allclose(decoded.samples, reference.samples, rtol=0, atol=2e-6)
 
 
 def test_pieces_that_do_not_fit_together_are_refused(stereo_speech: np.ndarray) -> None:
     data = encode(stereo_speech, 44_100, "flac")
-    plan = plan_segments(data, "x.flac", max_seconds=MAX_SECONDS, max_segments=3, min_segment_seconds=20)
-    files = SharedFiles.create()
-    assert plan is not None and files is not None
-    try:
-        Path(files.upload_path).write_bytes(data)
-        job = SegmentJob(plan, files)
-        pieces = [decode_piece(job, i) for i in range(plan.segments)]
+    with _job(data, "x.flac") as job:
+        pieces = [decode_piece(job, i) for i in range(job.plan.segments)]
         with pytest.raises(NotSplittable):
             assemble(job, pieces[:-1])
         short = PieceResult(pieces[0].segment, pieces[0].length - 1, pieces[0].written)
@@ -290,8 +293,6 @@ def test_pieces_that_do_not_fit_together_are_refused(stereo_speech: np.ndarray) 
         )
         with pytest.raises(NotSplittable):
             assemble(job, [ended, *pieces[1:]])  # audio after the end of the stream
-    finally:
-        files.discard()
 
 
 def test_a_16k_piece_needs_no_resampling() -> None:

@@ -1,5 +1,5 @@
-"""The transcription pipeline: admit → decode (worker processes; a long file in pieces) → split at quiet points → engine (all
-chunks at once, so the engine batches them) → parse → merge with offsets.
+"""The transcription pipeline: admit → decode (worker processes; a long file in pieces) → split at
+quiet points → engine (all chunks at once, so the engine batches them) → parse → merge with offsets.
 
 HTTP concerns (form parsing, status codes, formats) live in `api/`; engine concerns in `engines/`.
 """

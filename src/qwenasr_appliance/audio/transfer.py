@@ -24,7 +24,8 @@ import numpy as np
 from qwenasr_appliance.audio.decode import AudioArray, DecodedAudio, decode_audio
 from qwenasr_appliance.audio.segmented import DecodedSegment, NotSplittable, SegmentPlan, decode_segment, plan_segments
 
-# Below this a pickled copy is cheaper than a file: about 4 minutes of 16 kHz float32.
+# Above this (about 16 s of 16 kHz float32) a result goes through a file: a pickled one is read by the
+# server in pieces, each a wait for the interpreter lock under load (bench/worker_roundtrip.py).
 SPILL_ABOVE_BYTES = 1024 * 1024
 
 
@@ -146,21 +147,23 @@ def decode_or_plan(
     """Runs in a worker: a job when the upload is long enough to split (the upload is then in
     `files.upload_path` for the other workers), else the whole decode at once (`decode_for_transfer`),
     so a short upload costs no extra round trip."""
-    plan = None
     if files is not None:
         plan = plan_segments(
             data, filename, max_seconds=max_seconds, max_segments=max_segments, min_segment_seconds=min_segment_seconds
         )
-    if plan is not None and files is not None:
-        try:
-            fd = os.open(files.upload_path, os.O_WRONLY)  # never O_CREAT: see SharedFiles
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-        except OSError:  # no room, or the request is gone: one pass
-            pass
-        else:
+        if plan is not None and _share_upload(files.upload_path, data):
             return SegmentJob(plan, files)
     return decode_for_transfer(data, filename, max_seconds=max_seconds)
+
+
+def _share_upload(path: str, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY)  # never O_CREAT: see SharedFiles
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    except OSError:  # no room, or the request is gone: one pass
+        return False
+    return True
 
 
 def decode_piece(job: SegmentJob, index: int) -> PieceResult:
@@ -205,7 +208,7 @@ def assemble(job: SegmentJob, pieces: list[PieceResult]) -> DecodedAudio:
     total = plan.output_offset(last) + pieces[last].length
     if total <= 0:
         raise NotSplittable("no audio")  # the one-pass decoder reports it properly
-    stored = os.path.getsize(job.files.output_path) // 4
+    stored = os.path.getsize(job.files.output_path) // np.dtype(np.float32).itemsize
     if all(piece.written for piece in pieces[: last + 1]) and stored == total:
         samples: AudioArray = np.memmap(job.files.output_path, dtype=np.float32, mode="r", shape=(total,))
     else:  # some pieces came pickled (no room in /dev/shm)
