@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+from qwenasr_appliance.audio.features import LogMelExtractor
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
     Engine,
@@ -42,6 +43,7 @@ from qwenasr_appliance.engines.vllm_engine import (
     build_engine_args,
     build_request_input,
     build_sampling_kwargs,
+    check_clip,
     derive_max_model_len,
     renderer_workers,
 )
@@ -53,6 +55,13 @@ from qwenasr_appliance.engines.vllm_errors import (
     map_request_error,
     root_cause_line,
 )
+from qwenasr_appliance.engines.vllm_inputs import (
+    AUDIO_PAD_TOKEN,
+    ChunkFeatures,
+    EngineInputBuilder,
+    expand_placeholder,
+    placeholder_tokens,
+)
 from qwenasr_appliance.supervisor.plans import Plan
 
 T = TypeVar("T")
@@ -60,6 +69,7 @@ T = TypeVar("T")
 BF16 = Plan("vllm-bf16", "vllm", "bfloat16", None, 0.85, "test")
 BNB = Plan("vllm-bnb4", "vllm", "bfloat16", "bitsandbytes", None, "test")
 AUDIO = np.zeros(16_000 * 3, dtype=np.float32)
+PAD_ID = 7
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
@@ -741,22 +751,132 @@ def test_output_tap_keeps_what_child_processes_print_and_restores_the_descriptor
     assert classify_load_failure(STARTUP_FAILED, tap.text()).kind == "out_of_memory"
 
 
-def test_audio_features_are_computed_in_worker_processes_when_an_extractor_is_known() -> None:
-    from qwenasr_appliance.audio.features import LogMelExtractor
+class ShapedRenderer(FakeRenderer):
+    """Renders like vLLM 0.26's Qwen3-ASR renderer, in its shapes: prompt tokens with the audio placeholder
+    expanded, and the three processor tensors. `token_shift` makes it disagree with inputs built here."""
+
+    def __init__(self, token_shift: int = 0) -> None:
+        super().__init__()
+        self.token_shift = token_shift
+
+    async def render_cmpl_async(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.rendered.extend(prompts)
+        out = []
+        for prompt in prompts:
+            tokens = fake_tokens(prompt["prompt"])
+            if "multi_modal_data" not in prompt:
+                out.append({"type": "token", "prompt_token_ids": tokens})
+                continue
+            samples, _rate = prompt["multi_modal_data"]["audio"]
+            features = LogMelExtractor()(samples)
+            out.append(shaped_input(tokens, features, "vllm-hash", token_shift=self.token_shift))
+        return out
+
+
+def fake_tokens(prompt: str) -> list[int]:
+    """A toy tokenizer: one id per character, the audio placeholder one token."""
+    head, _pad, tail = prompt.partition(AUDIO_PAD_TOKEN)
+    return [ord(c) for c in head] + [PAD_ID] + [ord(c) for c in tail]
+
+
+def shaped_input(tokens: list[int], features: np.ndarray, digest: str, token_shift: int = 0) -> dict[str, Any]:
+    import torch
+
+    frames = features.shape[1]
+    expanded, offset = expand_placeholder(tokens, PAD_ID, placeholder_tokens(frames))
+    return {
+        "type": "multimodal",
+        "prompt_token_ids": [t + token_shift for t in expanded],
+        "mm_placeholders": {"audio": [SimpleNamespace(offset=offset, length=placeholder_tokens(frames))]},
+        "mm_hashes": {"audio": [digest]},
+        "mm_kwargs": {
+            "audio": [
+                {
+                    "input_audio_features": SimpleNamespace(data=torch.from_numpy(features).to(torch.bfloat16)),
+                    "feature_attention_mask": SimpleNamespace(data=torch.ones(frames)),
+                    "audio_feature_lengths": SimpleNamespace(data=torch.tensor(frames)),
+                }
+            ]
+        },
+    }
+
+
+def shaped_builder(llm: FakeLLM) -> EngineInputBuilder:
+    """What `vllm_input_builder` is to a real AsyncLLM, for the fake one."""
+
+    async def tokenize(prompt: str) -> list[int]:
+        (rendered,) = await llm.renderer.render_cmpl_async([{"prompt": prompt}])
+        return list(rendered["prompt_token_ids"])
+
+    def assemble(prompt: str, ids: list[int], offset: int, length: int, chunk: ChunkFeatures) -> dict[str, Any]:
+        built = shaped_input(fake_tokens(prompt), chunk.features, chunk.digest)
+        assert built["prompt_token_ids"] == ids and built["mm_placeholders"]["audio"][0].offset == offset
+        return {**built, "built_here": True}
+
+    return EngineInputBuilder(tokenize, assemble, PAD_ID)
+
+
+def features_engine(fake: FakeLLM, **kwargs: Any) -> VLLMEngine:
+    engine, _ = make_engine(fake, input_builder_factory=shaped_builder, **kwargs)
+    engine._extractor = LogMelExtractor()
+    return engine
+
+
+def test_features_come_from_worker_processes_when_inputs_built_here_match_vllms() -> None:
+    async def main() -> None:
+        fake = FakeLLM(tokens=2)
+        fake.renderer = ShapedRenderer()
+        engine = features_engine(fake)
+        await engine.load()
+        try:
+            assert engine.describe().details["audio_features"] == "workers"
+            await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "features")
+            engine_input, _params, request_id = fake.generated[-1]
+            assert request_id == "features" and engine_input["built_here"]
+            assert engine_input["mm_hashes"]["audio"][0].startswith("qwenasr-")
+            features = engine_input["mm_kwargs"]["audio"][0]["input_audio_features"].data
+            assert tuple(features.shape) == (128, len(AUDIO) // 160)
+            # vLLM's renderer saw only the start-up check's chunk and the prompt text, never this request's audio
+            assert all(
+                p["multi_modal_data"]["audio"][0].size == len(check_clip())
+                for p in fake.renderer.rendered
+                if "multi_modal_data" in p
+            )
+        finally:
+            await engine.close()
+
+    run(main(), timeout=60)
+
+
+def test_when_inputs_built_here_differ_from_vllms_vllm_renders_every_chunk() -> None:
+    async def main() -> None:
+        fake = FakeLLM(tokens=2)
+        fake.renderer = ShapedRenderer(token_shift=1)
+        engine = features_engine(fake)
+        await engine.load()
+        try:
+            assert engine.describe().details["audio_features"] == "vllm"
+            await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "rendered")
+            assert "built_here" not in fake.generated[-1][0]
+            assert fake.renderer.rendered[-1]["multi_modal_data"]["audio"][0].shape == AUDIO.shape
+        finally:
+            await engine.close()
+
+    run(main(), timeout=60)
+
+
+def test_when_inputs_cannot_be_built_here_vllm_renders_every_chunk() -> None:
+    def no_builder(llm: Any) -> EngineInputBuilder:
+        raise ImportError("No module named 'vllm'")
 
     async def main() -> None:
-        engine, fake = make_engine(FakeLLM(tokens=2), environ={"QWENASR_PRECOMPUTED_FEATURES": "1"})
-        assert engine.engine_args["enable_mm_embeds"] is True
+        engine, fake = make_engine(FakeLLM(tokens=2), input_builder_factory=no_builder)
         engine._extractor = LogMelExtractor()
         await engine.load()
         try:
-            await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "features")
-            audio_item = fake.renderer.rendered[-1]["multi_modal_data"]["audio"]
-            frames = len(AUDIO) // 160
-            assert tuple(audio_item["input_audio_features"].shape) == (128, frames)
-            assert audio_item["audio_feature_lengths"].tolist() == [frames]
-            np.testing.assert_allclose(audio_item["input_audio_features"].numpy(), LogMelExtractor()(AUDIO))
-            assert engine.describe().details["audio_features"] == "workers"
+            assert engine.describe().details["audio_features"] == "vllm"
+            await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "rendered")
+            assert fake.generated[-1][0]["type"] == "token"
         finally:
             await engine.close()
 
@@ -774,26 +894,23 @@ def test_without_an_extractor_vllm_gets_the_samples() -> None:
     run(main())
 
 
-def test_when_vllm_refuses_precomputed_features_the_engine_falls_back_to_samples() -> None:
-    from qwenasr_appliance.audio.features import LogMelExtractor
-
-    class RefusingRenderer(FakeRenderer):
-        async def render_cmpl_async(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            if isinstance(prompts[0]["multi_modal_data"]["audio"], dict):
-                # what vLLM 0.26 said on the H100 without enable_mm_embeds
-                raise ValueError("You must set `--enable-mm-embeds` to input `audio_embeds`")
-            return await super().render_cmpl_async(prompts)
+def test_when_vllm_refuses_an_input_built_here_the_engine_falls_back_to_its_renderer() -> None:
+    class RefusingLLM(FakeLLM):
+        async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Output]:
+            if isinstance(prompt, dict) and prompt.get("built_here"):
+                raise ValueError("mm_hashes must contain only strings")
+            async for output in super().generate(prompt, params, request_id):
+                yield output
 
     async def main() -> None:
-        fake = FakeLLM(tokens=2)
-        fake.renderer = RefusingRenderer()
-        engine, _ = make_engine(fake, environ={"QWENASR_PRECOMPUTED_FEATURES": "1"})
-        engine._extractor = LogMelExtractor()
+        fake = RefusingLLM(tokens=2)
+        fake.renderer = ShapedRenderer()
+        engine = features_engine(fake)
         await engine.load()
         try:
             assert engine.describe().details["audio_features"] == "vllm"
             result = await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "after")
-            assert result.finished
+            assert result.finished and "built_here" not in fake.generated[-1][0]
         finally:
             await engine.close()
 

@@ -1,8 +1,8 @@
 """Whisper-style log-mel features, computed the way Qwen3-ASR's processor computes them.
 
-vLLM accepts these precomputed (`input_audio_features`, `audio_feature_lengths`) instead of raw audio.
-Computing them here, in worker processes, takes the feature extraction off the serving process, where
-it would compete for one interpreter lock with request handling, decoding and vLLM's own frontend.
+The vLLM engine computes them in worker processes and builds vLLM's engine input from them
+(`engines.vllm_inputs`), which takes the feature extraction off the serving process, where it would
+compete for one interpreter lock with request handling, decoding and vLLM's own frontend.
 Only numpy: the workers import neither torch nor transformers.
 """
 

@@ -5,12 +5,13 @@ vLLM 0.26 is used the way its own `/v1/audio/transcriptions` server uses it, min
 * one `AsyncLLM` built from `AsyncEngineArgs` with the API server's usage context (so vLLM picks the
   same hardware-dependent batch defaults as `vllm serve`); the model runs in vLLM's engine-core child
   process, this process renders prompts, detokenizes and streams;
-* each chunk is rendered by `AsyncLLM.renderer.render_cmpl_async` (tokenization and Whisper feature
-  extraction in vLLM's renderer thread pool, off the event loop), then submitted with
-  `AsyncLLM.generate(..., request_id)` and streamed as DELTA outputs that this engine accumulates into
-  the cumulative `EngineOutput`s the protocol asks for;
-* the prompt is `engines.prompt.build_prompt` (the same string the CPU engine uses), the audio goes in
-  as `multi_modal_data={"audio": (samples, 16000)}`.
+* each chunk's log-mel features are computed in worker processes and turned into the engine input vLLM's
+  renderer would have made (`engines.vllm_inputs`, checked against the renderer at start-up), then
+  submitted with `AsyncLLM.generate(..., request_id)` and streamed as DELTA outputs that this engine
+  accumulates into the cumulative `EngineOutput`s the protocol asks for. Without a known feature
+  extractor, or when the check fails, vLLM's renderer does the work (`render_cmpl_async`: tokenization
+  and Whisper features in its thread pool);
+* the prompt is `engines.prompt.build_prompt` (the same string the CPU engine uses).
 
 Aborting: closing the stream (client gone) or cancelling its task closes vLLM's generator, which makes
 vLLM 0.26 abort the request itself (`AsyncLLM.generate` handles `GeneratorExit` and `CancelledError`);
@@ -58,6 +59,14 @@ from qwenasr_appliance.engines.vllm_errors import (
     map_request_error,
     root_cause_line,
 )
+from qwenasr_appliance.engines.vllm_inputs import (
+    ChunkFeatures,
+    EngineInputBuilder,
+    chunk_features,
+    differences,
+    placeholder_tokens,
+    vllm_input_builder,
+)
 from qwenasr_appliance.workers import WorkerPool
 
 if TYPE_CHECKING:
@@ -66,7 +75,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 BENCH_IGNORE_EOS_ENV: Final = "QWENASR_BENCH_IGNORE_EOS"
-PRECOMPUTED_FEATURES_ENV: Final = "QWENASR_PRECOMPUTED_FEATURES"
 
 # Audio placeholder tokens per second of audio: the encoder turns every 100 mel frames (1 s) into 13
 # tokens (vLLM's `_get_feat_extract_output_lengths`). Prompt text around the audio: about 20 tokens.
@@ -83,6 +91,7 @@ REPETITION_GUARD: Final[Mapping[str, int]] = {"min_pattern_size": 1, "max_patter
 STREAM_INTERVAL_TOKENS: Final = 8
 WARMUP_SECONDS: Final = 2.0
 WARMUP_TOKENS: Final = 4
+CHECK_SECONDS: Final = 2.37
 VRAM_RELEASE_TIMEOUT_SECONDS: Final = 20.0
 VRAM_RELEASE_SLACK_BYTES: Final = 512 * 1024**2
 
@@ -108,10 +117,7 @@ class PlanLike(Protocol):
 
 def audio_tokens(seconds: float) -> int:
     """Audio placeholder tokens vLLM inserts for `seconds` of 16 kHz audio (hop 160: 100 frames/s)."""
-    frames = max(1, math.ceil(seconds * 100))
-    leave = frames % 100
-    feat = (leave - 1) // 2 + 1
-    return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (frames // 100) * 13
+    return placeholder_tokens(max(1, math.ceil(round(seconds * 100, 6))))  # round: 9.88 * 100 is 988.0000000000001
 
 
 def derive_max_model_len(settings: Settings) -> int:
@@ -194,15 +200,10 @@ def build_request_input(audio: AudioArray, options: TranscribeOptions) -> dict[s
     }
 
 
-def precomputed_features(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether to compute log-mel features in worker processes (experimental, off by default).
-
-    vLLM 0.26 refuses them even with `enable_mm_embeds` (set here): on an H100 its Qwen3-ASR processor
-    failed at warm-up ("Failed to apply Qwen3ASRProcessor on data={'text': '<|audio_pad|>'}") and the
-    engine fell back to raw samples. Kept, off, for a vLLM whose processor accepts audio embeddings.
-    """
-    env = os.environ if environ is None else environ
-    return env.get(PRECOMPUTED_FEATURES_ENV, "").strip() == "1"
+def check_clip() -> AudioArray:
+    """The start-up check's chunk: 2.37 s of seeded noise (a length that is not a whole number of seconds)."""
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal(int(CHECK_SECONDS * SAMPLE_RATE)) * 0.1).astype(np.float32)
 
 
 def bench_fixed_length(environ: Mapping[str, str] | None = None) -> bool:
@@ -350,6 +351,7 @@ class VLLMEngine:
         capture_output: bool | None = None,
         environ: Mapping[str, str] | None = None,
         vram_probe: Callable[[], int | None] | None = None,
+        input_builder_factory: Callable[[Any], EngineInputBuilder] | None = None,
     ) -> None:
         self._settings = settings
         self._plan = plan
@@ -357,11 +359,8 @@ class VLLMEngine:
         self._params_factory = params_factory
         self._capture_output = llm_factory is None if capture_output is None else capture_output
         self._fixed_length = bench_fixed_length(environ)
-        self._precompute = precomputed_features(environ)
         self._vram_probe = vram_probe if vram_probe is not None else (_used_vram_bytes if llm_factory is None else None)
         self._engine_args = build_engine_args(settings, plan)
-        if self._precompute:
-            self._engine_args["enable_mm_embeds"] = True  # lets vLLM take `input_audio_features`
         self._llm: Any = None
         self._tap: OutputTap | None = None
         self._active: set[str] = set()
@@ -372,9 +371,12 @@ class VLLMEngine:
         self._vram_loaded: int | None = None
         self._gpu_name = ""
         self._vllm_version = ""
-        # Log-mel features computed in worker processes (see audio/features.py); None: vLLM computes them.
+        # Log-mel features computed in worker processes and engine inputs built here (engines.vllm_inputs);
+        # None: vLLM's renderer computes them.
+        self._input_builder_factory = input_builder_factory or vllm_input_builder
         self._features: WorkerPool | None = None
         self._extractor: LogMelExtractor | None = None
+        self._inputs: EngineInputBuilder | None = None
         self._feature_source = "vllm"
 
     # -- introspection
@@ -438,7 +440,7 @@ class VLLMEngine:
                 tap.stop()
         self._llm = llm
         try:
-            await self._start_feature_workers()
+            await self._start_feature_workers(llm)
             await self._warm_up()
         except asyncio.CancelledError:
             await self.close()
@@ -482,9 +484,9 @@ class VLLMEngine:
         try:
             await self._warm_up_once()
         except EngineRequestError as exc:
-            if self._features is None:
+            if self._inputs is None:
                 raise
-            log.warning("vllm.precomputed_features_refused", error=str(exc))
+            log.warning("vllm.features_in_vllm", reason=f"vLLM refused an input built here: {exc}")
             self._stop_feature_workers()
             await self._warm_up_once()
 
@@ -498,35 +500,61 @@ class VLLMEngine:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
-    async def _start_feature_workers(self) -> None:
-        if not self._precompute:
-            return
+    async def _start_feature_workers(self, llm: Any) -> None:
+        """Compute features in worker processes when this process can build vLLM's engine inputs from
+        them and those equal what vLLM's renderer makes of a test chunk; otherwise leave it to vLLM."""
         extractor = self._extractor or await asyncio.to_thread(find_extractor, self._settings.model_id)
         if extractor is None:
             log.info("vllm.features_in_vllm", reason="no preprocessor_config.json found for the model")
             return
+        try:
+            builder = self._input_builder_factory(llm)
+        except Exception as exc:
+            log.warning("vllm.features_in_vllm", reason=f"cannot build vLLM engine inputs here: {exc!r}")
+            return
         pool = WorkerPool(self._settings.effective_decode_workers, "features")
-        await pool.warm_up()
-        self._extractor, self._features, self._feature_source = extractor, pool, "workers"
+        try:
+            await pool.warm_up()
+            found = await self._compare_with_renderer(llm, builder, pool, extractor)
+        except Exception as exc:
+            pool.close()
+            log.warning("vllm.features_in_vllm", reason=f"the start-up check failed: {exc!r}")
+            return
+        except BaseException:
+            pool.close()
+            raise
+        if found:
+            pool.close()
+            log.warning("vllm.features_in_vllm", reason="inputs built here differ from vLLM's", differences=found[:5])
+            return
+        self._extractor, self._features, self._inputs, self._feature_source = extractor, pool, builder, "workers"
+        log.info("vllm.features_in_workers", workers=pool.processes)
+
+    async def _compare_with_renderer(
+        self, llm: Any, builder: EngineInputBuilder, pool: WorkerPool, extractor: LogMelExtractor
+    ) -> list[str]:
+        audio = check_clip()
+        prompt = build_prompt("", None)
+        chunk: ChunkFeatures = await pool.run(chunk_features, extractor, audio)
+        ours = await builder.build(prompt, chunk)
+        theirs = await self._render(llm, {"prompt": prompt, "multi_modal_data": {"audio": (audio, SAMPLE_RATE)}})
+        return differences(ours, theirs)
 
     def _stop_feature_workers(self) -> None:
-        pool, self._features = self._features, None
+        pool, self._features, self._inputs = self._features, None, None
         self._feature_source = "vllm"
         if pool is not None:
             pool.close()
 
-    async def _audio_input(self, audio: AudioArray) -> Any:
-        """The `multi_modal_data` audio item: precomputed features, or the samples for vLLM to process."""
-        pool, extractor = self._features, self._extractor
-        if pool is None or extractor is None:
-            return (np.ascontiguousarray(audio, dtype=np.float32), SAMPLE_RATE)
-        features = await pool.run(extractor, audio)
-        import torch  # vLLM's dependency: present wherever this engine runs
-
-        return {
-            "input_audio_features": torch.from_numpy(features),
-            "audio_feature_lengths": torch.tensor([features.shape[1]], dtype=torch.long),
-        }
+    async def _engine_input(self, llm: Any, audio: AudioArray, options: TranscribeOptions) -> Any:
+        """What `AsyncLLM.generate` gets for one chunk: built here from worker features, or rendered by vLLM."""
+        request = build_request_input(audio, options)
+        pool, builder, extractor = self._features, self._inputs, self._extractor
+        if pool is None or builder is None or extractor is None:
+            return await self._render(llm, request)
+        samples, _rate = request["multi_modal_data"]["audio"]
+        chunk: ChunkFeatures = await pool.run(chunk_features, extractor, samples)
+        return await builder.build(request["prompt"], chunk)
 
     async def close(self) -> None:
         self._closed = True
@@ -593,9 +621,7 @@ class VLLMEngine:
         text = ""
         tokens = 0
         try:
-            prompt = build_request_input(audio, options)
-            prompt["multi_modal_data"] = {"audio": await self._audio_input(audio)}
-            engine_input = await self._render(llm, prompt)
+            engine_input = await self._engine_input(llm, audio, options)
             self._check_aborted(request_id)
             params = params_factory(build_sampling_kwargs(options, fixed_length=self._fixed_length))
             generator = llm.generate(engine_input, params, request_id)
