@@ -116,3 +116,48 @@ def test_the_pool_answers_while_other_threads_hold_the_interpreter_lock() -> Non
     finally:
         stop.set()
         thread.join()
+
+
+def _big(seed: int, mib: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(mib * (1 << 20) // 8)
+
+
+async def _big_results_arrive_whole() -> None:
+    pool = WorkerPool(2, "test")
+    try:
+        # Larger than the 1 MiB pipe: each reply arrives over several reads, and two at once interleave.
+        results = await asyncio.gather(*(pool.run(_big, seed, 3) for seed in range(4)))
+        for seed, result in enumerate(results):
+            np.testing.assert_array_equal(result, _big(seed, 3))
+        assert await pool.run(_pid) != os.getpid()  # the workers are still the same healthy pool
+    finally:
+        pool.close()
+
+
+def test_replies_larger_than_the_pipe_arrive_whole() -> None:
+    asyncio.run(_big_results_arrive_whole())
+
+
+def test_replies_larger_than_the_pipe_arrive_whole_under_uvloop() -> None:
+    # uvloop (granian's loop where it is installed, as beside vLLM) makes watched descriptors non-blocking:
+    # a reply read with a blocking-style recv() then failed halfway and the pool took the worker for dead.
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(_big_results_arrive_whole())
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [int(pool["num_threads"]) for pool in threadpool_info()]
+
+
+def test_workers_run_numerical_libraries_on_one_thread() -> None:
+    async def scenario() -> list[int]:
+        pool = WorkerPool(1, "test")
+        try:
+            return await pool.run(_blas_threads)
+        finally:
+            pool.close()
+
+    threads = asyncio.run(scenario())
+    assert threads and set(threads) == {1}  # numpy's OpenBLAS at least, each limited to one thread

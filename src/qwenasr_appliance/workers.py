@@ -13,6 +13,10 @@ crosses in one write. Measured on 2 cores (`bench/worker_roundtrip.py`, docs/ben
 30 s wav (2 ms of work) with N other threads of the server busy holding the lock: the server before
 (ProcessPoolExecutor, result pickled back) 9 / 176 / 514 ms for N = 0 / 1 / 3, now 3 / 11-21 / 64-109 ms.
 
+Replies are framed here (length, then a pickle) and read without blocking, a pipe's worth at a time:
+the reply of 30 s of log-mel features is larger than the pipe, and uvloop (which granian uses where it is
+installed, as it is beside vLLM) makes a watched descriptor non-blocking, so a reply can arrive in pieces.
+
 A worker that dies (a decoder segfault on a hostile file) fails only the task it was running, and a
 new worker takes its place.
 """
@@ -24,7 +28,9 @@ import contextlib
 import fcntl
 import multiprocessing
 import os
+import pickle
 import signal
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +47,8 @@ log = structlog.get_logger(__name__)
 
 _F_SETPIPE_SZ = 1031  # Linux fcntl
 _PIPE_BYTES = 1 << 20  # the unprivileged maximum (/proc/sys/fs/pipe-max-size)
+_LENGTH = struct.Struct("!Q")  # each reply: its pickle's length, then the pickle
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class WorkerCrashedError(RuntimeError):
@@ -58,9 +66,26 @@ def _widen(connection: Connection) -> None:
         fcntl.fcntl(connection.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
 
 
+def _one_thread_each() -> None:
+    """Keep a worker's numerical libraries to one thread: the pool already runs one worker per core.
+
+    OpenBLAS otherwise spreads each matrix product (the mel filter bank of every chunk) over all cores: on
+    a 16-core H100 host 16 feature workers ran up to 256 spinning threads and starved vLLM's engine core
+    (30 s clips at 64 concurrent requests: throughput halved, engine time per request tripled)."""
+    for name in _THREAD_VARIABLES:
+        os.environ[name] = "1"  # for libraries loaded from now on
+    import numpy  # noqa: F401 - loads OpenBLAS under the variables above
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # for any loaded before (a parent module imported numpy first)
+
+
 def _serve(tasks: Connection, replies: Connection) -> None:
     """A worker's main loop: run (fn, args, kwargs) messages until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
+    _one_thread_each()
+    fd = replies.fileno()
+    os.set_blocking(fd, True)
     while True:
         try:
             fn, args, kwargs = tasks.recv()
@@ -71,11 +96,20 @@ def _serve(tasks: Connection, replies: Connection) -> None:
         except BaseException as exc:  # every failure goes back to the caller
             reply = (False, exc)
         try:
-            replies.send(reply)
-        except (EOFError, OSError):
-            return
+            data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # the result or the exception does not pickle
-            replies.send((False, RuntimeError(f"a worker result could not be sent back: {exc!r}")))
+            data = pickle.dumps((False, RuntimeError(f"a worker result could not be sent back: {exc!r}")))
+        try:
+            _write_all(fd, _LENGTH.pack(len(data)), data)
+        except OSError:
+            return
+
+
+def _write_all(fd: int, *parts: bytes) -> None:
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 @dataclass
@@ -91,6 +125,7 @@ class _Worker:
     tasks: Connection  # the server writes
     replies: Connection  # the server reads
     task: _Task | None = None
+    inbox: bytearray = field(default_factory=bytearray)  # the reply read so far
     fd: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -172,6 +207,7 @@ class WorkerPool:
         reply_reader, reply_writer = self._context.Pipe(duplex=False)
         for end in (task_writer, reply_writer):
             _widen(end)
+        os.set_blocking(reply_reader.fileno(), False)  # read as it comes (uvloop would do this anyway)
         process = self._context.Process(
             target=_serve, args=(task_reader, reply_writer), name=f"qwenasr-{self.name}-worker", daemon=True
         )
@@ -202,12 +238,19 @@ class WorkerPool:
 
     def _on_readable(self, worker: _Worker) -> None:
         try:
-            ok, payload = worker.replies.recv()
-        except (EOFError, OSError):
+            chunk = os.read(worker.fd, _PIPE_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # the worker is gone
             self._replace(worker)
             return
-        except Exception as exc:  # a reply that does not unpickle here
-            ok, payload = False, RuntimeError(f"a worker result could not be read: {exc!r}")
+        worker.inbox += chunk
+        reply = _take_reply(worker.inbox)
+        if reply is None:
+            return
+        ok, payload = reply
         task, worker.task = worker.task, None
         if task is not None and not task.future.done():
             if ok:
@@ -243,3 +286,22 @@ class WorkerPool:
             self._loop.remove_reader(worker.fd)
         worker.tasks.close()
         worker.replies.close()
+
+
+def _take_reply(inbox: bytearray) -> tuple[bool, Any] | None:
+    """The first whole reply in `inbox` (removed from it), or None while it is still arriving."""
+    if len(inbox) < _LENGTH.size:
+        return None
+    (size,) = _LENGTH.unpack_from(inbox)
+    end = _LENGTH.size + size
+    if len(inbox) < end:
+        return None
+    body = memoryview(inbox)[_LENGTH.size : end]
+    try:
+        reply = cast(tuple[bool, Any], pickle.loads(body))  # noqa: S301 - our own worker's reply
+    except Exception as exc:  # a reply that does not unpickle here
+        reply = (False, RuntimeError(f"a worker result could not be read: {exc!r}"))
+    finally:
+        body.release()
+    del inbox[:end]
+    return reply
