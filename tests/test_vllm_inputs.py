@@ -24,6 +24,7 @@ from qwenasr_appliance.engines.vllm_inputs import (
     FEATURE_TOLERANCE,
     ChunkFeatures,
     EngineInputBuilder,
+    bfloat16_bits,
     chunk_features,
     differences,
     expand_placeholder,
@@ -73,6 +74,25 @@ def test_worker_features_are_the_extractors_and_the_hash_follows_the_samples() -
     changed[-1] += 1e-3
     assert chunk_features(LogMelExtractor(), changed).digest != chunk.digest
     assert chunk.digest.startswith("qwenasr-")
+
+
+@pytest.mark.parametrize(("dtype", "torch_dtype"), [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_workers_cast_features_exactly_as_torch_casts_them(dtype: str, torch_dtype: torch.dtype) -> None:
+    chunk = chunk_features(LogMelExtractor(), noise(2.37), dtype)
+    reference = torch.from_numpy(LogMelExtractor()(noise(2.37))).to(torch_dtype)
+    ours = torch.from_numpy(chunk.features)
+    if dtype == "bfloat16":
+        ours = ours.view(torch.bfloat16)
+    assert chunk.dtype == dtype and chunk.features.flags.c_contiguous and ours.shape == reference.shape
+    assert torch.equal(ours.view(torch.int16), reference.view(torch.int16))  # bit for bit
+
+
+def test_bfloat16_rounding_ties_go_to_even() -> None:
+    # float32 patterns exactly halfway between two bfloat16 values, below and above, both signs
+    patterns = np.array([0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0xBF808000, 0xBF818000], dtype=np.uint32)
+    values = patterns.view(np.float32)
+    expected = torch.from_numpy(values.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bfloat16_bits(values), expected)
 
 
 def test_the_builder_tokenizes_each_prompt_once_and_expands_the_placeholder() -> None:
@@ -226,8 +246,10 @@ def test_inputs_built_here_equal_vllms_renderer(tmp_path: Path) -> None:
             (theirs,) = await llm.renderer.render_cmpl_async(
                 [{"prompt": prompt, "multi_modal_data": {"audio": (audio, 16_000)}}]
             )
-            ours = await builder.build(prompt, chunk_features(LogMelExtractor(), audio))
+            ours = await builder.build(prompt, chunk_features(LogMelExtractor(), audio, builder.feature_dtype))
             assert differences(ours, theirs) == [], seconds
+            float32 = await builder.build(prompt, chunk_features(LogMelExtractor(), audio))  # cast here instead
+            assert differences(float32, theirs) == [], seconds
         # and a real difference is seen: 80 mel bands where the model wants 128
         audio = noise(3.0)
         (theirs,) = await llm.renderer.render_cmpl_async(

@@ -535,7 +535,7 @@ class VLLMEngine:
     ) -> list[str]:
         audio = check_clip()
         prompt = build_prompt("", None)
-        chunk: ChunkFeatures = await pool.run(chunk_features, extractor, audio)
+        chunk: ChunkFeatures = await pool.run(chunk_features, extractor, audio, builder.feature_dtype)
         ours = await builder.build(prompt, chunk)
         theirs = await self._render(llm, {"prompt": prompt, "multi_modal_data": {"audio": (audio, SAMPLE_RATE)}})
         return differences(ours, theirs)
@@ -553,7 +553,7 @@ class VLLMEngine:
         if pool is None or builder is None or extractor is None:
             return await self._render(llm, request)
         samples, _rate = request["multi_modal_data"]["audio"]
-        chunk: ChunkFeatures = await pool.run(chunk_features, extractor, samples)
+        chunk: ChunkFeatures = await pool.run(chunk_features, extractor, samples, builder.feature_dtype)
         return await builder.build(request["prompt"], chunk)
 
     async def close(self) -> None:
