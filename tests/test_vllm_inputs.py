@@ -211,27 +211,12 @@ def test_a_different_field_kind_is_a_difference() -> None:
 # -- against vLLM's own renderer (where vLLM is installed) -----------------------------------------
 
 
-def vllm_renderer(model_dir: Path) -> Any:
-    from vllm.config import CacheConfig, ModelConfig, ObservabilityConfig, ParallelConfig
-    from vllm.renderers import renderer_from_config
-
-    model_config = ModelConfig(
-        model=str(model_dir), tokenizer=str(model_dir), dtype="bfloat16", mm_processor_cache_gb=0
-    )
-    # Only what the renderer reads: a full VllmConfig would want a GPU to infer the device.
-    config = SimpleNamespace(
-        model_config=model_config,
-        parallel_config=ParallelConfig(),
-        cache_config=CacheConfig(),
-        observability_config=ObservabilityConfig(),
-    )
-    return SimpleNamespace(renderer=renderer_from_config(config), vllm_config=config)
-
-
 def test_inputs_built_here_equal_vllms_renderer(tmp_path: Path) -> None:
     pytest.importorskip("vllm")
     if not MAKE_DUMMY.is_file():
         pytest.skip(f"needs {MAKE_DUMMY}")
+    from bench.engine_inputs import vllm_renderer
+
     from qwenasr_appliance.engines.vllm_inputs import vllm_input_builder
 
     subprocess.run([sys.executable, str(MAKE_DUMMY), str(tmp_path / "model"), "0.6b"], check=True)
