@@ -63,6 +63,7 @@ from qwenasr_appliance.engines.vllm_inputs import (
     placeholder_tokens,
 )
 from qwenasr_appliance.supervisor.plans import Plan
+from qwenasr_appliance.workers import WorkerCrashedError
 
 T = TypeVar("T")
 
@@ -911,6 +912,32 @@ def test_when_vllm_refuses_an_input_built_here_the_engine_falls_back_to_its_rend
             assert engine.describe().details["audio_features"] == "vllm"
             result = await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "after")
             assert result.finished and "built_here" not in fake.generated[-1][0]
+        finally:
+            await engine.close()
+
+    run(main(), timeout=60)
+
+
+def test_a_feature_worker_crash_fails_only_that_request_with_a_clear_error() -> None:
+    async def main() -> None:
+        fake = FakeLLM(tokens=2)
+        fake.renderer = ShapedRenderer()
+        engine = features_engine(fake)
+        await engine.load()
+        pool = engine._features
+        assert pool is not None
+        real_run = pool.run
+
+        async def crashing_run(*args: Any, **kwargs: Any) -> Any:
+            raise WorkerCrashedError("a features worker process died")
+
+        try:
+            pool.run = crashing_run  # type: ignore[method-assign]
+            with pytest.raises(EngineRequestError, match="audio features could not be computed"):
+                await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "crash")
+            pool.run = real_run  # type: ignore[method-assign]
+            result = await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "next")
+            assert result.finished and fake.generated[-1][0]["built_here"]
         finally:
             await engine.close()
 

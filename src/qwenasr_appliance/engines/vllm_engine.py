@@ -67,7 +67,7 @@ from qwenasr_appliance.engines.vllm_inputs import (
     placeholder_tokens,
     vllm_input_builder,
 )
-from qwenasr_appliance.workers import WorkerPool
+from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
 
 if TYPE_CHECKING:
     from qwenasr_appliance.config import Settings
@@ -229,6 +229,13 @@ def _default_llm_factory(engine_kwargs: dict[str, Any]) -> Any:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs), usage_context=UsageContext.OPENAI_API_SERVER)
+
+
+async def _built_input(
+    builder: EngineInputBuilder, pool: WorkerPool, extractor: LogMelExtractor, prompt: str, samples: AudioArray
+) -> Any:
+    chunk: ChunkFeatures = await pool.run(chunk_features, extractor, samples, builder.feature_dtype)
+    return await builder.build(prompt, chunk)
 
 
 def _default_params_factory(kwargs: dict[str, Any]) -> Any:
@@ -535,8 +542,7 @@ class VLLMEngine:
     ) -> list[str]:
         audio = check_clip()
         prompt = build_prompt("", None)
-        chunk: ChunkFeatures = await pool.run(chunk_features, extractor, audio, builder.feature_dtype)
-        ours = await builder.build(prompt, chunk)
+        ours = await _built_input(builder, pool, extractor, prompt, audio)
         theirs = await self._render(llm, {"prompt": prompt, "multi_modal_data": {"audio": (audio, SAMPLE_RATE)}})
         return differences(ours, theirs)
 
@@ -553,8 +559,10 @@ class VLLMEngine:
         if pool is None or builder is None or extractor is None:
             return await self._render(llm, request)
         samples, _rate = request["multi_modal_data"]["audio"]
-        chunk: ChunkFeatures = await pool.run(chunk_features, extractor, samples, builder.feature_dtype)
-        return await builder.build(request["prompt"], chunk)
+        try:
+            return await _built_input(builder, pool, extractor, request["prompt"], samples)
+        except WorkerCrashedError as exc:
+            raise EngineRequestError(f"audio features could not be computed: {exc}") from exc
 
     async def close(self) -> None:
         self._closed = True
