@@ -28,11 +28,7 @@ metrics, which share the process's registry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import math
-import os
-import sys
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -52,6 +48,7 @@ from qwenasr_appliance.config import MAX_ALIGN_SECONDS
 from qwenasr_appliance.engines.base import SAMPLE_RATE, AudioArray, EngineDeadError, EngineLoadError
 from qwenasr_appliance.engines.vllm_engine import OutputTap, audio_tokens
 from qwenasr_appliance.engines.vllm_errors import classify_load_failure, map_request_error
+from qwenasr_appliance.engines.vllm_lifecycle import attr, build_llm, import_vllm, release_torch_cache, shut_down_llm
 
 if TYPE_CHECKING:
     from qwenasr_appliance.config import Settings
@@ -167,14 +164,6 @@ def _default_params_factory(kwargs: dict[str, Any]) -> Any:
     return PoolingParams(**kwargs)
 
 
-def _attr(obj: Any, path: str) -> Any:
-    for name in path.split("."):
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
-
-
 class VLLMAligner:
     """Qwen3-ForcedAligner on vLLM's `AsyncLLM` (pooling runner). Implements `aligner.base.Aligner`.
 
@@ -212,29 +201,17 @@ class VLLMAligner:
             raise EngineLoadError("other", "this aligner was closed; make a new one")
         if self._llm is not None:
             return
-        factory = self._llm_factory or _import_vllm()
+        factory = self._llm_factory
+        if factory is None:
+            await asyncio.to_thread(import_vllm)
+            factory = _default_llm_factory
         tap = OutputTap() if self._capture_output else None
         self._tap = tap
-        if tap:
-            tap.start()
-        try:
-            future = asyncio.get_running_loop().run_in_executor(None, factory, dict(self._engine_args))
-            try:
-                llm = await asyncio.shield(future)
-            except asyncio.CancelledError:
-                future.add_done_callback(_shutdown_when_built)
-                raise
-        except EngineLoadError:
-            raise
-        except Exception as exc:
-            raise classify_load_failure(exc, tap.text() if tap else "") from exc
-        finally:
-            if tap:
-                tap.stop()
+        llm = await build_llm(factory, self._engine_args, tap)
         self._llm = llm
         try:
             self._timestamp_token_id, self._segment_ms = timestamp_config(
-                _attr(llm, "vllm_config.model_config.hf_config")
+                attr(llm, "vllm_config.model_config.hf_config")
             )
             await self.align(np.zeros(int(WARMUP_SECONDS * SAMPLE_RATE), dtype=np.float32), "warm up", "English")
         except asyncio.CancelledError:
@@ -299,19 +276,12 @@ class VLLMAligner:
         llm, self._llm = self._llm, None
         if llm is None:
             return
-        if self._active:
-            with contextlib.suppress(Exception):
-                await llm.abort(list(self._active))
-            await asyncio.sleep(0)
-        shutdown = getattr(llm, "shutdown", None)
-        if shutdown is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(shutdown)
+        await shut_down_llm(llm, self._active)
         del llm
-        _release_torch_cache()
+        release_torch_cache()
 
     def describe(self) -> AlignerDescription:
-        model_config = _attr(self._llm, "vllm_config.model_config")
+        model_config = attr(self._llm, "vllm_config.model_config")
         dtype = str(getattr(model_config, "dtype", None) or self._plan.dtype).removeprefix("torch.")
         details: dict[str, str | int | float | bool | None] = {
             "plan": self._plan.name,
@@ -321,39 +291,6 @@ class VLLMAligner:
         }
         return AlignerDescription(name="vllm", model=self._settings.aligner_model_id, device="cuda:0",
                                   dtype=dtype, details=details)  # fmt: skip
-
-
-def _import_vllm() -> LLMFactory:
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    try:
-        import vllm  # noqa: F401
-    except ImportError as exc:
-        raise EngineLoadError("import", f"vLLM cannot be imported: {exc}") from exc
-    except Exception as exc:
-        raise classify_load_failure(exc) from exc
-    return _default_llm_factory
-
-
-def _release_torch_cache() -> None:
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return
-    with contextlib.suppress(Exception):
-        if torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-
-
-def _shutdown_when_built(future: asyncio.Future[Any]) -> None:
-    if future.cancelled() or future.exception() is not None:
-        return
-    shutdown = getattr(future.result(), "shutdown", None)
-    if shutdown is not None:
-        import threading
-
-        threading.Thread(target=shutdown, name="vllm-aligner-late-shutdown", daemon=True).start()
 
 
 __all__ = [

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import math
 import os
 import sys
@@ -67,6 +66,7 @@ from qwenasr_appliance.engines.vllm_inputs import (
     placeholder_tokens,
     vllm_input_builder,
 )
+from qwenasr_appliance.engines.vllm_lifecycle import attr, build_llm, import_vllm, release_torch_cache, shut_down_llm
 from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
 
 if TYPE_CHECKING:
@@ -212,14 +212,6 @@ def bench_fixed_length(environ: Mapping[str, str] | None = None) -> bool:
     return env.get(BENCH_IGNORE_EOS_ENV, "").strip() == "1"
 
 
-def _attr(obj: Any, path: str) -> Any:
-    for name in path.split("."):
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
-
-
 # -- vLLM glue (imported only in load) ------------------------------------------------------------
 
 
@@ -328,16 +320,6 @@ def _used_vram_bytes() -> int | None:
     return gpu.used_bytes if gpu else None
 
 
-def _release_torch_cache() -> None:
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return
-    with contextlib.suppress(Exception):
-        if torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-
-
 # -- the engine -----------------------------------------------------------------------------------
 
 
@@ -414,7 +396,8 @@ class VLLMEngine:
             return
         llm_factory = self._llm_factory
         if llm_factory is None:
-            llm_factory = await asyncio.to_thread(self._import_vllm)  # importing vLLM takes seconds
+            self._vllm_version = await asyncio.to_thread(import_vllm)
+            llm_factory = _default_llm_factory
         if self._params_factory is None:
             self._params_factory = _default_params_factory
         if self._llm_factory is None:
@@ -425,26 +408,11 @@ class VLLMEngine:
         began = time.monotonic()
         tap = OutputTap() if self._capture_output else None
         self._tap = tap
-        loop = asyncio.get_running_loop()
-        if tap:
-            tap.start()
         try:
-            future = loop.run_in_executor(None, llm_factory, dict(self._engine_args))
-            try:
-                llm = await asyncio.shield(future)
-            except asyncio.CancelledError:
-                # The build cannot be interrupted: shut the engine down once it exists.
-                future.add_done_callback(_shutdown_when_built)
-                raise
+            llm = await build_llm(llm_factory, self._engine_args, tap)
         except EngineLoadError:
-            raise
-        except Exception as exc:
-            error = classify_load_failure(exc, tap.text() if tap else "")
             await self._wait_for_vram_release()
-            raise error from exc
-        finally:
-            if tap:
-                tap.stop()
+            raise
         self._llm = llm
         try:
             await self._start_feature_workers(llm)
@@ -459,23 +427,6 @@ class VLLMEngine:
         self._load_seconds = time.monotonic() - began
         if self._vram_probe is not None:
             self._vram_loaded = await asyncio.to_thread(self._vram_probe)
-
-    def _import_vllm(self) -> LLMFactory:
-        # vLLM reports usage statistics to its authors unless told not to; an appliance does not phone home.
-        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        os.environ.setdefault("DO_NOT_TRACK", "1")
-        # The engine core is started from a worker thread while the event loop and other threads run:
-        # forking such a process can leave the child waiting on a lock another thread held (stdout's
-        # buffer, a handler's). A spawned child starts clean, at the price of importing vLLM again.
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        try:
-            import vllm
-        except ImportError as exc:
-            raise EngineLoadError("import", f"vLLM cannot be imported: {exc}") from exc
-        except Exception as exc:  # a broken install (CUDA libraries, torch mismatch) fails on import
-            raise classify_load_failure(exc) from exc
-        self._vllm_version = str(getattr(vllm, "__version__", ""))
-        return _default_llm_factory
 
     @staticmethod
     def _read_gpu_name() -> str:
@@ -570,24 +521,10 @@ class VLLMEngine:
         llm, self._llm = self._llm, None
         if llm is None:
             return
-        if self._active:
-            # Ends every open stream (vLLM sends each a final "abort" output); shutting down first would
-            # leave them waiting forever.
-            with contextlib.suppress(Exception):
-                await llm.abort(list(self._active))
-            await asyncio.sleep(0)
-        await self._shutdown(llm)
+        await shut_down_llm(llm, self._active)
         del llm
-        _release_torch_cache()
+        release_torch_cache()
         await self._wait_for_vram_release()
-
-    async def _shutdown(self, llm: Any) -> None:
-        shutdown = getattr(llm, "shutdown", None)
-        if shutdown is None:
-            return
-        # Blocking (it joins the engine-core process); vLLM closes its sockets on the loop thread itself.
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(shutdown)
 
     async def _wait_for_vram_release(self) -> None:
         """Wait (bounded) until the GPU memory of the engine core is back, so the next plan sees it free."""
@@ -676,7 +613,7 @@ class VLLMEngine:
                     await llm.abort(request_id)
 
     def _decode(self, token_ids: Any) -> str:
-        tokenizer = _attr(self._llm, "tokenizer")
+        tokenizer = attr(self._llm, "tokenizer")
         if tokenizer is None:
             raise EngineRequestError("the vLLM engine has no tokenizer to decode the output")
         return str(tokenizer.decode(list(token_ids), skip_special_tokens=True))
@@ -704,9 +641,9 @@ class VLLMEngine:
 
     def describe(self) -> EngineDescription:
         llm = self._llm
-        model_config = _attr(llm, "vllm_config.model_config")
-        cache_config = _attr(llm, "vllm_config.cache_config")
-        scheduler_config = _attr(llm, "vllm_config.scheduler_config")
+        model_config = attr(llm, "vllm_config.model_config")
+        cache_config = attr(llm, "vllm_config.cache_config")
+        scheduler_config = attr(llm, "vllm_config.scheduler_config")
         dtype = str(getattr(model_config, "dtype", None) or self._plan.dtype).removeprefix("torch.")
         blocks = getattr(cache_config, "num_gpu_blocks", None)
         block_size = getattr(cache_config, "block_size", None)
@@ -738,11 +675,3 @@ class VLLMEngine:
             max_concurrency=int(max_seqs),
             details=details,
         )
-
-
-def _shutdown_when_built(future: asyncio.Future[Any]) -> None:
-    if future.cancelled() or future.exception() is not None:
-        return
-    shutdown = getattr(future.result(), "shutdown", None)
-    if shutdown is not None:
-        threading.Thread(target=shutdown, name="vllm-late-shutdown", daemon=True).start()
