@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from qwenasr_appliance.audio.decode import decode_audio  # noqa: E402
-from qwenasr_appliance.decoding import AudioDecoder  # noqa: E402
+from qwenasr_appliance.audio.decoder_pool import AudioDecoder  # noqa: E402
 
 
 async def measure(data: bytes, filename: str, workers: int, repeat: int) -> dict[str, object]:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from qwenasr_appliance.audio.features import LogMelExtractor  # noqa: E402
 from qwenasr_appliance.engines.prompt import build_prompt  # noqa: E402
-from qwenasr_appliance.engines.vllm_inputs import chunk_features, differences, vllm_input_builder  # noqa: E402
+from qwenasr_appliance.engines.vllm.inputs import chunk_features, differences, vllm_input_builder  # noqa: E402
 
 
 def vllm_renderer(model_dir: Path) -> Any:

@@ -48,7 +48,7 @@ def appliance_max_model_len(max_new_tokens: int, chunk_seconds: float) -> int:
     """The appliance's `derive_max_model_len` for these settings (3072 for 100 tokens, 30 s chunks)."""
     try:
         from qwenasr_appliance.config import load_settings
-        from qwenasr_appliance.engines.vllm_engine import derive_max_model_len
+        from qwenasr_appliance.engines.vllm.engine import derive_max_model_len
 
         settings = load_settings({"MAX_NEW_TOKENS": str(max_new_tokens), "CHUNK_SECONDS": str(chunk_seconds)})
         return int(derive_max_model_len(settings))

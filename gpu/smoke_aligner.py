@@ -98,9 +98,9 @@ async def phase_aligner(args: argparse.Namespace) -> None:
 async def phase_together(args: argparse.Namespace, workdir: Path) -> None:
     from prometheus_client import REGISTRY
 
-    from qwenasr_appliance.admission import AdmissionController
-    from qwenasr_appliance.service import RequestStats, TranscriptionRequest, TranscriptionService
     from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
+    from qwenasr_appliance.transcription.admission import AdmissionController
+    from qwenasr_appliance.transcription.pipeline import RequestStats, TranscriptionRequest, TranscriptionService
 
     spec = importlib.util.spec_from_file_location("make_dummy_qwen3_asr", args.writer)
     assert spec and spec.loader
@@ -141,7 +141,7 @@ async def phase_together(args: argparse.Namespace, workdir: Path) -> None:
         out = io.BytesIO()
         sf.write(out, noise(45, 5), SR, format="WAV")
         request = TranscriptionRequest(
-            audio=out.getvalue(), filename="a.wav", language="English", prompt="", response_format="verbose_json",
+            audio=out.getvalue(), filename="a.wav", language="English", prompt="",
             temperature=0.0, stream=False, word_timestamps=True,
         )  # fmt: skip
         began = time.monotonic()

@@ -51,9 +51,9 @@ from qwenasr_appliance.engines.base import (
     TranscribeOptions,
     run_to_completion,
 )
-from qwenasr_appliance.engines.vllm_engine import VLLMEngine
+from qwenasr_appliance.engines.vllm.engine import VLLMEngine
 from qwenasr_appliance.supervisor.plans import Plan
-from qwenasr_appliance.supervisor.probe import probe_vram
+from qwenasr_appliance.supervisor.probe import gpu_name, probe_vram, used_vram_bytes
 
 GIB = 1024**3
 SR = 16_000
@@ -275,7 +275,7 @@ async def full_phase(
     record: dict[str, Any] = {"phase": name, "plan": plan.name, "dtype": plan.dtype, "quantization": plan.quantization}
     before = used_vram()
     record["vram_before_gib"] = gib(before)
-    engine = VLLMEngine(settings, plan)
+    engine = VLLMEngine(settings, plan, vram_probe=used_vram_bytes, gpu_name=gpu_name)
     began = time.monotonic()
     try:
         await engine.load()
@@ -355,7 +355,7 @@ async def failure_phase(name: str, settings: Settings, plan: Plan, keep_gib: flo
     try:
         gpu = probe_vram().first
         record["free_gib_at_load"] = gib(gpu.free_bytes if gpu else None)
-        engine = VLLMEngine(settings, plan)
+        engine = VLLMEngine(settings, plan, vram_probe=used_vram_bytes, gpu_name=gpu_name)
         began = time.monotonic()
         try:
             await engine.load()

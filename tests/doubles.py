@@ -14,17 +14,17 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from qwenasr_appliance.app import create_app
+from qwenasr_appliance.api.app import create_app
+from qwenasr_appliance.api.observer import RequestObserver
+from qwenasr_appliance.audio.samples import AudioArray
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
-    AudioArray,
     EngineDeadError,
     EngineDescription,
     EngineLoadError,
     EngineOutput,
     TranscribeOptions,
 )
-from qwenasr_appliance.observability import RequestObserver
 from qwenasr_appliance.supervisor.plans import Plan
 
 

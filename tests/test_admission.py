@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from qwenasr_appliance.admission import AdmissionController, Overloaded
+from qwenasr_appliance.transcription.admission import AdmissionController, Overloaded
 
 
 def test_admits_up_to_the_limit_then_queues_then_rejects() -> None:

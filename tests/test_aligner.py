@@ -23,7 +23,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from qwenasr_appliance.admission import AdmissionController
 from qwenasr_appliance.aligner.base import (
     AlignedChunk,
     AlignedUnit,
@@ -50,21 +49,17 @@ from qwenasr_appliance.aligner.vllm import (
     timestamp_bins,
     timestamp_config,
 )
-from qwenasr_appliance.api.transcriptions import _map_error
+from qwenasr_appliance.api.error_mapping import to_api_error
+from qwenasr_appliance.audio.samples import AudioArray
 from qwenasr_appliance.config import ConfigError, Settings, load_settings
-from qwenasr_appliance.engines.base import (
-    AudioArray,
-    EngineDescription,
-    EngineLoadError,
-    EngineOutput,
-    TranscribeOptions,
-)
+from qwenasr_appliance.engines.base import EngineDescription, EngineLoadError, EngineOutput, TranscribeOptions
 from qwenasr_appliance.metrics import Metrics
-from qwenasr_appliance.service import RequestStats, TranscriptionRequest, TranscriptionService
-from qwenasr_appliance.supervisor.aligner import AlignerUnavailable
+from qwenasr_appliance.supervisor.aligner_supervisor import AlignerUnavailable
 from qwenasr_appliance.supervisor.plans import NoPlanError, Plan, aligner_plan, plan_chain
 from qwenasr_appliance.supervisor.probe import GpuInfo, VramProbe
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
+from qwenasr_appliance.transcription.admission import AdmissionController
+from qwenasr_appliance.transcription.pipeline import RequestStats, TranscriptionRequest, TranscriptionService
 
 GIB = 1024**3
 SR = 16_000
@@ -551,7 +546,7 @@ def test_an_aligner_failure_leaves_transcription_serving() -> None:
         assert status.error == "aligner-cpu-float32: model_not_found (model directory '/nowhere' does not exist)"
         with pytest.raises(AlignerUnavailable, match="failed: aligner-cpu-float32: model_not_found") as failure:
             supervisor.aligner.require()
-        api_error = _map_error(failure.value)
+        api_error = to_api_error(failure.value)
         assert api_error.status_code == 503 and api_error.code == "aligner_unavailable"
         assert "Retry-After" in api_error.headers and "/nowhere" in api_error.message
         assert made[0].closed
@@ -591,7 +586,7 @@ def wav(seconds: float) -> bytes:
 
 def request(audio: bytes, *, words: bool = True) -> TranscriptionRequest:
     return TranscriptionRequest(
-        audio=audio, filename="a.wav", language=None, prompt="", response_format="verbose_json",
+        audio=audio, filename="a.wav", language=None, prompt="",
         temperature=0.0, stream=False, word_timestamps=words,
     )  # fmt: skip
 
@@ -641,14 +636,14 @@ def test_service_answers_aligner_failures_without_hurting_the_engine() -> None:
             await wait_for(lambda: supervisor.aligner.ready)
             with pytest.raises(AlignerDeadError) as dead:
                 await service.transcribe(request(wav(2.0)), "req-1", RequestStats())
-            assert _map_error(dead.value).code == "aligner_restarting"
+            assert to_api_error(dead.value).code == "aligner_restarting"
             assert supervisor.ready  # the ASR engine serves on
             await wait_for(lambda: len(made) == 2)
             made[1].align_error = AlignerRequestError("bad input")
             await wait_for(lambda: supervisor.aligner.ready)
             with pytest.raises(AlignerRequestError) as failed:
                 await service.transcribe(request(wav(2.0)), "req-2", RequestStats())
-            assert _map_error(failed.value).status_code == 500
+            assert to_api_error(failed.value).status_code == 500
             assert (await service.transcribe(request(wav(2.0), words=False), "req-3", RequestStats())).text
         finally:
             service.close()

@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from qwenasr_appliance.audio import decode as decode_module
 from qwenasr_appliance.audio.decode import (
     SUPPORTED_FORMATS,
-    TARGET_SAMPLE_RATE,
     AudioError,
     AudioTooLongError,
     DecodedAudio,
     decode_audio,
     probe_duration,
 )
+from qwenasr_appliance.audio.samples import SAMPLE_RATE
 from tests.audio_fixtures import (
     ALL_FORMATS,
     SAMPLES_DIR,
@@ -78,7 +78,7 @@ def assert_well_formed(decoded: DecodedAudio) -> None:
     samples = decoded.samples
     assert samples.dtype == np.float32 and samples.ndim == 1 and samples.flags.c_contiguous
     assert samples.shape[0] > 0 and np.isfinite(samples).all() and np.abs(samples).max() <= 1.0
-    assert abs(samples.shape[0] - decoded.duration_seconds * TARGET_SAMPLE_RATE) <= 2
+    assert abs(samples.shape[0] - decoded.duration_seconds * SAMPLE_RATE) <= 2
 
 
 # --------------------------------------------------------------------------- formats
@@ -211,13 +211,13 @@ def test_lossy_multichannel_decodes(fmt: str) -> None:
 def test_resampling_keeps_frequency_and_level(rate: int) -> None:
     decoded = decode(float_wav(sine(1000, 2.0, rate), rate))
     assert decoded.samples.shape[0] == 32000
-    assert peak_frequency(decoded.samples, TARGET_SAMPLE_RATE) == pytest.approx(1000, abs=0.5)
+    assert peak_frequency(decoded.samples, SAMPLE_RATE) == pytest.approx(1000, abs=0.5)
     assert rms(decoded.samples[1000:-1000]) == pytest.approx(0.5 / math.sqrt(2), rel=0.01)
 
 
 def test_resampling_filters_what_16k_cannot_hold() -> None:
     kept = decode(float_wav(sine(7000, 1.0, 44100), 44100)).samples
-    assert peak_frequency(kept, TARGET_SAMPLE_RATE) == pytest.approx(7000, abs=1)
+    assert peak_frequency(kept, SAMPLE_RATE) == pytest.approx(7000, abs=1)
     # 9 kHz is above the new Nyquist frequency: it must vanish, not fold back to 7 kHz.
     removed = decode(float_wav(sine(9000, 1.0, 44100), 44100)).samples
     assert rms(removed[1000:-1000]) < 1e-3

@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 from litestar.testing import TestClient
 
+from qwenasr_appliance.api.app import create_app
 from qwenasr_appliance.api.auth import key_matches
-from qwenasr_appliance.app import create_app
 from qwenasr_appliance.config import load_settings
 from tests.doubles import DoubleBehaviour, double_factory
 

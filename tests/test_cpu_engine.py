@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from qwenasr_appliance.config import Settings
-from qwenasr_appliance.engines import cpu_engine
 from qwenasr_appliance.engines.base import (
     Engine,
     EngineDeadError,
@@ -30,7 +29,9 @@ from qwenasr_appliance.engines.base import (
     TranscribeOptions,
     run_to_completion,
 )
-from qwenasr_appliance.engines.cpu_engine import CPUEngine, load_failure_kind
+from qwenasr_appliance.engines.cpu import engine as cpu_engine
+from qwenasr_appliance.engines.cpu.engine import CPUEngine
+from qwenasr_appliance.engines.cpu.loading import load_failure_kind
 from qwenasr_appliance.engines.prompt import REPETITION_THRESHOLD, parse_output
 
 pytestmark = pytest.mark.slow

@@ -26,13 +26,13 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from qwenasr_appliance.admission import AdmissionController
 from qwenasr_appliance.config import load_settings
 from qwenasr_appliance.engines.base import EngineDeadError
 from qwenasr_appliance.metrics import Metrics
-from qwenasr_appliance.service import RequestStats, TranscriptionRequest, TranscriptionService
 from qwenasr_appliance.supervisor.probe import VramProbe
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
+from qwenasr_appliance.transcription.admission import AdmissionController
+from qwenasr_appliance.transcription.pipeline import RequestStats, TranscriptionRequest, TranscriptionService
 from tests.doubles import DoubleBehaviour, double_factory
 from tests.hardening import MODEL, TRANSCRIPTIONS, error_of, metric_value, tone_wav, transcribe
 from tests.servers import ServerProcess
@@ -176,7 +176,6 @@ def test_a_queued_request_runs_on_the_engine_that_serves_when_its_turn_comes() -
         filename="a.wav",
         language=None,
         prompt="",
-        response_format="json",
         temperature=0.0,
         stream=False,
     )

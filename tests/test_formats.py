@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import json
 
-from qwenasr_appliance.formats import Transcript, TranscriptSegment, render, to_srt, to_vtt
-from qwenasr_appliance.service import join_texts
+from qwenasr_appliance.api.render import Transcript, TranscriptSegment, render, to_srt, to_vtt
+from qwenasr_appliance.transcription.pipeline import join_texts
 
 TRANSCRIPT = Transcript(
     text="Hello there. General Kenobi.",

@@ -40,7 +40,7 @@ def qwen_model(tiny_model_dir: Path) -> Any:
 def test_the_modules_import_without_torch_transformers_or_vllm() -> None:
     code = (
         "import sys; import qwenasr_appliance.engines.prompt, qwenasr_appliance.languages, "
-        "qwenasr_appliance.engines.cpu_engine; "
+        "qwenasr_appliance.engines.cpu.engine; "
         "heavy = {'torch', 'transformers', 'vllm', 'qwen_asr'} & set(sys.modules); "
         "sys.exit(f'imported {heavy}' if heavy else 0)"
     )

@@ -14,10 +14,11 @@ import soundfile as sf
 
 from qwenasr_appliance.audio import segmented
 from qwenasr_appliance.audio import transfer as transfer_module
-from qwenasr_appliance.audio.decode import TARGET_SAMPLE_RATE, AudioTooLongError, DecodedAudio, decode_audio
+from qwenasr_appliance.audio.decode import AudioTooLongError, DecodedAudio, decode_audio
+from qwenasr_appliance.audio.decoder_pool import AudioDecoder
+from qwenasr_appliance.audio.samples import SAMPLE_RATE
 from qwenasr_appliance.audio.segmented import DecodedSegment, NotSplittable, SegmentPlan, decode_segment, plan_segments
 from qwenasr_appliance.audio.transfer import PieceResult, SegmentJob, SharedFiles, assemble, decode_piece
-from qwenasr_appliance.decoding import AudioDecoder
 
 from .audio_fixtures import encode, encode_pyav, mp3_without_xing, speech_like
 
@@ -296,14 +297,14 @@ def test_pieces_that_do_not_fit_together_are_refused(stereo_speech: np.ndarray) 
 
 
 def test_a_16k_piece_needs_no_resampling() -> None:
-    signal = speech_like(SECONDS, TARGET_SAMPLE_RATE, seed=9)
+    signal = speech_like(SECONDS, SAMPLE_RATE, seed=9)
     buffer = io.BytesIO()
-    sf.write(buffer, signal, TARGET_SAMPLE_RATE, format="FLAC")
+    sf.write(buffer, signal, SAMPLE_RATE, format="FLAC")
     data = buffer.getvalue()
     plan, pieces = _pieces(data, "x.flac")
     joined, _ = _joined(plan, pieces)
     np.testing.assert_array_equal(joined, decode_audio(data, "x.flac", max_seconds=MAX_SECONDS).samples)
-    assert segmented.rate_period(TARGET_SAMPLE_RATE) == 1
+    assert segmented.rate_period(SAMPLE_RATE) == 1
 
 
 def test_an_eight_channel_aac_file_splits_without_the_planar_crash() -> None:

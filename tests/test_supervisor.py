@@ -18,20 +18,15 @@ import msgspec
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from qwenasr_appliance.audio.samples import AudioArray
 from qwenasr_appliance.config import Settings
-from qwenasr_appliance.engines.base import (
-    AudioArray,
-    EngineDescription,
-    EngineLoadError,
-    EngineOutput,
-    TranscribeOptions,
-)
+from qwenasr_appliance.engines.base import EngineDescription, EngineLoadError, EngineOutput, TranscribeOptions
 from qwenasr_appliance.metrics import ENGINE_STATES, Metrics
 from qwenasr_appliance.supervisor import factory as factory_module
 from qwenasr_appliance.supervisor import supervisor as supervisor_module
 from qwenasr_appliance.supervisor.factory import default_engine_factory
 from qwenasr_appliance.supervisor.plans import Plan
-from qwenasr_appliance.supervisor.probe import GpuInfo, VramProbe
+from qwenasr_appliance.supervisor.probe import GpuInfo, VramProbe, gpu_name, used_vram_bytes
 from qwenasr_appliance.supervisor.supervisor import (
     EngineSupervisor,
     EngineUnavailable,
@@ -721,8 +716,9 @@ def test_stop_during_restart_backoff() -> None:
 
 
 class RecordingEngine:
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
+        self.kwargs = kwargs
 
 
 def test_default_factory_imports_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -740,6 +736,8 @@ def test_default_factory_imports_lazily(monkeypatch: pytest.MonkeyPatch) -> None
     cpu_plan = Plan("cpu-bfloat16", "cpu", "bfloat16", None, None, "test")
     vllm_engine = default_engine_factory(vllm_plan, settings)
     assert isinstance(vllm_engine, RecordingEngine) and vllm_engine.args == (settings, vllm_plan)
+    # The GPU readings come from the supervisor's probe: the engine does not import the supervisor.
+    assert vllm_engine.kwargs == {"vram_probe": used_vram_bytes, "gpu_name": gpu_name}
     cpu_engine = default_engine_factory(cpu_plan, settings)
     assert isinstance(cpu_engine, RecordingEngine)
     assert len(cpu_engine.args) == 1 and cpu_engine.args[0].dtype == "bfloat16"

@@ -33,12 +33,11 @@ from qwenasr_appliance.engines.base import (
     run_to_completion,
 )
 from qwenasr_appliance.engines.prompt import build_prompt
-from qwenasr_appliance.engines.vllm_engine import (
+from qwenasr_appliance.engines.vllm.common import OutputTap, audio_tokens
+from qwenasr_appliance.engines.vllm.engine import (
     BENCH_IGNORE_EOS_ENV,
     REPETITION_GUARD,
-    OutputTap,
     VLLMEngine,
-    audio_tokens,
     bench_fixed_length,
     build_engine_args,
     build_request_input,
@@ -47,7 +46,7 @@ from qwenasr_appliance.engines.vllm_engine import (
     derive_max_model_len,
     renderer_workers,
 )
-from qwenasr_appliance.engines.vllm_errors import (
+from qwenasr_appliance.engines.vllm.errors import (
     classify_load_failure,
     classify_text,
     failure_region,
@@ -55,7 +54,7 @@ from qwenasr_appliance.engines.vllm_errors import (
     map_request_error,
     root_cause_line,
 )
-from qwenasr_appliance.engines.vllm_inputs import (
+from qwenasr_appliance.engines.vllm.inputs import (
     AUDIO_PAD_TOKEN,
     ChunkFeatures,
     EngineInputBuilder,

@@ -19,8 +19,8 @@ import torch
 
 from qwenasr_appliance.audio.features import LogMelExtractor
 from qwenasr_appliance.engines.prompt import build_prompt
-from qwenasr_appliance.engines.vllm_engine import audio_tokens
-from qwenasr_appliance.engines.vllm_inputs import (
+from qwenasr_appliance.engines.vllm.common import audio_tokens
+from qwenasr_appliance.engines.vllm.inputs import (
     FEATURE_TOLERANCE,
     ChunkFeatures,
     EngineInputBuilder,
@@ -121,7 +121,7 @@ def test_the_builder_tokenizes_each_prompt_once_and_expands_the_placeholder() ->
 
 
 def test_the_prompt_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("qwenasr_appliance.engines.vllm_inputs.PROMPT_CACHE_SIZE", 2)
+    monkeypatch.setattr("qwenasr_appliance.engines.vllm.inputs.PROMPT_CACHE_SIZE", 2)
     calls: list[str] = []
 
     async def tokenize(prompt: str) -> list[int]:
@@ -217,7 +217,7 @@ def test_inputs_built_here_equal_vllms_renderer(tmp_path: Path) -> None:
         pytest.skip(f"needs {MAKE_DUMMY}")
     from bench.engine_inputs import vllm_renderer
 
-    from qwenasr_appliance.engines.vllm_inputs import vllm_input_builder
+    from qwenasr_appliance.engines.vllm.inputs import vllm_input_builder
 
     subprocess.run([sys.executable, str(MAKE_DUMMY), str(tmp_path / "model"), "0.6b"], check=True)
     llm = vllm_renderer(tmp_path / "model")

@@ -10,7 +10,7 @@ from typing import Any
 from qwenasr_appliance import __version__
 from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, Settings, load_settings
 
-APP_TARGET = "qwenasr_appliance.app:create_app"
+APP_TARGET = "qwenasr_appliance.api.app:create_app"
 # granian's HTTP/1 read buffer: the largest request head (request line and headers) it reads, larger
 # ones get 431, and the largest piece of body per read. Nothing this API takes needs a head over a few
 # kilobytes (granian's default buffer is about 400 KiB); below 128 KiB uploads stream measurably slower.
@@ -24,7 +24,7 @@ def build_server(settings: Settings, target: str = APP_TARGET) -> Any:
     from granian.log import LogLevels
     from granian.server import Server
 
-    from qwenasr_appliance.observability import granian_log_config
+    from qwenasr_appliance.logs import granian_log_config
 
     return Server(
         target,
@@ -42,7 +42,7 @@ def build_server(settings: Settings, target: str = APP_TARGET) -> Any:
             keep_alive=True,
             max_buffer_size=MAX_REQUEST_HEAD_BYTES,
         ),
-        # The app answers what is still running when SHUTDOWN_GRACE_SECONDS end (see shutdown.py); this
+        # The app answers what is still running when SHUTDOWN_GRACE_SECONDS end (see api/shutdown.py); this
         # kill is the backstop for a worker that is stuck.
         workers_kill_timeout=int(settings.shutdown_grace_seconds) + 5,
     )

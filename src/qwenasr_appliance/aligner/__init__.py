@@ -1,23 +1,4 @@
-"""The optional forced aligner (Qwen3-ForcedAligner): word and character timestamps."""
+"""The optional forced aligner (Qwen3-ForcedAligner): word and character timestamps.
 
-from qwenasr_appliance.aligner.base import (
-    AlignedChunk,
-    AlignedUnit,
-    Aligner,
-    AlignerDeadError,
-    AlignerDescription,
-    AlignerError,
-    AlignerRequestError,
-    merge_chunks,
-)
-
-__all__ = [
-    "AlignedChunk",
-    "AlignedUnit",
-    "Aligner",
-    "AlignerDeadError",
-    "AlignerDescription",
-    "AlignerError",
-    "AlignerRequestError",
-    "merge_chunks",
-]
+`base` holds the protocol every aligner implements; `vllm` and `cpu` the two implementations; `text` the
+units and prompt they share."""

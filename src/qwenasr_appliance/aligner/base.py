@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 from qwenasr_appliance.config import MAX_ALIGN_SECONDS
-from qwenasr_appliance.engines.base import SAMPLE_RATE, AudioArray
 
 
 @dataclass(frozen=True)

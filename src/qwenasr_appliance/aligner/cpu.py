@@ -24,10 +24,11 @@ from qwenasr_appliance.aligner.base import (
     AlignerRequestError,
     check_align_input,
 )
+from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 from qwenasr_appliance.audio.split import pad_to_min
 from qwenasr_appliance.config import Settings
-from qwenasr_appliance.engines.base import SAMPLE_RATE, AudioArray, EngineLoadError
-from qwenasr_appliance.engines.cpu_engine import CPU_DTYPES, load_failure_kind, model_location
+from qwenasr_appliance.engines.base import EngineLoadError
+from qwenasr_appliance.engines.cpu.loading import CPU_DTYPES, load_failure_kind, load_on_own_thread, model_location
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,7 @@ class CPUAligner:
     async def load(self) -> None:
         if self._aligner is not None:
             return
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-aligner")
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._load_blocking)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        self._executor = executor
+        self._executor = await load_on_own_thread(self._load_blocking, "cpu-aligner")
 
     def _load_blocking(self) -> None:
         location = model_location(self._model_id)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from qwenasr_appliance.aligner.base import AlignedUnit
+from qwenasr_appliance.writing import is_cjk_ideograph
 
 AUDIO_PLACEHOLDER = "<|audio_start|><|audio_pad|><|audio_end|>"
 TIMESTAMP_TOKEN = "<timestamp>"  # noqa: S105 - a model token, not a secret
@@ -40,20 +41,6 @@ def clean_token(token: str) -> str:
     return "".join(char for char in token if is_kept_char(char))
 
 
-def is_cjk_char(char: str) -> bool:
-    """CJK ideographs (the aligner's one-character units), as qwen-asr defines them."""
-    code = ord(char)
-    return (
-        0x4E00 <= code <= 0x9FFF
-        or 0x3400 <= code <= 0x4DBF
-        or 0x20000 <= code <= 0x2A6DF
-        or 0x2A700 <= code <= 0x2B73F
-        or 0x2B740 <= code <= 0x2B81F
-        or 0x2B820 <= code <= 0x2CEAF
-        or 0xF900 <= code <= 0xFAFF
-    )
-
-
 def _is_kana(char: str) -> bool:
     return 0x3040 <= ord(char) <= 0x30FF or 0x31F0 <= ord(char) <= 0x31FF
 
@@ -63,7 +50,7 @@ def _split_cjk(segment: str, *, kana: bool = False) -> list[str]:
     units: list[str] = []
     buffer = ""
     for char in segment:
-        if is_cjk_char(char) or (kana and _is_kana(char)):
+        if is_cjk_ideograph(char) or (kana and _is_kana(char)):
             if buffer:
                 units.append(buffer)
                 buffer = ""
@@ -185,7 +172,6 @@ __all__ = [
     "build_align_prompt",
     "clean_token",
     "fix_timestamps",
-    "is_cjk_char",
     "split_space_language",
     "split_units",
     "units_from_bins",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -44,15 +44,16 @@ from qwenasr_appliance.aligner.base import (
     check_align_input,
 )
 from qwenasr_appliance.aligner.text import build_align_prompt, split_units, units_from_bins
+from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 from qwenasr_appliance.config import MAX_ALIGN_SECONDS
-from qwenasr_appliance.engines.base import SAMPLE_RATE, AudioArray, EngineDeadError, EngineLoadError
-from qwenasr_appliance.engines.vllm_engine import OutputTap, audio_tokens
-from qwenasr_appliance.engines.vllm_errors import classify_load_failure, map_request_error
-from qwenasr_appliance.engines.vllm_lifecycle import attr, build_llm, import_vllm, release_torch_cache, shut_down_llm
+from qwenasr_appliance.engines.base import EngineDeadError, EngineLoadError
+from qwenasr_appliance.engines.vllm.common import LLMFactory, OutputTap, ParamsFactory, audio_tokens
+from qwenasr_appliance.engines.vllm.errors import classify_load_failure, map_request_error
+from qwenasr_appliance.engines.vllm.lifecycle import attr, build_llm, import_vllm, release_llm
 
 if TYPE_CHECKING:
     from qwenasr_appliance.config import Settings
-    from qwenasr_appliance.engines.vllm_engine import PlanLike
+    from qwenasr_appliance.engines.vllm.common import PlanLike
 
 ARCHITECTURE: Final = "Qwen3ASRForcedAlignerForTokenClassification"
 # Prompt tokens per aligned unit: the unit itself (a CJK character or a short word is one or two tokens;
@@ -64,9 +65,6 @@ MAX_MODEL_LEN_STEP: Final = 1024
 MODEL_MAX_POSITIONS: Final = 65536
 MAX_NUM_SEQS: Final = 64
 WARMUP_SECONDS: Final = 1.0
-
-LLMFactory = Callable[[dict[str, Any]], Any]
-ParamsFactory = Callable[[dict[str, Any]], Any]
 
 
 # -- pure helpers (unit-tested without vLLM) ------------------------------------------------------
@@ -177,13 +175,12 @@ class VLLMAligner:
         *,
         llm_factory: LLMFactory | None = None,
         params_factory: ParamsFactory | None = None,
-        capture_output: bool | None = None,
     ) -> None:
         self._settings = settings
         self._plan = plan
         self._llm_factory = llm_factory
         self._params_factory = params_factory or _default_params_factory
-        self._capture_output = llm_factory is None if capture_output is None else capture_output
+        self._capture_output = llm_factory is None  # vLLM's own engine core: keep its output's tail
         self._engine_args = build_aligner_engine_args(settings, plan)
         self._llm: Any = None
         self._tap: OutputTap | None = None
@@ -271,14 +268,13 @@ class VLLMAligner:
         rendered = await render([prompt])
         return rendered[0]
 
+    def _take_llm(self) -> Any:
+        llm, self._llm = self._llm, None
+        return llm
+
     async def close(self) -> None:
         self._closed = True
-        llm, self._llm = self._llm, None
-        if llm is None:
-            return
-        await shut_down_llm(llm, self._active)
-        del llm
-        release_torch_cache()
+        await release_llm(self._take_llm, self._active)
 
     def describe(self) -> AlignerDescription:
         model_config = attr(self._llm, "vllm_config.model_config")

@@ -10,7 +10,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from qwenasr_appliance.api.context import app_context
-from qwenasr_appliance.errors import unauthorized
+from qwenasr_appliance.api.errors import unauthorized
 
 
 def _digest(value: str) -> bytes:

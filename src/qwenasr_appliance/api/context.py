@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from litestar import Request
 from litestar.datastructures import State
 
-from qwenasr_appliance.admission import AdmissionController
+from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.config import Settings
-from qwenasr_appliance.service import TranscriptionService
-from qwenasr_appliance.shutdown import ShutdownGrace
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
+from qwenasr_appliance.transcription.admission import AdmissionController
+from qwenasr_appliance.transcription.pipeline import TranscriptionService
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from litestar.types import Receive
 
-from qwenasr_appliance.shutdown import ServerStopping
+from qwenasr_appliance.api.shutdown import ServerStopping
 
 T = TypeVar("T")
 

@@ -11,9 +11,9 @@ from litestar.params import FromPath
 
 from qwenasr_appliance.api.auth import require_api_key
 from qwenasr_appliance.api.context import AppContext, request_context
-from qwenasr_appliance.errors import error_responses, model_not_found
+from qwenasr_appliance.api.errors import error_responses, model_not_found
+from qwenasr_appliance.api.schemas import ModelCard, ModelList
 from qwenasr_appliance.languages import SUPPORTED_LANGUAGES
-from qwenasr_appliance.schemas import ModelCard, ModelList
 
 _CREATED = int(time.time())
 

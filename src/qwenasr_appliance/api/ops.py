@@ -12,15 +12,15 @@ from litestar.openapi import ResponseSpec
 from qwenasr_appliance import __version__
 from qwenasr_appliance.api.auth import require_api_key_for_ops
 from qwenasr_appliance.api.context import request_context
-from qwenasr_appliance.errors import error_responses
-from qwenasr_appliance.metrics import render_latest
-from qwenasr_appliance.schemas import (
+from qwenasr_appliance.api.errors import error_responses
+from qwenasr_appliance.api.schemas import (
     HealthResponse,
     LimitsStatus,
     QueueStatus,
     ReadyResponse,
     StatusResponse,
 )
+from qwenasr_appliance.metrics import render_latest
 
 
 class OpsController(Controller):

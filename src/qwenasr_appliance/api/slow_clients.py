@@ -14,7 +14,7 @@ from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
 
-from qwenasr_appliance.errors import APIError
+from qwenasr_appliance.api.errors import APIError
 
 
 def body_timeout_error(seconds: float) -> APIError:

@@ -2,18 +2,18 @@
 
 from qwenasr_appliance.audio.decode import (
     SUPPORTED_FORMATS,
-    TARGET_SAMPLE_RATE,
     AudioError,
     AudioTooLongError,
     DecodedAudio,
     decode_audio,
     probe_duration,
 )
+from qwenasr_appliance.audio.samples import SAMPLE_RATE
 from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, split_at_quiet_points
 
 __all__ = [
+    "SAMPLE_RATE",
     "SUPPORTED_FORMATS",
-    "TARGET_SAMPLE_RATE",
     "AudioChunk",
     "AudioError",
     "AudioTooLongError",

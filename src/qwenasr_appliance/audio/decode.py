@@ -36,11 +36,11 @@ import numpy.typing as npt
 import soundfile as sf
 import soxr
 
+from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
+
 __all__ = [
     "ADDITIONAL_FORMATS",
     "SUPPORTED_FORMATS",
-    "TARGET_SAMPLE_RATE",
-    "AudioArray",
     "AudioError",
     "AudioErrorCode",
     "AudioTooLongError",
@@ -51,7 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AudioArray = npt.NDArray[np.float32]
 DecoderName = Literal["soundfile", "pyav"]
 AudioErrorCode = Literal[
     "empty_file",  # zero bytes uploaded
@@ -62,7 +61,6 @@ AudioErrorCode = Literal[
     "decode_failed",  # the server could not finish (out of memory); not the client's fault
 ]
 
-TARGET_SAMPLE_RATE: Final = 16_000
 RESAMPLE_QUALITY: Final = "HQ"  # soxr's; the streaming and the segmented decoders must agree
 # What OpenAI's transcription endpoint documents; the message for unreadable files lists these.
 SUPPORTED_FORMATS: Final = ("flac", "mp3", "mp4", "mpeg", "mpga", "m4a", "ogg", "wav", "webm")
@@ -186,7 +184,7 @@ def _too_long(duration_seconds: float, max_seconds: float, at_least: bool) -> Au
 
 @dataclass(frozen=True, slots=True, eq=False)
 class DecodedAudio:
-    samples: AudioArray  # 1-D, TARGET_SAMPLE_RATE, float32 in [-1, 1], finite
+    samples: AudioArray  # 1-D, SAMPLE_RATE, float32 in [-1, 1], finite
     duration_seconds: float  # of the decoded source audio
     source_sample_rate: int
     source_channels: int
@@ -700,7 +698,7 @@ class _Pipeline:
             self._limit_seconds,
             _MAX_PREALLOCATED_SECONDS,
         )
-        self._output = _SampleBuffer(int(capacity_seconds * TARGET_SAMPLE_RATE) + 1024)
+        self._output = _SampleBuffer(int(capacity_seconds * SAMPLE_RATE) + 1024)
 
     @property
     def source_seconds(self) -> float:
@@ -708,9 +706,9 @@ class _Pipeline:
 
     @staticmethod
     def _new_resampler(rate: int) -> Any:
-        if rate == TARGET_SAMPLE_RATE:
+        if rate == SAMPLE_RATE:
             return None
-        return soxr.ResampleStream(rate, TARGET_SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+        return soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
 
     def push(self, block: AudioArray) -> None:
         """Take ownership of `block` (mono float32 at the current source rate); may modify it."""

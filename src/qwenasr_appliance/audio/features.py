@@ -1,7 +1,7 @@
 """Whisper-style log-mel features, computed the way Qwen3-ASR's processor computes them.
 
 The vLLM engine computes them in worker processes and builds vLLM's engine input from them
-(`engines.vllm_inputs`), which takes the feature extraction off the serving process, where it would
+(`engines.vllm.inputs`), which takes the feature extraction off the serving process, where it would
 compete for one interpreter lock with request handling, decoding and vLLM's own frontend.
 Only numpy: the workers import neither torch nor transformers.
 """

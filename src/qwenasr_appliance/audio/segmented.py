@@ -36,8 +36,6 @@ from qwenasr_appliance.audio.decode import (
     DURATION_TOLERANCE_SECONDS,
     RESAMPLE_QUALITY,
     SF_ESTIMATED_LENGTH_FORMATS,
-    TARGET_SAMPLE_RATE,
-    AudioArray,
     AudioTooLongError,
     DecoderName,
     FrameBatcher,
@@ -53,6 +51,7 @@ from qwenasr_appliance.audio.decode import (
     prefers_ffmpeg,
     pyav_duration,
 )
+from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 
 __all__ = ["DecodedSegment", "NotSplittable", "SegmentPlan", "decode_segment", "plan_segments"]
 
@@ -96,7 +95,7 @@ class SegmentPlan:
 
     def output_offset(self, index: int) -> int:
         """Where piece `index` begins in the 16 kHz output (exact: starts are on the rate period)."""
-        return (self.starts[index] - self.origin) * TARGET_SAMPLE_RATE // self.rate
+        return (self.starts[index] - self.origin) * SAMPLE_RATE // self.rate
 
     def limit_position(self) -> float:
         """The stream position past which the audio is too long (as `decode_audio` counts)."""
@@ -115,7 +114,7 @@ class DecodedSegment:
 
 def rate_period(rate: int) -> int:
     """Source samples per whole number of output samples."""
-    return rate // math.gcd(rate, TARGET_SAMPLE_RATE)
+    return rate // math.gcd(rate, SAMPLE_RATE)
 
 
 def plan_segments(
@@ -164,7 +163,7 @@ def _plan_soundfile(data: bytes, max_seconds: float, max_segments: int, min_seco
         check_sample_rate(rate)
         check_header_duration(frames / rate, max_seconds, exact=True)
         plain = container != "FLAC" and str(sound_file.subtype).startswith(_SF_PLAIN_SUBTYPES)
-        if plain and rate == TARGET_SAMPLE_RATE:
+        if plain and rate == SAMPLE_RATE:
             return None
         starts = _starts(0, rate, frames / rate, max_segments, min_seconds)
         if starts is None:
@@ -280,10 +279,10 @@ def decode_segment(data: bytes, plan: SegmentPlan, index: int) -> DecodedSegment
     if source_end <= start:
         return DecodedSegment(index, np.zeros(0, dtype=np.float32), max(source_end, plan.origin), True)
     signal = np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
-    if plan.rate != TARGET_SAMPLE_RATE:
-        signal = soxr.resample(signal, plan.rate, TARGET_SAMPLE_RATE, quality=RESAMPLE_QUALITY)
+    if plan.rate != SAMPLE_RATE:
+        signal = soxr.resample(signal, plan.rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
         np.clip(signal, -1.0, 1.0, out=signal)
-    ratio = Fraction(TARGET_SAMPLE_RATE, plan.rate)
+    ratio = Fraction(SAMPLE_RATE, plan.rate)
     begin = int((start - first) * ratio)
     finish = signal.shape[0] if source_end == end else int((source_end - first) * ratio)
     samples = np.ascontiguousarray(signal[begin:finish], dtype=np.float32)

@@ -13,13 +13,11 @@ from itertools import pairwise
 from typing import Final
 
 import numpy as np
-import numpy.typing as npt
 
-from qwenasr_appliance.audio.decode import TARGET_SAMPLE_RATE
+from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 
 __all__ = ["AudioChunk", "is_silent", "pad_to_min", "split_at_quiet_points"]
 
-AudioArray = npt.NDArray[np.float32]
 
 # Energies within this fraction of the loudest candidate window count as equally quiet, so a cut
 # lands in the middle of a pause instead of at its first sample.
@@ -38,7 +36,7 @@ class AudioChunk:
 def split_at_quiet_points(
     samples: AudioArray,
     *,
-    sample_rate: int = TARGET_SAMPLE_RATE,
+    sample_rate: int = SAMPLE_RATE,
     max_chunk_seconds: float = 30.0,
     search_seconds: float = 5.0,
     min_chunk_seconds: float = 0.5,
@@ -111,7 +109,7 @@ def _quietest_point(samples: AudioArray, lowest: int, highest: int, window: int)
     return lowest + int(run_starts[longest] + run_ends[longest] - 1) // 2
 
 
-def pad_to_min(samples: AudioArray, min_seconds: float = 0.5, *, sample_rate: int = TARGET_SAMPLE_RATE) -> AudioArray:
+def pad_to_min(samples: AudioArray, min_seconds: float = 0.5, *, sample_rate: int = SAMPLE_RATE) -> AudioArray:
     """Zero-pad at the end to at least `min_seconds` (Qwen3-ASR needs >= 0.5 s); longer input is returned as is."""
     needed = math.ceil(min_seconds * sample_rate)
     if samples.shape[0] >= needed:
@@ -125,7 +123,7 @@ def is_silent(
     samples: AudioArray,
     threshold_dbfs: float = -60.0,
     *,
-    sample_rate: int = TARGET_SAMPLE_RATE,
+    sample_rate: int = SAMPLE_RATE,
     window_seconds: float = 0.1,
 ) -> bool:
     """True when no `window_seconds` window reaches `threshold_dbfs` RMS (full scale = 1.0).

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qwenasr_appliance.audio.decode import AudioArray, DecodedAudio, decode_audio
+from qwenasr_appliance.audio.decode import DecodedAudio, decode_audio
+from qwenasr_appliance.audio.samples import AudioArray
 from qwenasr_appliance.audio.segmented import DecodedSegment, NotSplittable, SegmentPlan, decode_segment, plan_segments
 
 # Above this (about 16 s of 16 kHz float32) a result goes through a file: a pickled one is read by the

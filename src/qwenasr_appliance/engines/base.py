@@ -11,11 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-import numpy as np
-import numpy.typing as npt
-
-AudioArray = npt.NDArray[np.float32]
-SAMPLE_RATE = 16_000
+from qwenasr_appliance.audio.samples import AudioArray
 
 LoadFailureKind = Literal["import", "unsupported", "out_of_memory", "model_not_found", "other"]
 

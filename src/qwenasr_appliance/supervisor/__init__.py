@@ -3,13 +3,8 @@
 from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
 from qwenasr_appliance.supervisor.plans import NoPlanError, Plan, plan_chain
 from qwenasr_appliance.supervisor.probe import GpuInfo, VramProbe, probe_vram
-from qwenasr_appliance.supervisor.supervisor import (
-    Attempt,
-    EngineSupervisor,
-    EngineUnavailable,
-    SupervisorState,
-    SupervisorStatus,
-)
+from qwenasr_appliance.supervisor.status import Attempt, SupervisorStatus
+from qwenasr_appliance.supervisor.supervisor import EngineSupervisor, EngineUnavailable, SupervisorState
 
 __all__ = [
     "Attempt",

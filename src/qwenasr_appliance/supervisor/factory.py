@@ -15,13 +15,14 @@ from qwenasr_appliance.aligner.base import Aligner
 from qwenasr_appliance.config import Settings, replace
 from qwenasr_appliance.engines.base import Engine, EngineLoadError
 from qwenasr_appliance.supervisor.plans import Plan
+from qwenasr_appliance.supervisor.probe import gpu_name, used_vram_bytes
 
 EngineFactory = Callable[[Plan, Settings], Engine]
 AlignerFactory = Callable[[Plan, Settings], Aligner]
 
 ENGINE_CLASSES: dict[str, tuple[str, str]] = {
-    "vllm": ("qwenasr_appliance.engines.vllm_engine", "VLLMEngine"),
-    "cpu": ("qwenasr_appliance.engines.cpu_engine", "CPUEngine"),
+    "vllm": ("qwenasr_appliance.engines.vllm.engine", "VLLMEngine"),
+    "cpu": ("qwenasr_appliance.engines.cpu.engine", "CPUEngine"),
 }
 ALIGNER_CLASSES: dict[str, tuple[str, str]] = {
     "vllm": ("qwenasr_appliance.aligner.vllm", "VLLMAligner"),
@@ -45,7 +46,7 @@ def default_engine_factory(plan: Plan, settings: Settings) -> Engine:
     """`VLLMEngine(settings, plan)` or `CPUEngine(settings)` with the plan's dtype."""
     engine_class = import_engine_class(plan)
     if plan.engine == "vllm":
-        return cast(Engine, engine_class(settings, plan))
+        return cast(Engine, engine_class(settings, plan, vram_probe=used_vram_bytes, gpu_name=gpu_name))
     return cast(Engine, engine_class(replace(settings, dtype=plan.dtype)))
 
 

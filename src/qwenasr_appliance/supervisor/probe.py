@@ -169,3 +169,15 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+def used_vram_bytes() -> int | None:
+    """Bytes in use on the first visible GPU, None without one (NVML; blocks: call it off the event loop)."""
+    gpu = probe_vram().first
+    return gpu.used_bytes if gpu else None
+
+
+def gpu_name() -> str:
+    """The first visible GPU's name, "" without one (NVML; blocks: call it off the event loop)."""
+    gpu = probe_vram().first
+    return gpu.name if gpu else ""

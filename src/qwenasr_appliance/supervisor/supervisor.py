@@ -20,17 +20,15 @@ import sys
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
-import msgspec
 import structlog
 
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import Engine, EngineDescription, EngineLoadError, LoadFailureKind
 from qwenasr_appliance.metrics import METRICS, Metrics
-from qwenasr_appliance.supervisor.aligner import AlignerSupervisor
+from qwenasr_appliance.supervisor.aligner_supervisor import AlignerSupervisor
 from qwenasr_appliance.supervisor.factory import (
     AlignerFactory,
     EngineFactory,
@@ -38,11 +36,20 @@ from qwenasr_appliance.supervisor.factory import (
     default_engine_factory,
     import_engine_class,
 )
+from qwenasr_appliance.supervisor.guard import error_text, guarded
 from qwenasr_appliance.supervisor.plans import NoPlanError, Plan, plan_chain
 from qwenasr_appliance.supervisor.probe import VramProbe, VramProbeFn, probe_vram
+from qwenasr_appliance.supervisor.status import (
+    Attempt,
+    SupervisorStatus,
+    attempt_status,
+    engine_status,
+    iso,
+    plan_status,
+    vram_status,
+)
 
 SupervisorState = Literal["starting", "probing", "loading", "ready", "degraded", "failed", "restarting", "stopped"]
-AttemptOutcome = Literal["ok", "skipped"] | LoadFailureKind
 
 SERVING_STATES: Final = frozenset({"ready", "degraded"})
 RETRY_AFTER_SECONDS: Final[dict[str, int]] = {
@@ -62,17 +69,6 @@ STABLE_AFTER_SECONDS: Final = 300.0
 logger = structlog.get_logger()
 
 
-@dataclass(frozen=True)
-class Attempt:
-    """One try at loading one plan."""
-
-    plan: Plan
-    started_at: datetime
-    duration_seconds: float
-    outcome: AttemptOutcome
-    error: str | None
-
-
 class EngineUnavailable(Exception):
     """No engine is serving; the API answers 503 with `Retry-After: retry_after_seconds`."""
 
@@ -80,63 +76,6 @@ class EngineUnavailable(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after_seconds = retry_after_seconds
-
-
-class PlanStatus(msgspec.Struct, frozen=True):
-    name: str
-    engine: str
-    dtype: str
-    quantization: str | None
-    gpu_memory_utilization: float | None
-    reason: str
-
-
-class AttemptStatus(msgspec.Struct, frozen=True):
-    plan: str
-    started_at: str
-    duration_seconds: float
-    outcome: str
-    error: str | None
-
-
-class GpuStatus(msgspec.Struct, frozen=True):
-    index: int
-    name: str
-    total_bytes: int
-    free_bytes: int
-    used_bytes: int
-
-
-class VramStatus(msgspec.Struct, frozen=True):
-    gpus: list[GpuStatus]
-    error: str | None
-
-
-class EngineStatus(msgspec.Struct, frozen=True):
-    name: str
-    model: str
-    device: str
-    dtype: str
-    quantization: str | None
-    max_concurrency: int
-    details: dict[str, str | int | float | bool | None]
-
-
-class SupervisorStatus(msgspec.Struct, frozen=True):
-    """What `GET /status` returns."""
-
-    state: str
-    ready: bool
-    reason: str | None
-    plan: str | None
-    engine: EngineStatus | None
-    chain: list[PlanStatus]
-    attempts: list[AttemptStatus]
-    vram: VramStatus | None
-    load_seconds: float | None
-    restarts: int
-    started_at: str | None
-    ready_at: str | None
 
 
 class EngineSupervisor:
@@ -260,14 +199,14 @@ class EngineSupervisor:
             ready=self.ready,
             reason=self._reason,
             plan=self._plan.name if self.ready and self._plan else None,
-            engine=_engine_status(description) if description else None,
-            chain=[_plan_status(plan) for plan in self._chain],
-            attempts=[_attempt_status(attempt) for attempt in self._attempts],
-            vram=_vram_status(self._probe) if self._probe else None,
+            engine=engine_status(description) if description else None,
+            chain=[plan_status(plan) for plan in self._chain],
+            attempts=[attempt_status(attempt) for attempt in self._attempts],
+            vram=vram_status(self._probe) if self._probe else None,
             load_seconds=self._load_seconds,
             restarts=self._restarts,
-            started_at=_iso(self._started_at),
-            ready_at=_iso(self._ready_at),
+            started_at=iso(self._started_at),
+            ready_at=iso(self._ready_at),
         )
 
     async def wait_ready(self, timeout: float) -> bool:  # noqa: ASYNC109 - the API tests and CLI use
@@ -317,7 +256,7 @@ class EngineSupervisor:
         """The request path saw `engine` die. Restarts it once however many requests report it."""
         if self._stopping or engine is not self._engine or not self.ready:
             return
-        message = error if isinstance(error, str) else _error_text(error)
+        message = error if isinstance(error, str) else error_text(error)
         self._engine = None
         if time.monotonic() - self._serving_since >= self._stable_after:
             self._restarts_in_row = 0
@@ -329,16 +268,13 @@ class EngineSupervisor:
     # -- loading ----------------------------------------------------------------------------------
 
     async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
-        try:
-            await work
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug here must not leave the state stuck in "loading"
-            logger.exception("engine.supervisor.error")
-            engine, self._engine = self._engine, None
-            if engine is not None:
-                await self._close_quietly(engine)
-            self._fail(f"supervisor error: {_error_text(exc)}")
+        await guarded(work, "engine.supervisor.error", self._on_supervisor_error)
+
+    async def _on_supervisor_error(self, error: str) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await self._close_quietly(engine)
+        self._fail(f"supervisor error: {error}")
 
     async def _initial_load(self) -> None:
         self._set_state("probing", None)
@@ -432,7 +368,7 @@ class EngineSupervisor:
             duration = time.monotonic() - began
             kind = classify_failure(exc)
             # An EngineLoadError's message is written for operators; others need their type.
-            error = str(exc) if isinstance(exc, EngineLoadError) and str(exc) else _error_text(exc)
+            error = str(exc) if isinstance(exc, EngineLoadError) and str(exc) else error_text(exc)
             if engine is not None:
                 await self._close_quietly(engine)
             self._metrics.engine_load_attempts.labels(plan=plan.name, outcome=kind).inc()
@@ -454,7 +390,7 @@ class EngineSupervisor:
         try:
             self._description = engine.describe()
         except Exception as exc:
-            logger.warning("engine.describe.failed", plan=plan.name, error=_error_text(exc))
+            logger.warning("engine.describe.failed", plan=plan.name, error=error_text(exc))
             self._description = None
         self._load_seconds = attempt.duration_seconds
         self._ready_at = _now()
@@ -502,7 +438,7 @@ class EngineSupervisor:
         try:
             probe = await asyncio.to_thread(self._probe_fn)
         except Exception as exc:
-            probe = VramProbe(error=f"the VRAM probe failed: {_error_text(exc)}")
+            probe = VramProbe(error=f"the VRAM probe failed: {error_text(exc)}")
         self._probe = probe
         for gpu in probe.gpus:
             self._metrics.gpu_memory_total.labels(gpu=str(gpu.index)).set(gpu.total_bytes)
@@ -521,7 +457,7 @@ class EngineSupervisor:
         try:
             await asyncio.wait_for(engine.close(), CLOSE_TIMEOUT_SECONDS)
         except Exception as exc:
-            logger.warning("engine.close.failed", error=_error_text(exc))
+            logger.warning("engine.close.failed", error=error_text(exc))
 
     # -- state and metrics ------------------------------------------------------------------------
 
@@ -571,7 +507,7 @@ def _free_memory() -> None:
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
     except Exception as exc:
-        logger.debug("engine.free_memory.failed", error=_error_text(exc))
+        logger.debug("engine.free_memory.failed", error=error_text(exc))
 
 
 def _installed(module: str) -> bool:
@@ -581,77 +517,8 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat(timespec="milliseconds") if moment else None
-
-
-def _plan_status(plan: Plan) -> PlanStatus:
-    return PlanStatus(
-        name=plan.name,
-        engine=plan.engine,
-        dtype=plan.dtype,
-        quantization=plan.quantization,
-        gpu_memory_utilization=plan.gpu_memory_utilization,
-        reason=plan.reason,
-    )
-
-
-def _attempt_status(attempt: Attempt) -> AttemptStatus:
-    return AttemptStatus(
-        plan=attempt.plan.name,
-        started_at=_iso(attempt.started_at) or "",
-        duration_seconds=round(attempt.duration_seconds, 3),
-        outcome=attempt.outcome,
-        error=attempt.error,
-    )
-
-
-def _vram_status(probe: VramProbe) -> VramStatus:
-    return VramStatus(
-        gpus=[
-            GpuStatus(
-                index=gpu.index,
-                name=gpu.name,
-                total_bytes=gpu.total_bytes,
-                free_bytes=gpu.free_bytes,
-                used_bytes=gpu.used_bytes,
-            )
-            for gpu in probe.gpus
-        ],
-        error=probe.error,
-    )
-
-
-def _engine_status(description: EngineDescription) -> EngineStatus:
-    return EngineStatus(
-        name=description.name,
-        model=description.model,
-        device=description.device,
-        dtype=description.dtype,
-        quantization=description.quantization,
-        max_concurrency=description.max_concurrency,
-        details=dict(description.details),
-    )
-
-
-__all__ = [
-    "Attempt",
-    "AttemptStatus",
-    "EngineStatus",
-    "EngineSupervisor",
-    "EngineUnavailable",
-    "GpuStatus",
-    "PlanStatus",
-    "SupervisorStatus",
-    "VramStatus",
-    "classify_failure",
-]
+__all__ = ["EngineSupervisor", "EngineUnavailable", "classify_failure"]

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 from litestar.datastructures import UploadFile
 
-from qwenasr_appliance.supervisor.aligner import AlignerStatus
-from qwenasr_appliance.supervisor.supervisor import SupervisorStatus
+from qwenasr_appliance.supervisor.status import AlignerStatus, SupervisorStatus
 
 ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
-RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "verbose_json", "vtt")
+RESPONSE_FORMATS: tuple[ResponseFormat, ...] = get_args(ResponseFormat)
 TIMESTAMP_GRANULARITIES: tuple[str, ...] = ("segment", "word")
 
 

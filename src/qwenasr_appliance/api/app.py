@@ -13,19 +13,20 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from qwenasr_appliance import __version__
-from qwenasr_appliance.admission import AdmissionController
 from qwenasr_appliance.api.context import AppContext, app_context
+from qwenasr_appliance.api.errors import EXCEPTION_HANDLERS, MULTIPART_PART_LIMIT
 from qwenasr_appliance.api.models import ModelsController
+from qwenasr_appliance.api.observer import RequestObserver
 from qwenasr_appliance.api.ops import OpsController
+from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
 from qwenasr_appliance.config import Settings, load_settings
-from qwenasr_appliance.errors import EXCEPTION_HANDLERS, MULTIPART_PART_LIMIT
-from qwenasr_appliance.observability import RequestObserver, configure_logging
-from qwenasr_appliance.service import TranscriptionService
-from qwenasr_appliance.shutdown import ShutdownGrace
+from qwenasr_appliance.logs import configure_logging
 from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
+from qwenasr_appliance.transcription.admission import AdmissionController
+from qwenasr_appliance.transcription.pipeline import TranscriptionService
 
 log = structlog.get_logger(__name__)
 

@@ -7,20 +7,20 @@ HTTP concerns (form parsing, status codes, formats) live in `api/`; engine conce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import structlog
 
-from qwenasr_appliance.admission import AdmissionController
 from qwenasr_appliance.aligner.base import AlignedChunk, Aligner, AlignerDeadError, merge_chunks
-from qwenasr_appliance.audio.decode import TARGET_SAMPLE_RATE, DecodedAudio
+from qwenasr_appliance.audio.decode import DecodedAudio
+from qwenasr_appliance.audio.decoder_pool import AudioDecoder
+from qwenasr_appliance.audio.samples import SAMPLE_RATE
 from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, split_at_quiet_points
 from qwenasr_appliance.config import Settings
-from qwenasr_appliance.decoding import AudioDecoder
 from qwenasr_appliance.engines.base import (
     Engine,
     EngineDeadError,
@@ -29,75 +29,22 @@ from qwenasr_appliance.engines.base import (
     run_to_completion,
 )
 from qwenasr_appliance.engines.prompt import ParsedTranscript, parse_output, parse_partial
-from qwenasr_appliance.formats import Transcript, TranscriptSegment, TranscriptWord
 from qwenasr_appliance.metrics import METRICS, Metrics
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
+from qwenasr_appliance.transcription.admission import AdmissionController
+from qwenasr_appliance.transcription.text import join_texts
+from qwenasr_appliance.transcription.types import (
+    RequestStats,
+    StreamDelta,
+    StreamDone,
+    StreamEvent,
+    Transcript,
+    TranscriptionRequest,
+    TranscriptSegment,
+    TranscriptWord,
+)
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class TranscriptionRequest:
-    """A validated transcription request."""
-
-    audio: bytes
-    filename: str | None
-    language: str | None  # canonical model language name, None to detect
-    prompt: str
-    response_format: str
-    temperature: float
-    stream: bool
-    word_timestamps: bool = False  # timestamp_granularities[]=word: align with the forced aligner
-
-
-@dataclass(frozen=True)
-class StreamDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class StreamDone:
-    transcript: Transcript
-
-
-StreamEvent = StreamDelta | StreamDone
-
-
-@dataclass
-class RequestStats:
-    """Per-request numbers for the access log."""
-
-    audio_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    decode_pieces: int = 0  # 1: decoded in one pass; more: a long file split across the decode workers
-    queue_seconds: float = 0.0
-    engine_seconds: float = 0.0
-    chunks: int = 0
-    language: str = ""
-
-
-def _is_cjk(char: str) -> bool:
-    code = ord(char)
-    return (
-        0x3040 <= code <= 0x30FF  # kana
-        or 0x3400 <= code <= 0x4DBF
-        or 0x4E00 <= code <= 0x9FFF
-        or 0xAC00 <= code <= 0xD7AF  # hangul
-        or 0xF900 <= code <= 0xFAFF
-        or 0xFF00 <= code <= 0xFFEF
-    )
-
-
-def join_texts(parts: list[str]) -> str:
-    """Join chunk texts: a space between words, none around CJK characters."""
-    out = ""
-    for part in (p.strip() for p in parts):
-        if not part:
-            continue
-        if out and not (_is_cjk(out[-1]) or _is_cjk(part[0])):
-            out += " "
-        out += part
-    return out
 
 
 def first_error(group: BaseExceptionGroup[BaseException], *, prefer: type[BaseException]) -> BaseException:
@@ -167,6 +114,20 @@ class TranscriptionService:
         chunks = split_at_quiet_points(decoded.samples, max_chunk_seconds=self._settings.chunk_seconds)
         return [c for c in chunks if not is_silent(c.samples)]
 
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, request: TranscriptionRequest, stats: RequestStats
+    ) -> AsyncIterator[tuple[Engine, DecodedAudio, list[AudioChunk], TranscribeOptions]]:
+        """Hold an admission slot while the body runs: the upload decoded and cut into chunks, with the
+        engine serving now and the request's options. Raises Overloaded, AudioError, EngineUnavailable."""
+        async with self._admission.slot() as waited:
+            stats.queue_seconds = waited
+            self._metrics.stage_duration.labels(stage="queue").observe(waited)
+            decoded = await self._decode(request, stats)
+            # The engine may have died, or been replaced, while this request waited for its slot.
+            engine = self._supervisor.require_engine()
+            yield engine, decoded, self._chunks(decoded), self._options(request)
+
     async def _guard_engine(self, engine: Engine, error: EngineDeadError) -> None:
         self._metrics.engine_errors.labels(kind="dead").inc()
         await self._supervisor.report_dead(engine, error)
@@ -182,7 +143,7 @@ class TranscriptionService:
         segments = [
             TranscriptSegment(
                 start=chunk.offset_seconds,
-                end=chunk.offset_seconds + (chunk.end_sample - chunk.start_sample) / TARGET_SAMPLE_RATE,
+                end=chunk.offset_seconds + (chunk.end_sample - chunk.start_sample) / SAMPLE_RATE,
                 text=result.text.strip(),
             )
             for chunk, result in zip(chunks, parsed, strict=True)
@@ -206,18 +167,11 @@ class TranscriptionService:
 
     async def transcribe(self, request: TranscriptionRequest, request_id: str, stats: RequestStats) -> Transcript:
         """Transcribe a whole file. Raises EngineUnavailable, Overloaded, AudioError, EngineError, TimeoutError."""
-        engine = self._supervisor.require_engine()
+        self._supervisor.require_engine()
         # Word timestamps need the forced aligner: AlignerUnavailable (503) before any work when it is not up.
         aligner = self._supervisor.aligner.require() if request.word_timestamps else None
         started = time.perf_counter()
-        async with self._admission.slot() as waited:
-            stats.queue_seconds = waited
-            self._metrics.stage_duration.labels(stage="queue").observe(waited)
-            decoded = await self._decode(request, stats)
-            # The engine may have died, or been replaced, while this request waited for its slot.
-            engine = self._supervisor.require_engine()
-            chunks = self._chunks(decoded)
-            options = self._options(request)
+        async with self._admitted(request, stats) as (engine, decoded, chunks, options):
             engine_started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._settings.request_timeout_seconds):
@@ -244,7 +198,7 @@ class TranscriptionService:
         started = time.perf_counter()
 
         async def align_chunk(chunk: AudioChunk, result: ParsedTranscript) -> AlignedChunk:
-            seconds = (chunk.end_sample - chunk.start_sample) / TARGET_SAMPLE_RATE
+            seconds = (chunk.end_sample - chunk.start_sample) / SAMPLE_RATE
             text = result.text.strip()
             language = result.language or transcript.language
             units = await aligner.align(pad_to_min(chunk.samples), text, language) if text else []
@@ -289,16 +243,9 @@ class TranscriptionService:
         All chunks run at once (so the engine batches them); deltas of a later chunk are held back
         until every earlier chunk has finished.
         """
-        engine = self._supervisor.require_engine()
+        self._supervisor.require_engine()
         started = time.perf_counter()
-        async with self._admission.slot() as waited:
-            stats.queue_seconds = waited
-            self._metrics.stage_duration.labels(stage="queue").observe(waited)
-            decoded = await self._decode(request, stats)
-            # The engine may have died, or been replaced, while this request waited for its slot.
-            engine = self._supervisor.require_engine()
-            chunks = self._chunks(decoded)
-            options = self._options(request)
+        async with self._admitted(request, stats) as (engine, decoded, chunks, options):
             engine_started = time.perf_counter()
             queues: list[asyncio.Queue[EngineOutput | BaseException]] = [asyncio.Queue() for _ in chunks]
 

@@ -10,37 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
 import logging
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 from qwenasr_appliance.audio.split import pad_to_min
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
-    SAMPLE_RATE,
-    AudioArray,
     EngineDeadError,
     EngineDescription,
     EngineLoadError,
     EngineOutput,
     EngineRequestError,
-    LoadFailureKind,
     TranscribeOptions,
 )
+from qwenasr_appliance.engines.cpu.loading import CPU_DTYPES, load_failure_kind, load_on_own_thread, model_location
 from qwenasr_appliance.engines.prompt import build_prompt
 
 log = logging.getLogger(__name__)
 
-# DTYPE setting -> torch dtype name on the CPU ("auto" is float32: bf16 matmuls are slow on most CPUs).
-CPU_DTYPES = {"auto": "float32", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _WARM_UP_SECONDS = 0.5
 # qwen-asr pads its short chunks to this length; shorter than 201 samples the STFT fails outright.
 _MIN_AUDIO_SECONDS = 0.5
@@ -48,43 +43,8 @@ _MIN_AUDIO_SECONDS = 0.5
 # `prompt.fix_repetitions` collapses the loop afterwards anyway, and on a CPU every wasted token is slow.
 _LOOP_MAX_PATTERN = 10
 _LOOP_MIN_COUNT = 20
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 
-def load_failure_kind(exc: BaseException) -> LoadFailureKind:
-    """Classify an exception raised while loading, for `EngineLoadError.kind`."""
-    if isinstance(exc, ImportError):
-        return "import"
-    if isinstance(exc, MemoryError) or any(marker in str(exc).lower() for marker in _OOM_MARKERS):
-        return "out_of_memory"
-    if isinstance(exc, OSError):
-        return "out_of_memory" if exc.errno == errno.ENOMEM else "model_not_found"
-    # huggingface_hub rejects a path that is neither a directory nor a repo id with this ValueError.
-    if type(exc).__name__ == "HFValidationError":
-        return "model_not_found"
-    return "other"
-
-
-def _looks_local(model_id: str) -> bool:
-    return model_id.startswith(("/", "./", "../", "~")) or Path(model_id).expanduser().exists()
-
-
-def model_location(model_id: str) -> str:
-    """What to hand to `from_pretrained`: a hub repo id as is, a local directory expanded and checked.
-
-    A local path without a checkpoint fails here with a clear message instead of as a malformed repo id.
-    """
-    if not _looks_local(model_id):
-        return model_id
-    path = Path(model_id).expanduser()
-    if not path.is_dir():
-        raise EngineLoadError("model_not_found", f"model directory {model_id!r} does not exist")
-    if not (path / "config.json").is_file():
-        raise EngineLoadError("model_not_found", f"model directory {model_id!r} has no config.json")
-    return str(path)
-
-
-# An item on a request's output queue: an output, a failure, or None for "ended without a result".
 _Item = EngineOutput | EngineDeadError | EngineRequestError | None
 
 
@@ -203,13 +163,7 @@ class CPUEngine:
     async def load(self) -> None:
         if self._asr is not None:
             return
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-engine")
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._load_blocking)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        self._executor = executor
+        self._executor = await load_on_own_thread(self._load_blocking, "cpu-engine")
 
     def _load_blocking(self) -> None:
         location = model_location(self._settings.model_id)

@@ -2,48 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import msgspec
 
-from qwenasr_appliance.schemas import (
+from qwenasr_appliance.api.schemas import (
     DurationUsage,
+    ResponseFormat,
     Segment,
     TranscriptionJSON,
     TranscriptionVerboseJSON,
     Word,
 )
+from qwenasr_appliance.transcription.types import Transcript, TranscriptSegment
 
-CONTENT_TYPES: dict[str, str] = {
+CONTENT_TYPES: dict[ResponseFormat, str] = {
     "json": "application/json",
-    "verbose_json": "application/json",
     "text": "text/plain; charset=utf-8",
     "srt": "application/x-subrip; charset=utf-8",
+    "verbose_json": "application/json",
     "vtt": "text/vtt; charset=utf-8",
 }
-
-
-@dataclass(frozen=True)
-class TranscriptWord:
-    word: str
-    start: float
-    end: float
-
-
-@dataclass(frozen=True)
-class TranscriptSegment:
-    start: float
-    end: float
-    text: str
-
-
-@dataclass(frozen=True)
-class Transcript:
-    text: str
-    language: str  # canonical model name ("English"), "" when nothing was recognised
-    duration: float
-    segments: list[TranscriptSegment] = field(default_factory=list)
-    words: list[TranscriptWord] | None = None
 
 
 def _clock(seconds: float, separator: str) -> str:
@@ -102,7 +79,7 @@ def to_verbose_json(transcript: Transcript) -> TranscriptionVerboseJSON:
     )
 
 
-def render(transcript: Transcript, response_format: str) -> tuple[bytes, str]:
+def render(transcript: Transcript, response_format: ResponseFormat) -> tuple[bytes, str]:
     """The response body and its content type."""
     body: bytes
     if response_format == "text":

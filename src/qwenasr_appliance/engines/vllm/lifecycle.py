@@ -12,10 +12,10 @@ from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from qwenasr_appliance.engines.base import EngineLoadError
-from qwenasr_appliance.engines.vllm_errors import classify_load_failure
+from qwenasr_appliance.engines.vllm.errors import classify_load_failure
 
 if TYPE_CHECKING:
-    from qwenasr_appliance.engines.vllm_engine import OutputTap
+    from qwenasr_appliance.engines.vllm.common import OutputTap
 
 
 def import_vllm() -> str:
@@ -78,6 +78,17 @@ async def shut_down_llm(llm: Any, active: Collection[str]) -> None:
     # Blocking (it joins the engine-core process); vLLM closes its sockets on the loop thread itself.
     with contextlib.suppress(Exception):
         await asyncio.to_thread(shutdown)
+
+
+async def release_llm(take: Callable[[], Any], active: Collection[str]) -> None:
+    """Shut down the `AsyncLLM` that `take()` hands over (and forgets; None: nothing to do), then free
+    torch's cached memory once no reference to it is left."""
+    llm = take()
+    if llm is None:
+        return
+    await shut_down_llm(llm, active)
+    del llm
+    release_torch_cache()
 
 
 def release_torch_cache() -> None:

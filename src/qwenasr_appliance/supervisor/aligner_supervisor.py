@@ -21,15 +21,16 @@ import time
 from collections.abc import Coroutine
 from typing import Any, Final, Literal
 
-import msgspec
 import structlog
 
 from qwenasr_appliance.aligner.base import Aligner, AlignerDescription
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import EngineLoadError
 from qwenasr_appliance.supervisor.factory import ALIGNER_CLASSES, AlignerFactory, import_engine_class
+from qwenasr_appliance.supervisor.guard import error_text, guarded
 from qwenasr_appliance.supervisor.plans import NoPlanError, Plan, aligner_plan
 from qwenasr_appliance.supervisor.probe import VramProbe, VramProbeFn
+from qwenasr_appliance.supervisor.status import AlignerStatus
 
 AlignerState = Literal["disabled", "waiting", "loading", "ready", "failed", "restarting", "stopped"]
 
@@ -48,21 +49,6 @@ class AlignerUnavailable(Exception):
         self.state = state
         self.reason = reason
         self.retry_after_seconds = retry_after_seconds
-
-
-class AlignerStatus(msgspec.Struct, frozen=True):
-    """The `aligner` section of `GET /status`."""
-
-    state: str
-    ready: bool
-    model: str | None
-    plan: str | None
-    device: str | None
-    dtype: str | None
-    error: str | None
-    load_seconds: float | None
-    restarts: int
-    details: dict[str, str | int | float | bool | None]
 
 
 class AlignerSupervisor:
@@ -151,7 +137,7 @@ class AlignerSupervisor:
         """A request saw `aligner` die: reload it (with back-off), however many requests report it."""
         if aligner is not self._aligner or self._state != "ready":
             return
-        message = error if isinstance(error, str) else _error_text(error)
+        message = error if isinstance(error, str) else error_text(error)
         self._aligner = None
         logger.error("aligner.dead", plan=self._plan.name if self._plan else None, error=message)
         self._set_state("restarting", message)
@@ -160,13 +146,10 @@ class AlignerSupervisor:
     # -- loading ----------------------------------------------------------------------------------
 
     async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
-        try:
-            await work
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug here must not leave the state stuck in "loading"
-            logger.exception("aligner.supervisor.error")
-            self._set_state("failed", f"supervisor error: {_error_text(exc)}")
+        await guarded(work, "aligner.supervisor.error", self._on_supervisor_error)
+
+    async def _on_supervisor_error(self, error: str) -> None:
+        self._set_state("failed", f"supervisor error: {error}")
 
     async def _load(self, asr_plan: Plan) -> None:
         self._set_state("loading", None)
@@ -220,7 +203,7 @@ class AlignerSupervisor:
             raise
         except Exception as exc:
             kind = exc.kind if isinstance(exc, EngineLoadError) else "other"
-            text = str(exc) if isinstance(exc, EngineLoadError) and str(exc) else _error_text(exc)
+            text = str(exc) if isinstance(exc, EngineLoadError) and str(exc) else error_text(exc)
             if aligner is not None:
                 await _close_quietly(aligner)
             logger.warning("aligner.plan.failed", plan=plan.name, kind=kind, error=text)
@@ -229,7 +212,7 @@ class AlignerSupervisor:
         try:
             self._description = aligner.describe()
         except Exception as exc:
-            logger.warning("aligner.describe.failed", plan=plan.name, error=_error_text(exc))
+            logger.warning("aligner.describe.failed", plan=plan.name, error=error_text(exc))
             self._description = None
         self._aligner = aligner
         self._set_state("ready", None)
@@ -247,7 +230,7 @@ class AlignerSupervisor:
         try:
             return await asyncio.to_thread(self._probe_fn)
         except Exception as exc:
-            return VramProbe(error=f"the VRAM probe failed: {_error_text(exc)}")
+            return VramProbe(error=f"the VRAM probe failed: {error_text(exc)}")
 
     def _set_state(self, state: AlignerState, error: str | None) -> None:
         previous, self._state, self._error = self._state, state, error
@@ -260,12 +243,7 @@ async def _close_quietly(aligner: Aligner) -> None:
     try:
         await asyncio.wait_for(aligner.close(), CLOSE_TIMEOUT_SECONDS)
     except Exception as exc:
-        logger.warning("aligner.close.failed", error=_error_text(exc))
+        logger.warning("aligner.close.failed", error=error_text(exc))
 
 
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-__all__ = ["AlignerState", "AlignerStatus", "AlignerSupervisor", "AlignerUnavailable"]
+__all__ = ["AlignerState", "AlignerSupervisor", "AlignerUnavailable"]

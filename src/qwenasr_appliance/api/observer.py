@@ -1,4 +1,4 @@
-"""Structured logs and per-request observation.
+"""Per-request observation of the HTTP server.
 
 `RequestObserver` wraps the whole ASGI app (so 404s and errors raised before routing are seen too):
 it assigns a request id (or keeps a safe one the client sent), returns it in `X-Request-ID`, counts and
@@ -8,9 +8,7 @@ handler recorded (audio seconds, processing seconds, real-time factor).
 
 from __future__ import annotations
 
-import logging
 import re
-import sys
 import time
 import uuid
 from contextvars import ContextVar
@@ -21,65 +19,13 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwenasr_appliance.metrics import METRICS, Metrics
-from qwenasr_appliance.service import RequestStats
+from qwenasr_appliance.transcription.types import RequestStats
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 REQUEST_STATS: ContextVar[RequestStats | None] = ContextVar("request_stats", default=None)
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
-
-
-def _renderer(fmt: str) -> structlog.types.Processor:
-    return structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
-
-
-def granian_log_config(fmt: str) -> dict[str, Any]:
-    """A logging dictconfig for granian's own process, so its lines share our format."""
-    formatter = {
-        "()": "structlog.stdlib.ProcessorFormatter",
-        "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta, _renderer(fmt)],
-        "foreign_pre_chain": [
-            structlog.stdlib.add_log_level,
-            structlog.stdlib.add_logger_name,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-        ],
-    }
-    return {"formatters": {"generic": formatter, "access": formatter}}
-
-
-def configure_logging(level: str, fmt: str) -> None:
-    """Route structlog and the standard library (granian, litestar) through one JSON or console renderer."""
-    shared: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.StackInfoRenderer(),
-    ]
-    renderer = _renderer(fmt)
-    structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                renderer,
-            ],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "multipart"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

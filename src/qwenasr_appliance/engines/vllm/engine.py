@@ -6,7 +6,7 @@ vLLM 0.26 is used the way its own `/v1/audio/transcriptions` server uses it, min
   same hardware-dependent batch defaults as `vllm serve`); the model runs in vLLM's engine-core child
   process, this process renders prompts, detokenizes and streams;
 * each chunk's log-mel features are computed in worker processes and turned into the engine input vLLM's
-  renderer would have made (`engines.vllm_inputs`, checked against the renderer at start-up), then
+  renderer would have made (`engines.vllm.inputs`, checked against the renderer at start-up), then
   submitted with `AsyncLLM.generate(..., request_id)` and streamed as DELTA outputs that this engine
   accumulates into the cumulative `EngineOutput`s the protocol asks for. Without a known feature
   extractor, or when the check fails, vLLM's renderer does the work (`render_cmpl_async`: tokenization
@@ -29,20 +29,17 @@ import asyncio
 import contextlib
 import math
 import os
-import sys
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import structlog
 
 from qwenasr_appliance.audio.features import LogMelExtractor, find_extractor
+from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 from qwenasr_appliance.engines.base import (
-    SAMPLE_RATE,
-    AudioArray,
     EngineDeadError,
     EngineDescription,
     EngineError,
@@ -52,21 +49,21 @@ from qwenasr_appliance.engines.base import (
     TranscribeOptions,
 )
 from qwenasr_appliance.engines.prompt import build_prompt
-from qwenasr_appliance.engines.vllm_errors import (
+from qwenasr_appliance.engines.vllm.common import LLMFactory, OutputTap, ParamsFactory, PlanLike, audio_tokens
+from qwenasr_appliance.engines.vllm.errors import (
     classify_load_failure,
     failure_region,
     map_request_error,
     root_cause_line,
 )
-from qwenasr_appliance.engines.vllm_inputs import (
+from qwenasr_appliance.engines.vllm.inputs import (
     ChunkFeatures,
     EngineInputBuilder,
     chunk_features,
     differences,
-    placeholder_tokens,
     vllm_input_builder,
 )
-from qwenasr_appliance.engines.vllm_lifecycle import attr, build_llm, import_vllm, release_torch_cache, shut_down_llm
+from qwenasr_appliance.engines.vllm.lifecycle import attr, build_llm, import_vllm, release_llm
 from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
 
 if TYPE_CHECKING:
@@ -95,29 +92,8 @@ CHECK_SECONDS: Final = 2.37
 VRAM_RELEASE_TIMEOUT_SECONDS: Final = 20.0
 VRAM_RELEASE_SLACK_BYTES: Final = 512 * 1024**2
 
-LLMFactory = Callable[[dict[str, Any]], Any]
-ParamsFactory = Callable[[dict[str, Any]], Any]
-
-
-class PlanLike(Protocol):
-    """What the engine reads of `supervisor.plans.Plan`."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def dtype(self) -> str: ...
-    @property
-    def quantization(self) -> str | None: ...
-    @property
-    def gpu_memory_utilization(self) -> float | None: ...
-
 
 # -- pure helpers (unit-tested without vLLM) ------------------------------------------------------
-
-
-def audio_tokens(seconds: float) -> int:
-    """Audio placeholder tokens vLLM inserts for `seconds` of 16 kHz audio (hop 160: 100 frames/s)."""
-    return placeholder_tokens(max(1, math.ceil(round(seconds * 100, 6))))  # round: 9.88 * 100 is 988.0000000000001
 
 
 def derive_max_model_len(settings: Settings) -> int:
@@ -241,85 +217,6 @@ def _default_params_factory(kwargs: dict[str, Any]) -> Any:
     return SamplingParams(**kwargs)
 
 
-class OutputTap:
-    """Sends this process's stdout and stderr through pipes, forwarding everything and keeping the tail.
-
-    vLLM's engine core is a child process: when it fails to start, its traceback only reaches its own
-    stderr/stdout, which it inherits from this process. While the tap is on, children started meanwhile
-    inherit the pipes, so their output is forwarded as before and its tail stays readable here for as
-    long as they run (`text()`), also after `stop()` gave this process its own descriptors back.
-    """
-
-    def __init__(self, limit_bytes: int = 256 * 1024, fds: Iterable[int] = (1, 2)) -> None:
-        self._limit = limit_bytes
-        self._fds = tuple(fds)
-        self._tail = bytearray()
-        self._lock = threading.Lock()
-        self._saved: dict[int, int] = {}
-
-    def start(self) -> None:
-        self._flush()
-        for fd in self._fds:
-            try:
-                os.fstat(fd)
-                read_fd, write_fd = os.pipe()
-            except OSError:
-                continue
-            saved = os.dup(fd)
-            os.dup2(write_fd, fd)  # inheritable: children get the pipe as their stdout/stderr
-            os.close(write_fd)
-            self._saved[fd] = saved
-            threading.Thread(
-                target=self._pump, args=(read_fd, saved), name=f"vllm-output-tap-{fd}", daemon=True
-            ).start()
-
-    def stop(self) -> None:
-        """Give this process its descriptors back; children keep writing through the tap."""
-        self._flush()
-        for fd, saved in self._saved.items():
-            with contextlib.suppress(OSError):
-                os.dup2(saved, fd)
-        self._saved.clear()
-
-    def text(self) -> str:
-        with self._lock:
-            return self._tail.decode("utf-8", "replace")
-
-    def _pump(self, read_fd: int, out_fd: int) -> None:
-        forward = True
-        try:
-            while chunk := os.read(read_fd, 65536):
-                with self._lock:
-                    self._tail += chunk
-                    if len(self._tail) > self._limit:
-                        del self._tail[: len(self._tail) - self._limit]
-                view = memoryview(chunk)
-                while forward and view:
-                    try:
-                        view = view[os.write(out_fd, view) :]
-                    except OSError:
-                        forward = False  # keep draining the pipe so writers never block
-        except OSError:
-            pass
-        finally:
-            for fd in (read_fd, out_fd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-    @staticmethod
-    def _flush() -> None:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-
-
-def _used_vram_bytes() -> int | None:
-    from qwenasr_appliance.supervisor.probe import probe_vram
-
-    gpu = probe_vram().first
-    return gpu.used_bytes if gpu else None
-
-
 # -- the engine -----------------------------------------------------------------------------------
 
 
@@ -340,6 +237,7 @@ class VLLMEngine:
         capture_output: bool | None = None,
         environ: Mapping[str, str] | None = None,
         vram_probe: Callable[[], int | None] | None = None,
+        gpu_name: Callable[[], str] | None = None,
         input_builder_factory: Callable[[Any], EngineInputBuilder] | None = None,
     ) -> None:
         self._settings = settings
@@ -348,7 +246,9 @@ class VLLMEngine:
         self._params_factory = params_factory
         self._capture_output = llm_factory is None if capture_output is None else capture_output
         self._fixed_length = bench_fixed_length(environ)
-        self._vram_probe = vram_probe if vram_probe is not None else (_used_vram_bytes if llm_factory is None else None)
+        # Readings of GPU 0 (used bytes, name): passed in by the supervisor's factory; None: not read.
+        self._vram_probe = vram_probe
+        self._gpu_name_reader = gpu_name
         self._engine_args = build_engine_args(settings, plan)
         self._llm: Any = None
         self._tap: OutputTap | None = None
@@ -360,7 +260,7 @@ class VLLMEngine:
         self._vram_loaded: int | None = None
         self._gpu_name = ""
         self._vllm_version = ""
-        # Log-mel features computed in worker processes and engine inputs built here (engines.vllm_inputs);
+        # Log-mel features computed in worker processes and engine inputs built here (engines.vllm.inputs);
         # None: vLLM's renderer computes them.
         self._input_builder_factory = input_builder_factory or vllm_input_builder
         self._features: WorkerPool | None = None
@@ -428,15 +328,13 @@ class VLLMEngine:
         if self._vram_probe is not None:
             self._vram_loaded = await asyncio.to_thread(self._vram_probe)
 
-    @staticmethod
-    def _read_gpu_name() -> str:
+    def _read_gpu_name(self) -> str:
+        if self._gpu_name_reader is None:
+            return ""
         try:
-            from qwenasr_appliance.supervisor.probe import probe_vram
-
-            gpu = probe_vram().first
+            return self._gpu_name_reader()
         except Exception:
             return ""
-        return gpu.name if gpu else ""
 
     async def _warm_up(self) -> None:
         try:
@@ -515,15 +413,14 @@ class VLLMEngine:
         except WorkerCrashedError as exc:
             raise EngineRequestError(f"audio features could not be computed: {exc}") from exc
 
+    def _take_llm(self) -> Any:
+        llm, self._llm = self._llm, None
+        return llm
+
     async def close(self) -> None:
         self._closed = True
         self._stop_feature_workers()
-        llm, self._llm = self._llm, None
-        if llm is None:
-            return
-        await shut_down_llm(llm, self._active)
-        del llm
-        release_torch_cache()
+        await release_llm(self._take_llm, self._active)
         await self._wait_for_vram_release()
 
     async def _wait_for_vram_release(self) -> None:

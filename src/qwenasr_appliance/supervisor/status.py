@@ -1,0 +1,154 @@
+"""What `GET /status` shows of the supervisors (msgspec structs), and the converters from their state.
+
+Times are ISO 8601 in UTC with milliseconds; durations are seconds; memory is bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from qwenasr_appliance.engines.base import EngineDescription, LoadFailureKind
+from qwenasr_appliance.supervisor.plans import Plan
+from qwenasr_appliance.supervisor.probe import VramProbe
+
+AttemptOutcome = Literal["ok", "skipped"] | LoadFailureKind
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try at loading one plan."""
+
+    plan: Plan
+    started_at: datetime
+    duration_seconds: float
+    outcome: AttemptOutcome
+    error: str | None
+
+
+class PlanStatus(msgspec.Struct, frozen=True):
+    name: str
+    engine: str
+    dtype: str
+    quantization: str | None
+    gpu_memory_utilization: float | None
+    reason: str
+
+
+class AttemptStatus(msgspec.Struct, frozen=True):
+    plan: str
+    started_at: str
+    duration_seconds: float
+    outcome: str
+    error: str | None
+
+
+class GpuStatus(msgspec.Struct, frozen=True):
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    used_bytes: int
+
+
+class VramStatus(msgspec.Struct, frozen=True):
+    gpus: list[GpuStatus]
+    error: str | None
+
+
+class EngineStatus(msgspec.Struct, frozen=True):
+    name: str
+    model: str
+    device: str
+    dtype: str
+    quantization: str | None
+    max_concurrency: int
+    details: dict[str, str | int | float | bool | None]
+
+
+class SupervisorStatus(msgspec.Struct, frozen=True):
+    """What `GET /status` returns."""
+
+    state: str
+    ready: bool
+    reason: str | None
+    plan: str | None
+    engine: EngineStatus | None
+    chain: list[PlanStatus]
+    attempts: list[AttemptStatus]
+    vram: VramStatus | None
+    load_seconds: float | None
+    restarts: int
+    started_at: str | None
+    ready_at: str | None
+
+
+class AlignerStatus(msgspec.Struct, frozen=True):
+    """The `aligner` section of `GET /status`."""
+
+    state: str
+    ready: bool
+    model: str | None
+    plan: str | None
+    device: str | None
+    dtype: str | None
+    error: str | None
+    load_seconds: float | None
+    restarts: int
+    details: dict[str, str | int | float | bool | None]
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="milliseconds") if moment else None
+
+
+def plan_status(plan: Plan) -> PlanStatus:
+    return PlanStatus(
+        name=plan.name,
+        engine=plan.engine,
+        dtype=plan.dtype,
+        quantization=plan.quantization,
+        gpu_memory_utilization=plan.gpu_memory_utilization,
+        reason=plan.reason,
+    )
+
+
+def attempt_status(attempt: Attempt) -> AttemptStatus:
+    return AttemptStatus(
+        plan=attempt.plan.name,
+        started_at=iso(attempt.started_at) or "",
+        duration_seconds=round(attempt.duration_seconds, 3),
+        outcome=attempt.outcome,
+        error=attempt.error,
+    )
+
+
+def vram_status(probe: VramProbe) -> VramStatus:
+    return VramStatus(
+        gpus=[
+            GpuStatus(
+                index=gpu.index,
+                name=gpu.name,
+                total_bytes=gpu.total_bytes,
+                free_bytes=gpu.free_bytes,
+                used_bytes=gpu.used_bytes,
+            )
+            for gpu in probe.gpus
+        ],
+        error=probe.error,
+    )
+
+
+def engine_status(description: EngineDescription) -> EngineStatus:
+    return EngineStatus(
+        name=description.name,
+        model=description.model,
+        device=description.device,
+        dtype=description.dtype,
+        quantization=description.quantization,
+        max_concurrency=description.max_concurrency,
+        details=dict(description.details),
+    )

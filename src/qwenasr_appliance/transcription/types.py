@@ -1,0 +1,82 @@
+"""The values of the transcription domain: what the pipeline takes, what it yields, what it records.
+
+Times are seconds on the recording's time line (0 at the first sample of the upload). Languages are the
+canonical names Qwen3-ASR writes (`"English"`, see `languages.py`); the API layer turns them into
+OpenAI's fields and headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TranscriptWord:
+    """One timed unit from the forced aligner: a word, or a single character in Chinese."""
+
+    word: str
+    start: float  # seconds
+    end: float  # seconds
+
+
+@dataclass(frozen=True)
+class TranscriptSegment:
+    """The text of one piece of the recording (a chunk cut at a quiet point)."""
+
+    start: float  # seconds
+    end: float  # seconds
+    text: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A finished transcription of one recording."""
+
+    text: str
+    language: str  # canonical model name ("English"), "" when nothing was recognised
+    duration: float  # seconds of decoded audio
+    segments: list[TranscriptSegment] = field(default_factory=list)
+    words: list[TranscriptWord] | None = None
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    """A validated transcription request: the upload's bytes and what the caller asked for."""
+
+    audio: bytes
+    filename: str | None
+    language: str | None  # canonical model language name, None to detect
+    prompt: str
+    temperature: float
+    stream: bool
+    word_timestamps: bool = False  # timestamp_granularities[]=word: align with the forced aligner
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """More transcript text, in audio order."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class StreamDone:
+    """The end of a streamed transcription, with the whole transcript."""
+
+    transcript: Transcript
+
+
+StreamEvent = StreamDelta | StreamDone
+
+
+@dataclass
+class RequestStats:
+    """Per-request numbers for the access log (seconds, unless named otherwise)."""
+
+    audio_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_pieces: int = 0  # 1: decoded in one pass; more: a long file split across the decode workers
+    queue_seconds: float = 0.0
+    engine_seconds: float = 0.0
+    chunks: int = 0
+    language: str = ""
