@@ -20,7 +20,7 @@ import soxr
 
 FloatArray = npt.NDArray[np.float32]
 
-SAMPLES_DIR = Path(__file__).resolve().parents[2] / "shared" / "audio" / "samples"
+SAMPLES_DIR = Path(__file__).resolve().parent / "fixtures" / "samples"  # real speech, licences in MANIFEST.md
 
 # name -> (libsndfile format, subtype)
 SOUNDFILE_FORMATS: dict[str, tuple[str, str]] = {

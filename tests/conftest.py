@@ -26,12 +26,12 @@ def _load_dynet_off_the_main_thread() -> None:
 
 _load_dynet_off_the_main_thread()
 
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "audio" / "samples"
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "samples"  # real speech, licences in MANIFEST.md
 
 
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
-    assert SAMPLES.is_dir(), f"the shared speech samples are missing at {SAMPLES}"
+    assert SAMPLES.is_dir(), f"the speech samples are missing at {SAMPLES}"
     return SAMPLES
 
 

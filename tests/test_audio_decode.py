@@ -153,7 +153,7 @@ def test_real_recordings_decode(samples_root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def samples_root() -> Path:
-    assert SAMPLES_DIR.is_dir(), f"the shared speech samples are missing at {SAMPLES_DIR}"
+    assert SAMPLES_DIR.is_dir(), f"the speech samples are missing at {SAMPLES_DIR}"
     return SAMPLES_DIR
 
 

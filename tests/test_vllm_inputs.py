@@ -32,7 +32,7 @@ from qwenasr_appliance.engines.vllm.inputs import (
 )
 
 PAD = 9
-MAKE_DUMMY = Path(__file__).resolve().parents[2] / "shared" / "gpu" / "make_dummy_qwen3_asr.py"
+MAKE_DUMMY = Path(__file__).resolve().parents[1] / "gpu" / "make_dummy_qwen3_asr.py"
 
 
 def noise(seconds: float, seed: int = 0) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 `build_tiny_qwen3_asr(dir)` writes a directory that `qwen_asr.Qwen3ASRModel.from_pretrained(dir)` loads
 and runs end to end (Whisper features -> audio encoder -> Qwen3 decoder -> text). The layout follows
-`shared/gpu/make_dummy_qwen3_asr.py` (same special tokens in the same order, same chat template), but
+`gpu/make_dummy_qwen3_asr.py` (same special tokens in the same order, same chat template), but
 the special tokens sit right after the 256 byte symbols instead of at 151643, so the vocabulary and the
 embeddings stay small.
 
