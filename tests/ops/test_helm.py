@@ -360,6 +360,9 @@ def test_prometheus_rule_is_the_deploy_rules(rendered: dict[str, Rendered], tmp_
         expected = [r for r in group["rules"] if r.get("alert") != "QwenASRNoTraffic"]  # disabled in full values
         assert len(rendered_rules) == len(expected)
         for got, want in zip(rendered_rules, expected, strict=True):
+            if want.get("alert") == "QwenASRDown":  # per release: see test_chart_down_alert_is_per_release
+                assert got["expr"].startswith("absent(qwenasr_build_info{namespace=")
+                continue
             assert got["expr"] == want["expr"]
             assert got.get("annotations") == want.get("annotations")
             if "alert" in want:
@@ -649,3 +652,54 @@ def test_notes_warn_when_monitors_have_no_selector_labels(chart: Any, rendered: 
     assert "metrics.serviceMonitor.labels" in notes and "prometheusRule.labels" in notes
     assert "release: kube-prometheus-stack" in notes
     assert "metrics.serviceMonitor.labels" not in rendered["full"]["NOTES"][0]["text"]
+
+
+def test_chart_down_alert_is_per_release(rendered: dict[str, Rendered], tmp_path: Path) -> None:
+    """The chart's QwenASRDown watches its own release's pods: promtool shows it firing while another
+    release (another namespace, same names) is up, and silent while this release is up."""
+    rule = one(rendered["statefulset-keda"], "PrometheusRule")
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert all(r["annotations"]["runbook_url"].startswith("https://runbooks.example.com/qwenasr#") for r in alerts)
+    (down,) = [r for r in alerts if r["alert"] == "QwenASRDown"]
+    assert down["expr"] == 'absent(qwenasr_build_info{namespace="speech", pod=~"asr-qwenasr-appliance-[0-9]+"})'
+    rules_file = tmp_path / "rendered.rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    other = 'qwenasr_build_info{namespace="other", pod="asr-qwenasr-appliance-0", version="0.1.0"}'
+    ours = 'qwenasr_build_info{namespace="speech", pod="asr-qwenasr-appliance-0", version="0.1.0"}'
+    similar = 'qwenasr_build_info{namespace="speech", pod="asr-qwenasr-appliance-x-0", version="0.1.0"}'
+    tests = {
+        "rule_files": [str(rules_file)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": other, "values": "1x40"},
+                    {"series": similar, "values": "1x40"},
+                    {"series": ours, "values": "1x10"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "QwenASRDown", "exp_alerts": []},
+                    {
+                        "eval_time": "35m",
+                        "alertname": "QwenASRDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "namespace": "speech"},
+                                "exp_annotations": {
+                                    **{k: v for k, v in down["annotations"].items() if k != "summary"},
+                                    "summary": "No qwenasr-appliance target in speech has been scraped for 10 minutes.",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    tests_file = tmp_path / "rendered.test.yaml"
+    tests_file.write_text(yaml.safe_dump(tests))
+    result = subprocess.run(
+        [tool("promtool", "PROMTOOL"), "test", "rules", str(tests_file)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
