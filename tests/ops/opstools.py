@@ -35,8 +35,23 @@ VLLM_GPU_ONLY_METRICS = frozenset(
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
         "vllm:kv_cache_usage_perc",
+        "vllm:request_queue_time_seconds_bucket",
+        "vllm:num_preemptions_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
     }
 )
+
+# Series the appliance does not export, from other exporters every GPU cluster runs: allowed, by name,
+# only in the dashboard's external row (EXTERNAL_ROW), whose panels select by namespace and pod.
+EXTERNAL_METRICS: dict[str, str] = {
+    "DCGM_FI_DEV_GPU_UTIL": "NVIDIA DCGM exporter (GPU Operator), per GPU with the pod it is assigned to",
+    "DCGM_FI_DEV_FB_USED": "NVIDIA DCGM exporter (GPU Operator), framebuffer memory used in MiB",
+    "container_cpu_usage_seconds_total": "cAdvisor (kubelet /metrics/cadvisor)",
+    "container_cpu_cfs_throttled_periods_total": "cAdvisor (kubelet /metrics/cadvisor)",
+    "container_cpu_cfs_periods_total": "cAdvisor (kubelet /metrics/cadvisor)",
+}
+EXTERNAL_ROW = "GPU and container (DCGM exporter, cAdvisor)"
 
 
 def in_ci() -> bool:

@@ -7,6 +7,8 @@ Family names come from the `# TYPE` lines, present for every family even before 
 (labelled metrics have no samples until first used); `_bucket`/`_sum`/`_count`/`_total`/`_created`
 series map to their family. vLLM's own `vllm:*` metrics exist only on GPU, in the same registry: they
 are allowed from the explicit list `VLLM_GPU_ONLY_METRICS`, and only in the dashboard's vLLM row.
+Live GPU and container panels read other exporters (DCGM exporter, cAdvisor): each such metric is
+named in `EXTERNAL_METRICS` with its exporter, and allowed only in the dashboard's external row.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from tests.ops.opstools import (
     CHART,
     COMPOSE,
     DASHBOARD,
+    EXTERNAL_METRICS,
+    EXTERNAL_ROW,
     REPO,
     VLLM_GPU_ONLY_METRICS,
     dashboard_queries,
@@ -50,6 +54,15 @@ REQUIRED_METRICS = {
     "fallbacks taken": "qwenasr_engine_fallbacks_total",
     "VRAM": "qwenasr_gpu_memory_free_bytes",
     "model load time": "qwenasr_model_load_duration_seconds",
+    # Issue 17: live GPU, container CPU and throttling, vLLM scheduler.
+    "live GPU utilisation": "DCGM_FI_DEV_GPU_UTIL",
+    "live GPU memory": "DCGM_FI_DEV_FB_USED",
+    "container CPU": "container_cpu_usage_seconds_total",
+    "CPU throttling": "container_cpu_cfs_throttled_periods_total",
+    "vLLM queue time": "vllm:request_queue_time_seconds_bucket",
+    "vLLM preemptions": "vllm:num_preemptions_total",
+    "vLLM generated tokens": "vllm:generation_tokens_total",
+    "vLLM prompt tokens": "vllm:prompt_tokens_total",
 }
 
 
@@ -66,9 +79,13 @@ def queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def vllm_row_panels(dashboard: dict[str, Any]) -> set[str]:
-    (row,) = [p for p in dashboard["panels"] if p.get("type") == "row" and p["title"] == VLLM_ROW]
+def row_panels(dashboard: dict[str, Any], title: str) -> set[str]:
+    (row,) = [p for p in dashboard["panels"] if p.get("type") == "row" and p["title"] == title]
     return {p["title"] for p in row["panels"]}
+
+
+def vllm_row_panels(dashboard: dict[str, Any]) -> set[str]:
+    return row_panels(dashboard, VLLM_ROW)
 
 
 def names_by_location(dashboard: dict[str, Any], queries: list[tuple[str, str]]) -> dict[str, set[str]]:
@@ -80,11 +97,14 @@ def names_by_location(dashboard: dict[str, Any], queries: list[tuple[str, str]])
 def check_names_exported(dashboard: dict[str, Any], queries: list[tuple[str, str]], exposition: str) -> None:
     exported = sample_names(exposition)
     vllm_panels = vllm_row_panels(dashboard)
+    external_panels = row_panels(dashboard, EXTERNAL_ROW)
     problems = []
     for where, names in names_by_location(dashboard, queries).items():
         for name in sorted(names - exported):
             panel = where.rsplit(" [", 1)[0]
             if name in VLLM_GPU_ONLY_METRICS and panel in vllm_panels:
+                continue
+            if name in EXTERNAL_METRICS and panel in external_panels:
                 continue
             problems.append(f"{where}: {name}")
     assert not problems, "queries name metrics the server does not export:\n" + "\n".join(problems)
@@ -94,7 +114,9 @@ def test_dashboard_structure(dashboard: dict[str, Any]) -> None:
     assert dashboard["uid"] == "qwenasr-appliance" and dashboard["title"]
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    assert {"job", "instance"} <= set(variables)
+    assert {"namespace", "job", "instance", "pod"} <= set(variables)
+    assert variables["namespace"]["allValue"] == ".*"  # matches series without the label (plain scrape)
+    external_panels = row_panels(dashboard, EXTERNAL_ROW)
     panels = list(iter_panels(dashboard["panels"]))
     ids = Counter(p["id"] for p in panels)
     assert all(count == 1 for count in ids.values()), f"duplicate panel ids: {ids.most_common(3)}"
@@ -105,7 +127,12 @@ def test_dashboard_structure(dashboard: dict[str, Any]) -> None:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
-            # Every query is scoped by the job and instance variables.
+            assert 'namespace=~"$namespace"' in target["expr"], panel["title"]
+            if panel["title"] in external_panels:
+                # Other exporters know pods, not the appliance's scrape job: scoped by the pod variable.
+                assert 'pod=~"$pod"' in target["expr"], panel["title"]
+                continue
+            # Every query of the appliance's metrics is scoped by the job and instance variables.
             assert 'job=~"$job"' in target["expr"] and 'instance=~"$instance"' in target["expr"], panel["title"]
 
 
@@ -143,6 +170,22 @@ def test_queries_name_metrics_the_live_server_exports(
     response = httpx.get(f"{live_server_url}/metrics", timeout=10)
     assert response.status_code == 200
     check_names_exported(dashboard, queries, response.text)
+
+
+def test_external_metrics_stay_in_their_row(dashboard: dict[str, Any], queries: list[tuple[str, str]]) -> None:
+    external_panels = row_panels(dashboard, EXTERNAL_ROW)
+    for where, names in names_by_location(dashboard, queries).items():
+        if names & set(EXTERNAL_METRICS):
+            assert where.rsplit(" [", 1)[0] in external_panels, where
+    assert all(EXTERNAL_METRICS.values()), "every external metric names its exporter"
+
+
+def test_one_off_gpu_memory_reading_says_so(dashboard: dict[str, Any]) -> None:
+    """qwenasr_gpu_memory_* is read once at the engine's VRAM probe, before the model loads."""
+    for panel in iter_panels(dashboard["panels"]):
+        names = set().union(*(metric_names(grafana_to_promql(t["expr"])) for t in panel.get("targets", [])))
+        if any(name.startswith("qwenasr_gpu_memory_") for name in names):
+            assert "one-off" in panel["title"], panel["title"]
 
 
 def test_vllm_metrics_stay_in_their_row(dashboard: dict[str, Any], queries: list[tuple[str, str]]) -> None:

@@ -26,6 +26,7 @@ VALUES_FILES = {
     "default": None,
     "full": CHART / "ci" / "full-values.yaml",
     "keda-cpu-airgapped": CHART / "ci" / "keda-values.yaml",
+    "statefulset-keda": CHART / "ci" / "statefulset-values.yaml",
 }
 CRD_API_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
 
@@ -79,8 +80,15 @@ def hook_of(obj: dict[str, Any]) -> str | None:
     return hook
 
 
+def workload(objects: Rendered) -> dict[str, Any]:
+    """The server's Deployment or StatefulSet (exactly one of them)."""
+    found = objects.get("Deployment", []) + objects.get("StatefulSet", [])
+    assert len(found) == 1, f"expected one Deployment or StatefulSet, got {len(found)}"
+    return found[0]
+
+
 def server_pod_spec(objects: Rendered) -> dict[str, Any]:
-    spec: dict[str, Any] = one(objects, "Deployment")["spec"]["template"]["spec"]
+    spec: dict[str, Any] = workload(objects)["spec"]["template"]["spec"]
     return spec
 
 
@@ -197,6 +205,10 @@ def test_pod_security_and_probes(rendered: dict[str, Rendered], values_name: str
     # Writable paths for a read-only root filesystem.
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/cache", "/tmp", "/dev/shm", "/models"} <= mounts
+    volume_names = {v["name"] for v in spec["volumes"]} | {
+        t["metadata"]["name"] for t in workload(objects)["spec"].get("volumeClaimTemplates", [])
+    }
+    assert {m["name"] for m in container["volumeMounts"]} <= volume_names
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
 
@@ -284,7 +296,7 @@ def test_selectors_tie_the_objects_together(rendered: dict[str, Rendered]) -> No
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "qwenasr_requests_queued"
     assert "replicas" not in deployment["spec"]  # the HPA owns the replica count
-    ingress = one(full, "Ingress")
+    (ingress,) = [i for i in full["Ingress"] if i["metadata"]["name"] == deployment["metadata"]["name"]]
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": service["metadata"]["name"], "port": {"name": "http"}}
     assert server_pod_spec(full)["serviceAccountName"] == one(full, "ServiceAccount")["metadata"]["name"]
@@ -348,6 +360,9 @@ def test_prometheus_rule_is_the_deploy_rules(rendered: dict[str, Rendered], tmp_
         expected = [r for r in group["rules"] if r.get("alert") != "QwenASRNoTraffic"]  # disabled in full values
         assert len(rendered_rules) == len(expected)
         for got, want in zip(rendered_rules, expected, strict=True):
+            if want.get("alert") == "QwenASRDown":  # per release: see test_chart_down_alert_is_per_release
+                assert got["expr"].startswith("absent(qwenasr_build_info{namespace=")
+                continue
             assert got["expr"] == want["expr"]
             assert got.get("annotations") == want.get("annotations")
             if "alert" in want:
@@ -423,6 +438,22 @@ GUARDED = {
     ),
     "max new tokens over the context": ({"config": {"maxModelLen": 256, "maxNewTokens": 512}}, "maxModelLen"),
     "aligner with chunks over 180 s": ({"config": {"alignerModelId": "x/y", "chunkSeconds": 300}}, "180"),
+    # Issue 17: autoscaling on one shared ReadWriteOnce claim, KEDA from zero, a deadline under the budget.
+    "hpa on a shared ReadWriteOnce claim": ({"autoscaling": {"enabled": True}}, "ReadWriteOnce model volume"),
+    "keda on a shared ReadWriteOnce claim": ({"keda": {"enabled": True}}, "workloadKind: StatefulSet"),
+    "hpa on a shared ReadWriteOncePod claim": (
+        {"autoscaling": {"enabled": True}, "modelCache": {"accessModes": ["ReadWriteOncePod"]}},
+        "ReadWriteOnce",
+    ),
+    "keda scaling to zero": (
+        {"keda": {"enabled": True, "minReplicaCount": 0}, "workloadKind": "StatefulSet"},
+        "could never scale back up",
+    ),
+    "progress deadline under the startup budget": ({"progressDeadlineSeconds": 600}, "startup budget"),
+    "caches on a read-only model volume": (
+        {"cache": {"volume": "modelVolume"}, "modelCache": {"readOnly": True}},
+        "writable volume",
+    ),
 }
 
 
@@ -437,3 +468,238 @@ def test_chart_app_version_is_the_project_version(chart: Any) -> None:
     tomllib = module("tomllib")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert chart.metadata["appVersion"] == project["version"]
+
+
+# --- issue 17: what breaks on a real GPU cluster ----------------------------------------------------
+
+
+def render(chart: Any, values: dict[str, Any]) -> Rendered:
+    by_kind: Rendered = {}
+    for path, text in chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True).items():
+        if path.endswith("NOTES.txt"):
+            by_kind.setdefault("NOTES", []).append({"text": text})
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                by_kind.setdefault(doc["kind"], []).append(doc)
+    return by_kind
+
+
+def test_gpu_pods_get_the_nvidia_runtime_toleration_and_expect_gpu(rendered: dict[str, Rendered]) -> None:
+    gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    for name in ("default", "full", "statefulset-keda"):
+        spec = server_pod_spec(rendered[name])
+        env = env_of(appliance_container(rendered[name]))
+        assert spec["runtimeClassName"] == "nvidia", name
+        assert spec["tolerations"].count(gpu_toleration) == 1, name  # full values list it too: not twice
+        assert env["EXPECT_GPU"] == "true" and env["GPU_FALLBACK"] == "degraded", name
+    cpu = rendered["keda-cpu-airgapped"]
+    spec = server_pod_spec(cpu)
+    assert "runtimeClassName" not in spec and gpu_toleration not in spec.get("tolerations", [])
+    assert env_of(appliance_container(cpu))["EXPECT_GPU"] == "false"
+
+
+def test_schema_knows_gpu_fallback_modes(chart: Any, helm: Any) -> None:
+    chart.validate_schema({"config": {"gpuFallback": "not_ready"}})
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"config": {"gpuFallback": "cpu"}})
+
+
+def test_statefulset_gives_each_replica_its_own_model_volume(rendered: dict[str, Rendered]) -> None:
+    objects = rendered["statefulset-keda"]
+    assert "Deployment" not in objects and "PersistentVolumeClaim" not in objects
+    sts = one(objects, "StatefulSet")
+    (template,) = sts["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == "models"
+    assert template["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert template["spec"]["resources"]["requests"]["storage"] == "30Gi"
+    assert "models" not in {v["name"] for v in server_pod_spec(objects)["volumes"]}
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenScaled": "Retain", "whenDeleted": "Retain"}
+    services = {s["metadata"]["name"]: s for s in objects["Service"]}
+    headless = services[sts["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    # The ServiceMonitor selects the main Service only (each pod scraped once).
+    monitor = one(objects, "ServiceMonitor")
+    selected = [n for n, svc in services.items() if subset(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])]
+    assert selected == [sts["metadata"]["name"]]
+    scaled = one(objects, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": sts["metadata"]["name"]}
+
+
+def test_rollout_survives_a_first_start(rendered: dict[str, Rendered]) -> None:
+    """progressDeadlineSeconds covers the startup probe's budget (download + compile: ~15 min)."""
+    for name, objects in rendered.items():
+        if "Deployment" not in objects:
+            continue
+        deployment = one(objects, "Deployment")
+        startup = appliance_container(objects)["startupProbe"]
+        budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+        assert deployment["spec"]["progressDeadlineSeconds"] > budget, name
+    assert one(rendered["default"], "Deployment")["spec"]["progressDeadlineSeconds"] >= 900 + 300
+
+
+def test_default_rollout_keeps_the_single_replica_serving(rendered: dict[str, Rendered]) -> None:
+    strategy = one(rendered["default"], "Deployment")["spec"]["strategy"]
+    assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+def test_drain_covers_the_longest_request(rendered: dict[str, Rendered]) -> None:
+    """The default drain lets an admitted request finish (queue wait + request timeout): no 503 for long
+    jobs at every rollout; terminationGracePeriodSeconds covers preStop + drain."""
+    objects = rendered["default"]
+    env = env_of(appliance_container(objects))
+    drain = float(env["SHUTDOWN_GRACE_SECONDS"])
+    assert drain >= float(env["REQUEST_TIMEOUT_SECONDS"]) + float(env["QUEUE_TIMEOUT_SECONDS"])
+    pre_stop = float(appliance_container(objects)["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert server_pod_spec(objects)["terminationGracePeriodSeconds"] > pre_stop + drain
+    # An explicit drain is kept as given (full values: 60 s).
+    assert env_of(appliance_container(rendered["full"]))["SHUTDOWN_GRACE_SECONDS"] == "60"
+
+
+def test_resources_fit_the_work(rendered: dict[str, Rendered]) -> None:
+    resources = appliance_container(rendered["default"])["resources"]
+    assert float(resources["requests"]["cpu"]) >= 8  # an H200 at c=256 used 16 cores
+    assert float(resources["limits"]["cpu"]) >= 16  # the quota DECODE_WORKERS=0 sizes from
+    assert resources["requests"]["ephemeral-storage"] and resources["limits"]["ephemeral-storage"]
+
+
+def test_compile_caches_persist_on_the_model_volume(rendered: dict[str, Rendered]) -> None:
+    for name in ("default", "full", "statefulset-keda"):
+        mounts = {m["mountPath"]: m for m in appliance_container(rendered[name])["volumeMounts"]}
+        assert mounts["/cache"]["name"] == "models" and mounts["/cache"]["subPath"] == "cache", name
+        assert "cache" not in {v["name"] for v in server_pod_spec(rendered[name])["volumes"]}, name
+    # A read-only (air-gapped) model volume: the caches fall back to an emptyDir.
+    airgapped = rendered["keda-cpu-airgapped"]
+    mounts = {m["mountPath"]: m for m in appliance_container(airgapped)["volumeMounts"]}
+    assert mounts["/cache"]["name"] == "cache"
+    assert "emptyDir" in {v["name"]: v for v in server_pod_spec(airgapped)["volumes"]}["cache"]
+    prefetch = server_pod_spec(rendered["full"])["initContainers"][0]
+    assert {m["mountPath"]: m for m in prefetch["volumeMounts"]}["/cache"]["name"] == "models"
+
+
+def test_keda_scales_on_capacity_with_a_fallback(rendered: dict[str, Rendered]) -> None:
+    from tests.ops.opstools import metric_names, registry_exposition, sample_names
+
+    for name, capacity in (("statefulset-keda", 64), ("keda-cpu-airgapped", 1)):
+        scaled = one(rendered[name], "ScaledObject")
+        spec = scaled["spec"]
+        assert spec["minReplicaCount"] >= 1
+        assert spec["fallback"] == {"failureThreshold": 3, "replicas": spec["maxReplicaCount"]}
+        (trigger,) = spec["triggers"]
+        assert trigger["metricType"] == "AverageValue"  # KEDA's fallback needs it
+        query = trigger["metadata"]["query"]
+        assert query.rstrip().endswith(f"/ {capacity}"), query
+        assert metric_names(query) <= sample_names(registry_exposition())
+        assert f'namespace="{NAMESPACE}"' in query
+    assert float(one(rendered["statefulset-keda"], "ScaledObject")["spec"]["triggers"][0]["metadata"]["threshold"]) < 1
+    # The default capacity is the vLLM engine's own limit (maxNumSeqs) when maxConcurrentRequests is 0.
+
+
+def test_keda_default_capacity_follows_the_engine(chart: Any) -> None:
+    objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}})
+    query = one(objects, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    assert query.rstrip().endswith("/ 256")
+
+
+def test_ingress_limits_follow_the_appliance(rendered: dict[str, Rendered]) -> None:
+    objects = rendered["statefulset-keda"]
+    ingresses = {i["metadata"]["name"]: i for i in objects["Ingress"]}
+    name = one(objects, "StatefulSet")["metadata"]["name"]
+    main, realtime = ingresses[name], ingresses[f"{name}-realtime"]
+    notes = main["metadata"]["annotations"]
+    env = env_of(appliance_container(objects))
+    prefix = "nginx.ingress.kubernetes.io/"
+    body = notes[prefix + "proxy-body-size"]
+    assert body.endswith("m") and int(body[:-1]) * 1024 * 1024 > int(env["MAX_UPLOAD_BYTES"])
+    longest = float(env["REQUEST_TIMEOUT_SECONDS"]) + float(env["QUEUE_TIMEOUT_SECONDS"])
+    assert int(notes[prefix + "proxy-read-timeout"]) > longest
+    assert int(notes[prefix + "proxy-send-timeout"]) > longest
+    assert notes[prefix + "proxy-request-buffering"] == "off"
+    # WebSocket path: its own Ingress, same hosts and backend, long timeouts.
+    (rule,) = realtime["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["path"] == "/v1/realtime" and path["backend"] == main["spec"]["rules"][0]["http"]["paths"][0]["backend"]
+    assert int(realtime["metadata"]["annotations"][prefix + "proxy-read-timeout"]) >= 3600
+    assert realtime["spec"]["ingressClassName"] == "nginx"
+    # Explicit annotations win over the derived ones (full values: 100m, 900 s).
+    (full_main,) = [i for i in rendered["full"]["Ingress"] if not i["metadata"]["name"].endswith("-realtime")]
+    assert full_main["metadata"]["annotations"][prefix + "proxy-body-size"] == "100m"
+    assert full_main["metadata"]["annotations"][prefix + "proxy-request-buffering"] == "off"
+
+
+def test_hugging_face_token_and_offline_mode_are_values(rendered: dict[str, Rendered]) -> None:
+    full = rendered["full"]
+    token = {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert env_of(appliance_container(full))["HF_TOKEN"] == token
+    assert env_of(server_pod_spec(full)["initContainers"][0])["HF_TOKEN"] == token
+    assert "HF_TOKEN" not in env_of(appliance_container(rendered["default"]))
+    assert "HF_HUB_OFFLINE" not in env_of(appliance_container(rendered["default"]))
+    assert env_of(appliance_container(rendered["keda-cpu-airgapped"]))["HF_HUB_OFFLINE"] == "1"
+
+
+def test_helm_test_image_is_configurable_and_pinnable(rendered: dict[str, Rendered]) -> None:
+    (pod,) = [p for p in rendered["full"]["Pod"] if hook_of(p) == "test"]
+    image = pod["spec"]["containers"][0]["image"]
+    assert image.startswith("registry.example.com/mirror/python@sha256:")
+    (pod,) = [p for p in rendered["default"]["Pod"] if hook_of(p) == "test"]
+    assert pod["spec"]["containers"][0]["image"] == "docker.io/library/python:3.12-alpine"
+
+
+def test_notes_warn_when_monitors_have_no_selector_labels(chart: Any, rendered: dict[str, Rendered]) -> None:
+    objects = render(chart, {"metrics": {"serviceMonitor": {"enabled": True}}, "prometheusRule": {"enabled": True}})
+    notes = objects["NOTES"][0]["text"]
+    assert "metrics.serviceMonitor.labels" in notes and "prometheusRule.labels" in notes
+    assert "release: kube-prometheus-stack" in notes
+    assert "metrics.serviceMonitor.labels" not in rendered["full"]["NOTES"][0]["text"]
+
+
+def test_chart_down_alert_is_per_release(rendered: dict[str, Rendered], tmp_path: Path) -> None:
+    """The chart's QwenASRDown watches its own release's pods: promtool shows it firing while another
+    release (another namespace, same names) is up, and silent while this release is up."""
+    rule = one(rendered["statefulset-keda"], "PrometheusRule")
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert all(r["annotations"]["runbook_url"].startswith("https://runbooks.example.com/qwenasr#") for r in alerts)
+    (down,) = [r for r in alerts if r["alert"] == "QwenASRDown"]
+    assert down["expr"] == 'absent(qwenasr_build_info{namespace="speech", pod=~"asr-qwenasr-appliance-[0-9]+"})'
+    rules_file = tmp_path / "rendered.rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    other = 'qwenasr_build_info{namespace="other", pod="asr-qwenasr-appliance-0", version="0.1.0"}'
+    ours = 'qwenasr_build_info{namespace="speech", pod="asr-qwenasr-appliance-0", version="0.1.0"}'
+    similar = 'qwenasr_build_info{namespace="speech", pod="asr-qwenasr-appliance-x-0", version="0.1.0"}'
+    tests = {
+        "rule_files": [str(rules_file)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": other, "values": "1x40"},
+                    {"series": similar, "values": "1x40"},
+                    {"series": ours, "values": "1x10"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "QwenASRDown", "exp_alerts": []},
+                    {
+                        "eval_time": "35m",
+                        "alertname": "QwenASRDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "namespace": "speech"},
+                                "exp_annotations": {
+                                    **{k: v for k, v in down["annotations"].items() if k != "summary"},
+                                    "summary": "No qwenasr-appliance target in speech has been scraped for 10 minutes.",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    tests_file = tmp_path / "rendered.test.yaml"
+    tests_file.write_text(yaml.safe_dump(tests))
+    result = subprocess.run(
+        [tool("promtool", "PROMTOOL"), "test", "rules", str(tests_file)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

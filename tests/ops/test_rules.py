@@ -4,6 +4,7 @@ query is one the appliance exports, and the Helm chart ships an identical copy."
 
 from __future__ import annotations
 
+import re
 import subprocess
 from typing import Any
 
@@ -28,7 +29,15 @@ REQUIRED_ALERTS = {
     "QwenASRFallbackTo4bit",
     "QwenASRFallbackToCPU",
     "QwenASRNoTraffic",
+    # Issue 17: absence per release, scrape failures per pod.
+    "QwenASRDown",
+    "QwenASRTargetDown",
 }
+
+# Series no exporter defines: Prometheus writes them itself for every target.
+PROMETHEUS_SYNTHETIC_SERIES = frozenset({"up"})
+RUNBOOK = REPO / "docs" / "runbook.md"
+RUNBOOK_URL = "https://example.invalid/qwenasr-appliance/blob/main/docs/runbook.md"
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +76,7 @@ def test_every_alert_has_a_firing_unit_test(rules: list[dict[str, Any]]) -> None
 
 
 def test_rules_query_only_exported_metrics(rules: list[dict[str, Any]]) -> None:
-    exported = sample_names(registry_exposition())
+    exported = sample_names(registry_exposition()) | PROMETHEUS_SYNTHETIC_SERIES
     recorded = {rule["record"] for rule in rules if "record" in rule}
     unknown = {}
     for rule in rules:
@@ -91,3 +100,49 @@ def test_yamllint_deploy_and_chart_values() -> None:
     ]
     result = run(tool("yamllint"), "-c", "deploy/yamllint.yaml", "-f", "parsable", *targets)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def runbook_anchors() -> set[str]:
+    """GitHub-style anchors of the runbook's headings."""
+    anchors = set()
+    for line in RUNBOOK.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^a-z0-9 _-]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_every_alert_links_its_runbook_section(rules: list[dict[str, Any]]) -> None:
+    anchors = runbook_anchors()
+    for rule in rules:
+        if "alert" not in rule:
+            continue
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == f"{RUNBOOK_URL}#{rule['alert'].lower()}", rule["alert"]
+        assert rule["alert"].lower() in anchors, f"docs/runbook.md has no section for {rule['alert']}"
+
+
+def test_per_pod_alerts_keep_the_pod_label(rules: list[dict[str, Any]]) -> None:
+    """An alert about one replica must name the pod: every aggregation that keeps `instance` keeps `pod`."""
+    for rule in rules:
+        if "alert" not in rule:
+            continue
+        for clause in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", rule["expr"]):
+            labels = {label.strip() for label in clause.split(",")}
+            if "instance" in labels:
+                assert "pod" in labels, f"{rule['alert']}: `{clause}` drops the pod label"
+
+
+def test_down_alert_is_per_release(rules: list[dict[str, Any]]) -> None:
+    """`absent(qwenasr_build_info)` over everything stays silent while any other release is up."""
+    (down,) = [r for r in rules if r.get("alert") == "QwenASRDown"]
+    assert "by (namespace, job)" in down["expr"]
+
+
+def test_latency_slo_is_normalised_by_audio_length(rules: list[dict[str, Any]]) -> None:
+    """Audio may last 2 h: a fixed 60 s latency bound says nothing. The latency records use the
+    real-time factor (processing seconds per audio second, queue wait included)."""
+    for rule in rules:
+        if rule.get("record", "").startswith("qwenasr:transcription_slow:"):
+            assert metric_names(rule["expr"]) == {"qwenasr_real_time_factor_bucket", "qwenasr_real_time_factor_count"}
+            assert 'le="1.0"' in rule["expr"]

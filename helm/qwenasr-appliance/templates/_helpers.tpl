@@ -88,10 +88,22 @@ The Secret holding the API keys, or "" when authentication is off.
 {{- end }}
 
 {{/*
+SHUTDOWN_GRACE_SECONDS: explicit, or queue timeout + request timeout (capped at 3600 s) so that every
+admitted request can finish during a drain.
+*/}}
+{{- define "qwenasr.shutdownGraceSeconds" -}}
+{{- if kindIs "invalid" .Values.config.shutdownGraceSeconds }}
+{{- minf 3600 (addf .Values.config.queueTimeoutSeconds .Values.config.requestTimeoutSeconds) }}
+{{- else }}
+{{- .Values.config.shutdownGraceSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
 terminationGracePeriodSeconds: explicit, or preStop sleep + drain + 15 s for the engine to stop.
 */}}
 {{- define "qwenasr.terminationGracePeriodSeconds" -}}
-{{- $drain := add (int .Values.preStopSleepSeconds) (int (ceil .Values.config.shutdownGraceSeconds)) }}
+{{- $drain := add (int .Values.preStopSleepSeconds) (int (ceil (include "qwenasr.shutdownGraceSeconds" . | float64))) }}
 {{- if .Values.terminationGracePeriodSeconds }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int $drain) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + config.shutdownGraceSeconds (%d): the pod would be killed mid-drain" (int .Values.terminationGracePeriodSeconds) (int $drain)) }}
@@ -99,6 +111,77 @@ terminationGracePeriodSeconds: explicit, or preStop sleep + drain + 15 s for the
 {{- int .Values.terminationGracePeriodSeconds }}
 {{- else }}
 {{- add $drain 15 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Startup budget of a new pod in seconds: startup probe delay + period x failureThreshold.
+*/}}
+{{- define "qwenasr.startupBudgetSeconds" -}}
+{{- $p := .Values.probes.startup }}
+{{- if $p.enabled }}
+{{- add (int $p.initialDelaySeconds) (mul (int $p.periodSeconds) (int $p.failureThreshold)) }}
+{{- else }}
+{{- 0 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Deployment progressDeadlineSeconds: explicit (at least the startup budget), or the startup budget +
+progressDeadlineMarginSeconds, so that a first start never fails `kubectl rollout status`.
+*/}}
+{{- define "qwenasr.progressDeadlineSeconds" -}}
+{{- $budget := int (include "qwenasr.startupBudgetSeconds" .) }}
+{{- if .Values.progressDeadlineSeconds }}
+{{- if le (int .Values.progressDeadlineSeconds) $budget }}
+{{- fail (printf "progressDeadlineSeconds (%d) must exceed the startup budget (%d s = probes.startup initialDelaySeconds + periodSeconds x failureThreshold): a first start (download + compile) would fail the rollout" (int .Values.progressDeadlineSeconds) $budget) }}
+{{- end }}
+{{- int .Values.progressDeadlineSeconds }}
+{{- else }}
+{{- add $budget (int .Values.progressDeadlineMarginSeconds) }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when /cache lives on the model volume (subPath), "" when it is an emptyDir.
+*/}}
+{{- define "qwenasr.cacheOnModelVolume" -}}
+{{- $mode := .Values.cache.volume }}
+{{- if eq $mode "modelVolume" }}
+{{- if .Values.modelCache.readOnly }}
+{{- fail "cache.volume is modelVolume but modelCache.readOnly is true: the caches need a writable volume (use cache.volume: emptyDir or auto)" }}
+{{- end }}
+{{- true }}
+{{- else if and (eq $mode "auto") .Values.modelCache.enabled (not .Values.modelCache.readOnly) }}
+{{- true }}
+{{- end }}
+{{- end }}
+
+{{/*
+Admission limit of one replica (KEDA's default query): config.maxConcurrentRequests, else the engine's.
+*/}}
+{{- define "qwenasr.capacityPerReplica" -}}
+{{- if .Values.keda.capacityPerReplica }}
+{{- int .Values.keda.capacityPerReplica }}
+{{- else if .Values.config.maxConcurrentRequests }}
+{{- int .Values.config.maxConcurrentRequests }}
+{{- else if eq .Values.config.engine "cpu" }}
+{{- 1 }}
+{{- else }}
+{{- int .Values.config.maxNumSeqs }}
+{{- end }}
+{{- end }}
+
+{{/*
+Regex matching the pod names of this release (Deployment: <fullname>-<hash>-<id>; StatefulSet:
+<fullname>-<ordinal>), for PromQL selectors on the `pod` target label.
+*/}}
+{{- define "qwenasr.podRegex" -}}
+{{- $fullname := include "qwenasr.fullname" . }}
+{{- if eq .Values.workloadKind "StatefulSet" }}
+{{- printf "%s-[0-9]+" $fullname }}
+{{- else }}
+{{- printf "%s-[a-z0-9]+-[a-z0-9]+" $fullname }}
 {{- end }}
 {{- end }}
 
@@ -114,9 +197,9 @@ The appliance's environment, one variable per `config` key (names from config.py
 */}}
 {{- define "qwenasr.configEnv" -}}
 {{- $c := .Values.config }}
-{{- $text := dict "MODEL_ID" $c.modelId "SERVED_MODEL_NAME" $c.servedModelName "ENGINE" $c.engine "DTYPE" $c.dtype "QUANT_MODE" $c.quantMode "LOAD_FORMAT" $c.loadFormat "LOG_LEVEL" $c.logLevel "LOG_FORMAT" $c.logFormat "ALIGNER_MODEL_ID" $c.alignerModelId }}
-{{- $bool := dict "ENFORCE_EAGER" $c.enforceEager "PROTECT_OPS_ENDPOINTS" $c.protectOpsEndpoints }}
-{{- $num := dict "GPU_MEMORY_UTILIZATION" $c.gpuMemoryUtilization "MAX_MODEL_LEN" $c.maxModelLen "MAX_NUM_SEQS" $c.maxNumSeqs "MAX_NEW_TOKENS" $c.maxNewTokens "CHUNK_SECONDS" $c.chunkSeconds "MAX_UPLOAD_BYTES" $c.maxUploadBytes "MAX_AUDIO_SECONDS" $c.maxAudioSeconds "MAX_CONCURRENT_REQUESTS" $c.maxConcurrentRequests "MAX_QUEUE_SIZE" $c.maxQueueSize "QUEUE_TIMEOUT_SECONDS" $c.queueTimeoutSeconds "REQUEST_TIMEOUT_SECONDS" $c.requestTimeoutSeconds "MAX_PROMPT_CHARS" $c.maxPromptChars "DECODE_WORKERS" $c.decodeWorkers "CPU_THREADS" $c.cpuThreads "SHUTDOWN_GRACE_SECONDS" $c.shutdownGraceSeconds "CLIENT_TIMEOUT_SECONDS" $c.clientTimeoutSeconds "ENGINE_RESTART_MAX" $c.engineRestartMax "ENGINE_RESTART_BACKOFF_SECONDS" $c.engineRestartBackoffSeconds "ALIGNER_GPU_MEMORY_UTILIZATION" $c.alignerGpuMemoryUtilization }}
+{{- $text := dict "GPU_FALLBACK" $c.gpuFallback "MODEL_ID" $c.modelId "SERVED_MODEL_NAME" $c.servedModelName "ENGINE" $c.engine "DTYPE" $c.dtype "QUANT_MODE" $c.quantMode "LOAD_FORMAT" $c.loadFormat "LOG_LEVEL" $c.logLevel "LOG_FORMAT" $c.logFormat "ALIGNER_MODEL_ID" $c.alignerModelId }}
+{{- $bool := dict "ENFORCE_EAGER" $c.enforceEager "PROTECT_OPS_ENDPOINTS" $c.protectOpsEndpoints "EXPECT_GPU" .Values.gpu.enabled }}
+{{- $num := dict "GPU_MEMORY_UTILIZATION" $c.gpuMemoryUtilization "MAX_MODEL_LEN" $c.maxModelLen "MAX_NUM_SEQS" $c.maxNumSeqs "MAX_NEW_TOKENS" $c.maxNewTokens "CHUNK_SECONDS" $c.chunkSeconds "MAX_UPLOAD_BYTES" $c.maxUploadBytes "MAX_AUDIO_SECONDS" $c.maxAudioSeconds "MAX_CONCURRENT_REQUESTS" $c.maxConcurrentRequests "MAX_QUEUE_SIZE" $c.maxQueueSize "QUEUE_TIMEOUT_SECONDS" $c.queueTimeoutSeconds "REQUEST_TIMEOUT_SECONDS" $c.requestTimeoutSeconds "MAX_PROMPT_CHARS" $c.maxPromptChars "DECODE_WORKERS" $c.decodeWorkers "CPU_THREADS" $c.cpuThreads "SHUTDOWN_GRACE_SECONDS" (include "qwenasr.shutdownGraceSeconds" . | float64) "CLIENT_TIMEOUT_SECONDS" $c.clientTimeoutSeconds "ENGINE_RESTART_MAX" $c.engineRestartMax "ENGINE_RESTART_BACKOFF_SECONDS" $c.engineRestartBackoffSeconds "ALIGNER_GPU_MEMORY_UTILIZATION" $c.alignerGpuMemoryUtilization }}
 {{- range $name, $value := $text }}
 - name: {{ $name }}
   value: {{ $value | toString | quote }}
@@ -137,6 +220,13 @@ Consistency checks that JSON schema cannot express.
 {{- define "qwenasr.validate" -}}
 {{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
 {{- fail "autoscaling.enabled and keda.enabled are alternatives: KEDA creates its own HPA. Enable one of them." }}
+{{- end }}
+{{- if and .Values.keda.enabled (lt (int .Values.keda.minReplicaCount) 1) }}
+{{- fail "keda.minReplicaCount must be at least 1: the scaling metric comes from the appliance's own pods, so with zero pods nothing reports load and KEDA could never scale back up" }}
+{{- end }}
+{{- $sharedClaim := and .Values.modelCache.enabled (not .Values.modelCache.existingClaim) (eq .Values.workloadKind "Deployment") }}
+{{- if and (or .Values.autoscaling.enabled .Values.keda.enabled) $sharedClaim (or (has "ReadWriteOnce" .Values.modelCache.accessModes) (has "ReadWriteOncePod" .Values.modelCache.accessModes)) }}
+{{- fail "autoscaling/KEDA with one ReadWriteOnce model volume shared by every replica: pods scheduled on other nodes cannot mount it and stay ContainerCreating. Use workloadKind: StatefulSet (one volume per replica), modelCache.accessModes: [ReadWriteMany], or a pre-filled ReadOnlyMany modelCache.existingClaim" }}
 {{- end }}
 {{- if and (not .Values.gpu.enabled) (eq .Values.config.engine "vllm") }}
 {{- fail "config.engine is vllm but gpu.enabled is false: the pod would get no GPU. Use config.engine: cpu (or auto), or enable gpu." }}
