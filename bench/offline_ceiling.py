@@ -104,9 +104,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skip_special_tokens": True,
     }
     params = SamplingParams(**sampling)
-    # --compare-logprobs: every other batch asks for the sampled token's log-probability (what verbose_json's
+    # --compare-logprobs K: every other batch asks for the sampled token's log-probability and the top K (what verbose_json's
     # avg_logprob and include[]=logprobs need), so both variants share one engine, one warm-up and one GPU.
-    with_logprobs = SamplingParams(**sampling, logprobs=0) if args.compare_logprobs else None
+    with_logprobs = SamplingParams(**sampling, logprobs=args.compare_logprobs) if args.compare_logprobs >= 0 else None
 
     def inputs(clips: Sequence[FloatArray]) -> list[dict[str, Any]]:
         return [{"prompt": prompt, "multi_modal_data": {"audio": (clip, SYNTH_RATE)}} for clip in clips]
@@ -183,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument(
         "--compare-logprobs",
-        action="store_true",
-        help="alternate batches without and with logprobs=0 (use an even --repeats); reports both medians",
+        type=int,
+        default=-1,
+        metavar="K",
+        help="alternate batches without and with logprobs=K (the sampled token and the top K; the engine asks "
+        "for 5 when a request wants confidence); use an even --repeats; reports both medians",
     )
     return parser
 
