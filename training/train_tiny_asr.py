@@ -34,7 +34,7 @@ import torch
 from tests.tiny_model import TOKEN_IDS, VOCAB_SIZE, _write_preprocessor, _write_tokenizer
 
 from qwenasr_appliance.engines.prompt import AUDIO_PLACEHOLDER, build_prompt, parse_output
-from training.synthesize import SAMPLE_RATE, Utterance, recipes, render, sentence_split, word_errors
+from training.synthesize import SAMPLE_RATE, VOCABULARY, Utterance, recipes, render, sentence_split, word_errors
 
 AUDIO_PAD = "<|audio_pad|>"
 IM_END = "<|im_end|>"
@@ -71,6 +71,8 @@ TEXT_CONFIG: dict[str, Any] = {
                      "interleaved": True},
 }  # fmt: skip
 LANGUAGES = ["English", "German"]
+# Word -> CTC class (0 is the blank), over both vocabularies; used in training only, never saved.
+WORD_INDEX = {word: index for index, word in enumerate(dict.fromkeys(w for ws in VOCABULARY.values() for w in ws), 1)}
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Example:
     auto_prompt: int  # how many of auto_ids are prompt (no loss)
     forced_ids: list[int]  # prompt ending in `language X<asr_text>`, then `text<|im_end|>`
     forced_prompt: int
+    words: list[int]  # the text as indices into WORD_INDEX, targets of the auxiliary CTC loss
 
 
 def audio_tokens(frames: int) -> int:
@@ -154,6 +157,7 @@ def make_examples(directory: Path, utterances: Sequence[Utterance], workers: int
             auto_prompt=len(auto),
             forced_ids=forced + encode(f"{utterance.text}{IM_END}"),
             forced_prompt=len(forced),
+            words=[WORD_INDEX[word] for word in utterance.text.split()],
         ))  # fmt: skip
     return examples
 
@@ -175,27 +179,43 @@ def collate(batch: Sequence[Example], forced: Sequence[bool]) -> dict[str, torch
         mask[row, : len(ids)] = 1
     features = torch.from_numpy(np.concatenate([e.features for e in batch], axis=1)).float()
     lengths = torch.tensor([e.features.shape[1] for e in batch])
-    return {"features": features, "lengths": lengths, "input_ids": input_ids, "mask": mask, "labels": labels}
+    words = torch.tensor([w for e in batch for w in e.words])
+    word_counts = torch.tensor([len(e.words) for e in batch])
+    return {"features": features, "lengths": lengths, "input_ids": input_ids, "mask": mask, "labels": labels,
+            "words": words, "word_counts": word_counts}  # fmt: skip
 
 
-def train_step(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def train_step(
+    model: Any, batch: dict[str, torch.Tensor], ctc_head: torch.nn.Linear | None, ctc_weight: float
+) -> torch.Tensor:
     """Loss of one batch: the audio tower runs once over all utterances (its attention is block-diagonal
     per utterance through `cu_seqlens`, as for one utterance at a time), its outputs replace the audio
-    placeholders, and the decoder's causal LM loss is the mean cross-entropy over the target tokens."""
+    placeholders, and the decoder's causal LM loss is the mean cross-entropy over the target tokens.
+
+    With `ctc_head`, `ctc_weight` times a word-level CTC loss on the audio tower's outputs (12.5 per
+    second) is added: the hybrid CTC/attention objective (Watanabe et al. 2017), which makes the encoder
+    learn where the words are long before the decoder's attention would. The head is not saved."""
     thinker = model.thinker
     audio = thinker.audio_tower(batch["features"], feature_lens=batch["lengths"]).last_hidden_state
+    ctc = audio.new_zeros(())
+    if ctc_head is not None:
+        counts = [audio_tokens(int(n)) for n in batch["lengths"]]
+        per_utterance = torch.nn.utils.rnn.pad_sequence(list(ctc_head(audio).split(counts)))  # (T, B, classes)
+        ctc = torch.nn.functional.ctc_loss(per_utterance.log_softmax(-1), batch["words"], torch.tensor(counts),
+                                           batch["word_counts"], zero_infinity=True)  # fmt: skip
     embeds = thinker.get_input_embeddings()(batch["input_ids"])
+    assert int((batch["input_ids"] == TOKEN_IDS[AUDIO_PAD]).sum()) == audio.shape[0], "placeholders != audio outputs"
     slots = (batch["input_ids"] == TOKEN_IDS[AUDIO_PAD]).unsqueeze(-1).expand_as(embeds)
     embeds = embeds.masked_scatter(slots, audio.to(embeds.dtype))
     output = thinker(inputs_embeds=embeds, attention_mask=batch["mask"], labels=batch["labels"])
-    return output.loss
+    return output.loss + ctc_weight * ctc
 
 
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to `peak`, then cosine decay to a tenth of it."""
+def learning_rate(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps to `peak`, then cosine decay to a tenth of it as `progress`
+    (the larger of the shares of steps and of the time budget used) goes from 0 to 1."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
@@ -203,12 +223,20 @@ def train(model: Any, examples: list[Example], args: argparse.Namespace) -> dict
     """AdamW over `args.steps` batches of `args.batch` utterances; a share `args.forced` of rows uses the
     forced-language prompt. Batches are drawn from length-sorted pools of 50 batches to limit padding."""
     rng = random.Random(args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    torch.manual_seed(args.seed + 3)
+    ctc_head = torch.nn.Linear(AUDIO_CONFIG["output_dim"], len(WORD_INDEX) + 1) if args.ctc_weight > 0 else None
+    parameters = [*model.parameters(), *(ctc_head.parameters() if ctc_head is not None else ())]
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    budget = args.minutes * 60
     model.train()
     order: list[int] = []
     started = time.perf_counter()
     smoothed = 0.0
-    for step in range(args.steps):
+    step = 0
+    while True:
+        progress = max(step / args.steps, (time.perf_counter() - started) / budget)
+        if progress >= 1:
+            break
         if not order:
             order = list(range(len(examples)))
             rng.shuffle(order)
@@ -222,22 +250,23 @@ def train(model: Any, examples: list[Example], args: argparse.Namespace) -> dict
         picked, order = order[: args.batch], order[args.batch :]
         batch = collate([examples[i] for i in picked], [rng.random() < args.forced for _ in picked])
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        loss = train_step(model, batch)
+            group["lr"] = learning_rate(step, progress, args.lr, args.warmup)
+        loss = train_step(model, batch, ctc_head, args.ctc_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         value = float(loss.detach())
         smoothed = value if step == 0 else 0.95 * smoothed + 0.05 * value
-        if step % 25 == 0 or step == args.steps - 1:
+        step += 1
+        if step % 25 == 0:
             elapsed = time.perf_counter() - started
             print(
                 f"step {step} loss {value:.4f} smoothed {smoothed:.4f} lr {optimizer.param_groups[0]['lr']:.2e} {elapsed:.0f}s",
                 flush=True,
             )
     model.eval()
-    return {"train_seconds": time.perf_counter() - started, "final_loss": smoothed}
+    return {"train_seconds": time.perf_counter() - started, "final_loss": smoothed, "steps": step}
 
 
 def evaluate(directory: Path, utterances: Sequence[Utterance], audios: Sequence[np.ndarray]) -> dict[str, Any]:
@@ -313,6 +342,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--minutes", type=float, default=25.0, help="training time budget; the schedule ends at it")
+    parser.add_argument("--ctc-weight", type=float, default=0.5, help="auxiliary word-level CTC loss (0: off)")
     parser.add_argument("--forced", type=float, default=0.25, help="share of rows with the forced-language prompt")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
