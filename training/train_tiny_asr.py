@@ -112,9 +112,25 @@ def build_model(seed: int) -> Any:
     )
     torch.manual_seed(seed)
     model = Qwen3ASRForConditionalGeneration(config)
+    reinit_audio_frontend(model.thinker.audio_tower)
     model.generation_config.eos_token_id = [TOKEN_IDS[IM_END], TOKEN_IDS["<|endoftext|>"]]
     model.generation_config.pad_token_id = TOKEN_IDS["<|endoftext|>"]
     return model
+
+
+def reinit_audio_frontend(tower: Any) -> None:
+    """He-initialise the audio tower's three stride-2 convolutions (zero bias) and their output projection.
+
+    qwen-asr's `_init_weights` draws every weight from N(0, 0.02). Through convolutions of fan-in 9, 288
+    and 288 with GELUs that shrinks the log-mel input about 10^4-fold relative to the sinusoidal position
+    embedding added after `conv_out`, so the encoder starts out blind to the audio: in a first run the
+    decoder never learned to use it. He initialisation (std sqrt(2 / fan_in), He et al. 2015) keeps the
+    input's variance through the stack; the encoder's output then depends on the audio from the start.
+    """
+    for conv in (tower.conv2d1, tower.conv2d2, tower.conv2d3):
+        torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(conv.bias)
+    torch.nn.init.kaiming_normal_(tower.conv_out.weight, nonlinearity="relu")
 
 
 _PROCESSOR: Any = None
