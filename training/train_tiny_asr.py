@@ -34,7 +34,18 @@ import torch
 from tests.tiny_model import TOKEN_IDS, VOCAB_SIZE, _write_preprocessor, _write_tokenizer
 
 from qwenasr_appliance.engines.prompt import AUDIO_PLACEHOLDER, build_prompt, parse_output
-from training.synthesize import SAMPLE_RATE, VOCABULARY, Utterance, recipes, render, sentence_split, word_errors
+from training.synthesize import (
+    HELDOUT_PER_LANGUAGE,
+    SAMPLE_RATE,
+    SEED,
+    TRAIN_PER_LANGUAGE,
+    VOCABULARY,
+    Utterance,
+    recipes,
+    render,
+    sentence_split,
+    word_errors,
+)
 
 AUDIO_PAD = "<|audio_pad|>"
 IM_END = "<|im_end|>"
@@ -350,9 +361,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--fixtures", type=Path, help="write the held-out fixture utterances here")
-    parser.add_argument("--seed", type=int, default=16)
-    parser.add_argument("--train-per-language", type=int, default=5000)
-    parser.add_argument("--heldout-per-language", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--train-per-language", type=int, default=TRAIN_PER_LANGUAGE)
+    parser.add_argument("--heldout-per-language", type=int, default=HELDOUT_PER_LANGUAGE)
     parser.add_argument("--fixtures-per-language", type=int, default=20)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
