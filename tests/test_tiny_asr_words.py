@@ -20,7 +20,7 @@ from training.synthesize import HELDOUT_PER_LANGUAGE, SEED, TRAIN_PER_LANGUAGE, 
 
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import TranscribeOptions, run_to_completion
-from qwenasr_appliance.engines.cpu_engine import CPUEngine
+from qwenasr_appliance.engines.cpu.engine import CPUEngine
 from qwenasr_appliance.engines.prompt import parse_output
 
 pytestmark = pytest.mark.slow

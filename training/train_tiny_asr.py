@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import math
 import os
@@ -22,9 +23,10 @@ import random
 import shutil
 import subprocess
 import time
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,22 +149,63 @@ def reinit_audio_frontend(tower: Any) -> None:
 _PROCESSOR: Any = None
 
 
-def _featurize(job: tuple[str, Utterance]) -> tuple[np.ndarray, int]:
+def _featurize(job: tuple[str, Utterance, bytes | None]) -> tuple[np.ndarray, int]:
     """Worker: render one utterance and compute its features with the checkpoint's processor, exactly as
     the CPU engine calls it (one audio, `padding=True`). Returns ((128, T) float16, samples)."""
     global _PROCESSOR
-    directory, utterance = job
+    directory, utterance, encoded = job
     if _PROCESSOR is None:
         from qwen_asr.core.transformers_backend import Qwen3ASRProcessor
 
         torch.set_num_threads(1)
         _PROCESSOR = Qwen3ASRProcessor.from_pretrained(directory)
-    audio = render(utterance)
+    audio = render(utterance) if encoded is None else decode_cached(encoded)
     inputs = _PROCESSOR(text=[AUDIO_PLACEHOLDER], audio=[audio], return_tensors="np", padding=True)
     return inputs["input_features"][0].astype(np.float16), audio.shape[0]
 
 
-def make_examples(directory: Path, utterances: Sequence[Utterance], workers: int) -> list[Example]:
+def encode_cached(audio: np.ndarray) -> bytes:
+    """One rendered utterance as Ogg Opus at about 20 kbit/s (2.6 kB per second of audio): what
+    `--write-audio-cache` stores so the training audio fits the GPU machine's upload limit (that machine
+    has no espeak-ng). Opus at this rate keeps the speech; the noise the recipe adds stays noise."""
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, SAMPLE_RATE, format="OGG", subtype="OPUS", compression_level=0.95)
+    return buffer.getvalue()
+
+
+def decode_cached(encoded: bytes) -> np.ndarray:
+    """Float32 mono samples at 16 kHz of one `encode_cached` utterance."""
+    samples, rate = sf.read(io.BytesIO(encoded), dtype="float32")
+    assert rate == SAMPLE_RATE, rate
+    return np.asarray(samples, dtype=np.float32)
+
+
+def read_audio_cache(path: Path, utterances: Sequence[Utterance]) -> list[bytes]:
+    """The cached audio of `utterances` (a zip of `NNNNN.ogg`, written for exactly these recipes)."""
+    with zipfile.ZipFile(path) as archive:
+        recorded = json.loads(archive.read("utterances.json"))
+        if recorded != [asdict(u) for u in utterances]:
+            raise SystemExit(f"{path} was written for other utterances (another seed or size)")
+        return [archive.read(f"{i:05d}.ogg") for i in range(len(utterances))]
+
+
+def write_audio_cache(path: Path, utterances: Sequence[Utterance], workers: int) -> None:
+    """Render `utterances` (in `workers` processes) and store them with their recipes in a zip."""
+    with ProcessPoolExecutor(workers) as pool:
+        encoded = list(pool.map(_render_encoded, utterances, chunksize=32))
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("utterances.json", json.dumps([asdict(u) for u in utterances]))
+        for i, data in enumerate(encoded):
+            archive.writestr(f"{i:05d}.ogg", data)
+
+
+def _render_encoded(utterance: Utterance) -> bytes:
+    return encode_cached(render(utterance))
+
+
+def make_examples(
+    directory: Path, utterances: Sequence[Utterance], workers: int, cached: Sequence[bytes] | None = None
+) -> list[Example]:
     """Features and token ids of every utterance (rendered in `workers` processes)."""
     from transformers import AutoTokenizer
 
@@ -172,7 +215,8 @@ def make_examples(directory: Path, utterances: Sequence[Utterance], workers: int
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     with ProcessPoolExecutor(workers) as pool:
-        rendered = list(pool.map(_featurize, [(str(directory), u) for u in utterances], chunksize=32))
+        jobs = [(str(directory), u, None if cached is None else cached[i]) for i, u in enumerate(utterances)]
+        rendered = list(pool.map(_featurize, jobs, chunksize=32))
     examples = []
     for utterance, (features, _) in zip(utterances, rendered, strict=True):
         placeholder = AUDIO_PLACEHOLDER.replace(AUDIO_PAD, AUDIO_PAD * audio_tokens(features.shape[1]))
@@ -228,7 +272,7 @@ def train_step(
     if ctc_head is not None:
         counts = [audio_tokens(int(n)) for n in batch["lengths"]]
         per_utterance = torch.nn.utils.rnn.pad_sequence(list(ctc_head(audio).split(counts)))  # (T, B, classes)
-        ctc = torch.nn.functional.ctc_loss(per_utterance.log_softmax(-1), batch["words"], torch.tensor(counts),
+        ctc = torch.nn.functional.ctc_loss(per_utterance.log_softmax(-1), batch["words"], torch.tensor(counts, device=audio.device),
                                            batch["word_counts"], zero_infinity=True)  # fmt: skip
     embeds = thinker.get_input_embeddings()(batch["input_ids"])
     assert int((batch["input_ids"] == TOKEN_IDS[AUDIO_PAD]).sum()) == audio.shape[0], "placeholders != audio outputs"
@@ -251,7 +295,11 @@ def train(model: Any, examples: list[Example], args: argparse.Namespace) -> dict
     forced-language prompt. Batches are drawn from length-sorted pools of 50 batches to limit padding."""
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed + 3)
+    device = torch.device(args.device)
+    model.to(device)
     ctc_head = torch.nn.Linear(AUDIO_CONFIG["output_dim"], len(WORD_INDEX) + 1) if args.ctc_weight > 0 else None
+    if ctc_head is not None:
+        ctc_head.to(device)
     parameters = [*model.parameters(), *(ctc_head.parameters() if ctc_head is not None else ())]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget = args.minutes * 60
@@ -278,6 +326,7 @@ def train(model: Any, examples: list[Example], args: argparse.Namespace) -> dict
         batch = collate([examples[i] for i in picked], [rng.random() < args.forced for _ in picked])
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, progress, args.lr, args.warmup)
+        batch = {key: value.to(device) for key, value in batch.items()}
         loss = train_step(model, batch, ctc_head, args.ctc_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -293,6 +342,7 @@ def train(model: Any, examples: list[Example], args: argparse.Namespace) -> dict
                 flush=True,
             )
     model.eval()
+    model.to("cpu")
     return {"train_seconds": time.perf_counter() - started, "final_loss": smoothed, "steps": step}
 
 
@@ -301,7 +351,7 @@ def evaluate(directory: Path, utterances: Sequence[Utterance], audios: Sequence[
     (word edits / reference words) and the share of utterances whose language was named correctly."""
     from qwenasr_appliance.config import Settings
     from qwenasr_appliance.engines.base import TranscribeOptions, run_to_completion
-    from qwenasr_appliance.engines.cpu_engine import CPUEngine
+    from qwenasr_appliance.engines.cpu.engine import CPUEngine
 
     async def transcribe_all() -> list[tuple[str, str, float]]:
         engine = CPUEngine(Settings(model_id=str(directory), cpu_threads=1, max_new_tokens=128))
@@ -357,6 +407,19 @@ def write_fixtures(directory: Path, utterances: Sequence[Utterance], audios: Seq
     )
 
 
+def evaluate_checkpoint(out: Path, args: argparse.Namespace) -> None:
+    """`--eval-only`: the held-out evaluation of a checkpoint trained elsewhere (on the GPU machine with
+    `--no-eval`), merged into its `training_report.json` with the training run's own numbers."""
+    held, _ = sentence_split(args.seed, args.heldout_per_language, args.train_per_language)
+    held_utts = list(recipes(held, args.seed + 2))
+    report_path = out / "training_report.json"
+    trained = json.loads(report_path.read_text(encoding="utf-8")) if report_path.exists() else {}
+    report = {**evaluate(out, held_utts, [render(u) for u in held_utts]), **trained}
+    report["safetensors_bytes"] = (out / "model.safetensors").stat().st_size
+    report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in report.items() if k != "errors"}, indent=1), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
@@ -374,10 +437,18 @@ def main() -> None:
     parser.add_argument("--forced", type=float, default=0.25, help="share of rows with the forced-language prompt")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cuda on the GPU machine)")
+    parser.add_argument("--write-audio-cache", type=Path, help="render the training audio into this zip and stop")
+    parser.add_argument("--audio-cache", type=Path, help="train on the audio of this zip instead of rendering it")
+    parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation (no CPU engine there)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out (trained elsewhere)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     out: Path = args.out
+    if args.eval_only:
+        evaluate_checkpoint(out, args)
+        return
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -387,8 +458,13 @@ def main() -> None:
     held, training = sentence_split(args.seed, args.heldout_per_language, args.train_per_language)
     train_utts = list(recipes(training, args.seed + 1))
     held_utts = list(recipes(held, args.seed + 2))
+    if args.write_audio_cache is not None:
+        write_audio_cache(args.write_audio_cache, train_utts, args.workers)
+        print(f"wrote {len(train_utts)} utterances to {args.write_audio_cache}", flush=True)
+        return
+    cached = read_audio_cache(args.audio_cache, train_utts) if args.audio_cache is not None else None
     started = time.perf_counter()
-    examples = make_examples(out, train_utts, args.workers)
+    examples = make_examples(out, train_utts, args.workers, cached)
     data_seconds = time.perf_counter() - started
     print(f"{len(examples)} training utterances in {data_seconds:.0f}s, "
           f"{sum(e.features.shape[1] for e in examples) / 100 / 3600:.2f} h of audio", flush=True)  # fmt: skip
@@ -399,6 +475,11 @@ def main() -> None:
     model.save_pretrained(out, safe_serialization=True)
     print(f"saved: {parameters} parameters, {(out / 'model.safetensors').stat().st_size} bytes", flush=True)
 
+    if args.no_eval:
+        trained = {**stats, "parameters": parameters, "data_seconds": data_seconds,
+                   "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
+        (out / "training_report.json").write_text(json.dumps(trained, indent=1) + "\n", encoding="utf-8")
+        return
     held_audio = [render(u) for u in held_utts]
     report = evaluate(out, held_utts, held_audio)
     report.update(stats, parameters=parameters, data_seconds=data_seconds, args={k: str(v) for k, v in vars(args).items()},
