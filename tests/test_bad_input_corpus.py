@@ -132,6 +132,27 @@ def good_form(boundary: str = "hardening-boundary") -> bytes:
     return form([("model", None, MODEL.encode()), ("file", "a.wav", tone_wav())], boundary)
 
 
+def part_form(disposition: bytes, value: bytes, content_type: bytes | None = None) -> bytes:
+    """A form of `model` and one more part with the given Content-Disposition parameters (after
+    `form-data; `) and, optionally, content type."""
+    head = b"--hardening-boundary\r\nContent-Disposition: form-data; " + disposition + b"\r\n"
+    if content_type is not None:
+        head += b"Content-Type: " + content_type + b"\r\n"
+    return (
+        head + b"\r\n" + value + b"\r\n"
+        b'--hardening-boundary\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + MODEL.encode() + b"\r\n"
+        b"--hardening-boundary--\r\n"
+    )
+
+
+def model_part(value: bytes, charset: bytes) -> bytes:
+    """A form of a WAV file and `model` as text in the given charset."""
+    return form([("file", "a.wav", tone_wav())])[: -len(b"--hardening-boundary--\r\n")] + (
+        b'--hardening-boundary\r\nContent-Disposition: form-data; name="model"\r\n'
+        b"Content-Type: text/plain; charset=" + charset + b"\r\n\r\n" + value + b"\r\n--hardening-boundary--\r\n"
+    )
+
+
 def as_multipart(body: bytes, boundary: str = "hardening-boundary") -> tuple[bytes, dict[str, str]]:
     return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
 
@@ -146,15 +167,15 @@ CORPUS: dict[str, Case] = {
     ),
     "10 ms of audio": Case(200, files=upload("short.wav", lambda: tone_wav(0.01))),
     "one sample": Case(200, files=upload("one.wav", lambda: wav_bytes(pcm16(np.array([0.5])), sample_rate=16_000))),
-    "text named .mp3": Case(415, "unsupported_format", "file", files=upload("n.mp3", lambda: b"not audio " * 100)),
+    "text named .mp3": Case(400, "unsupported_format", "file", files=upload("n.mp3", lambda: b"not audio " * 100)),
     "png named .wav": Case(
-        415, "unsupported_format", "file", files=upload("x.wav", lambda: b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+        400, "unsupported_format", "file", files=upload("x.wav", lambda: b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
     ),
     "zip named .flac": Case(
-        415, "unsupported_format", "file", files=upload("x.flac", lambda: b"PK\x03\x04" + b"\0" * 2000)
+        400, "unsupported_format", "file", files=upload("x.flac", lambda: b"PK\x03\x04" + b"\0" * 2000)
     ),
     "random bytes named .m4a": Case(
-        415,
+        400,
         "unsupported_format",
         "file",
         files=upload("x.m4a", lambda: np.random.default_rng(1).bytes(4096)),
@@ -194,7 +215,7 @@ CORPUS: dict[str, Case] = {
         413, "file_too_large", "file", files=upload("big.wav", lambda: b"\0" * (MAX_UPLOAD + 1))
     ),
     "ffconcat playlist naming a local file": Case(
-        415,
+        400,
         "unsupported_format",
         "file",
         files=upload("x.wav", lambda: b"ffconcat version 1.0\nfile /etc/passwd\nfile /proc/self/environ\n"),
@@ -216,18 +237,20 @@ CORPUS: dict[str, Case] = {
     # --- the request's content type
     "JSON body": Case(
         415,
-        "unsupported_format",
+        "unsupported_media_type",
         None,
         raw=lambda: (b'{"model": "x", "file": "/etc/passwd"}', {"content-type": "application/json"}),
     ),
     "urlencoded body naming a local file": Case(
         415,
-        "unsupported_format",
+        "unsupported_media_type",
         None,
         raw=lambda: (b"model=x&file=%2Fetc%2Fpasswd", {"content-type": "application/x-www-form-urlencoded"}),
     ),
-    "raw audio body": Case(415, "unsupported_format", None, raw=lambda: (tone_wav(), {"content-type": "audio/wav"})),
-    "no content type": Case(415, "unsupported_format", None, raw=lambda: (good_form(), {})),
+    "raw audio body": Case(
+        415, "unsupported_media_type", None, raw=lambda: (tone_wav(), {"content-type": "audio/wav"})
+    ),
+    "no content type": Case(415, "unsupported_media_type", None, raw=lambda: (good_form(), {})),
     "multipart without a boundary": Case(
         400, "invalid_request", raw=lambda: (good_form(), {"content-type": "multipart/form-data"})
     ),
@@ -276,7 +299,7 @@ CORPUS: dict[str, Case] = {
     "missing model": Case(400, "invalid_request", "model", files=WAV, data={}),
     "two files": Case(400, "invalid_request", "file", files=lambda: [WAV()[0], WAV()[0]]),
     "file sent as a text field": Case(
-        400, "invalid_request", "file", files=lambda: [("file", (None, "/etc/passwd", None))]
+        400, "unsupported_format", "file", files=lambda: [("file", (None, "/etc/passwd", None))]
     ),
     "model sent as a file": Case(
         400,
@@ -286,6 +309,93 @@ CORPUS: dict[str, Case] = {
         data={},
     ),
     "unknown fields are ignored": Case(200, files=WAV, data=fields(foo="bar", n="1", **{"weird[]": "x", "ünï": "ç"})),
+    # --- K1: multipart parts of any shape (issue 12): the audio is used, or a 400 naming the field
+    "file part without a filename (curl -F 'file=<a.wav')": Case(
+        200, raw=lambda: as_multipart(part_form(b'name="file"', tone_wav()))
+    ),
+    "file part without a filename (OpenAI SDK file=(None, data))": Case(
+        200, files=lambda: [("file", (None, tone_wav(), None))]
+    ),
+    'file part with filename=""': Case(
+        200, raw=lambda: as_multipart(part_form(b'name="file"; filename=""', tone_wav()))
+    ),
+    "file part with only filename*": Case(
+        200, raw=lambda: as_multipart(part_form(b"name=\"file\"; filename*=UTF-8''%E4%BC%9A.wav", tone_wav()))
+    ),
+    "file part with a bare filename*": Case(
+        200, raw=lambda: as_multipart(part_form(b'name="file"; filename*=a.wav', tone_wav()))
+    ),
+    "CRLF inside a quoted filename": Case(
+        400, "invalid_request", raw=lambda: as_multipart(part_form(b'name="file"; filename="a\r\nb.wav"', tone_wav()))
+    ),
+    "percent-encoded CRLF in a filename": Case(
+        200, raw=lambda: as_multipart(part_form(b'name="file"; filename="a%0D%0AX-Injected: 1.wav"', tone_wav()))
+    ),
+    "Latin-1 bytes in a filename": Case(
+        200, raw=lambda: as_multipart(part_form(b'name="file"; filename="r\xe9union.wav"', tone_wav()))
+    ),
+    "nested multipart/mixed as the file": Case(
+        400,
+        "unsupported_format",
+        "file",
+        raw=lambda: as_multipart(
+            part_form(
+                b'name="file"',
+                b'--inner\r\nContent-Disposition: attachment; filename="a.wav"\r\n\r\n' + tone_wav() + b"\r\n--inner--",
+                b"multipart/mixed; boundary=inner",
+            )
+        ),
+    ),
+    "file part without a filename holding text": Case(
+        400, "unsupported_format", "file", raw=lambda: as_multipart(part_form(b'name="file"', b"hello " * 200))
+    ),
+    "binary bytes in the model field": Case(
+        400,
+        "invalid_value",
+        "model",
+        raw=lambda: as_multipart(
+            form([("model", None, b"\xff\xfe\x00" + bytes(range(128, 256))), ("file", "a.wav", tone_wav())])
+        ),
+    ),
+    "unknown charset on a text field": Case(
+        400, "invalid_value", "model", raw=lambda: as_multipart(model_part(MODEL.encode(), b"x-no-such-charset"))
+    ),
+    "UTF-16 text field with its charset": Case(
+        200, raw=lambda: as_multipart(model_part(MODEL.encode("utf-16"), b"utf-16"))
+    ),
+    "binary bytes in an unknown field": Case(
+        400,
+        "invalid_value",
+        "blob",
+        raw=lambda: as_multipart(
+            form([*GOOD_PARTS[:1], ("blob", None, b"\x80\xff" * 50), ("file", "a.wav", tone_wav())])
+        ),
+    ),
+    "non-UTF-8 bytes in a part's header name": Case(
+        200,
+        raw=lambda: as_multipart(
+            b"--hardening-boundary\r\nX-\xff\xfe: \xc3\x28\r\n"
+            + part_form(b'name="file"; filename="a.wav"', tone_wav())[len(b"--hardening-boundary\r\n") :]
+        ),
+    ),
+    "boundary with a newline escape": Case(
+        400, "invalid_request", raw=lambda: (good_form(), {"content-type": 'multipart/form-data; boundary="a\\\nb"'})
+    ),
+    # --- K8: OpenAI's statuses and headers (issue 12)
+    "stream=true with verbose_json is ignored (LiteLLM)": Case(
+        200, files=WAV, data=fields(stream="true", response_format="verbose_json")
+    ),
+    "stream=true with srt is ignored": Case(
+        200, text="1\n", files=WAV, data=fields(stream="true", response_format="srt")
+    ),
+    "body over the form limit by Content-Length": Case(
+        413,
+        "file_too_large",
+        "file",
+        raw=lambda: as_multipart(
+            form([("model", None, MODEL.encode()), ("file", "a.wav", b"\0" * (MAX_UPLOAD + 2 * 1024 * 1024))])
+        ),
+    ),
     "unknown model": Case(404, "model_not_found", "model", files=WAV, data={"model": "whisper-1"}),
     "100 kB model name": Case(404, "model_not_found", "model", files=WAV, data={"model": "m" * 100_000}),
     "temperature inf": Case(400, "invalid_value", "temperature", files=WAV, data=fields(temperature="1e309")),
@@ -336,8 +446,10 @@ def test_bad_input_gets_a_clear_answer_and_the_server_keeps_serving(server: Serv
         if case.code is not None:
             assert error["code"] == case.code, error
         assert error["param"] == case.param, error
-    else:
+    elif response.headers["content-type"].startswith("application/json"):
         assert response.json()["text"].startswith(case.text), response.text
+    else:
+        assert response.text.startswith(case.text), response.text
     assert_still_serves(server.url)
 
 

@@ -61,6 +61,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     protect_ops_endpoints: bool = False
     shutdown_grace_seconds: float = 30.0
     client_timeout_seconds: float = 30.0
+    http2: bool = False  # plain HTTP/2 (h2c) besides HTTP/1.1; see cli.build_server
     engine_restart_max: int = 5
     engine_restart_backoff_seconds: float = 2.0
     # The optional forced aligner (word timestamps): empty means none is loaded.
@@ -165,6 +166,7 @@ _VARS: dict[str, _Var] = {
     "PROTECT_OPS_ENDPOINTS": _Var("protect_ops_endpoints", _parse_bool),
     "SHUTDOWN_GRACE_SECONDS": _Var("shutdown_grace_seconds", _parse_float, _range(0.0, 3600.0)),
     "CLIENT_TIMEOUT_SECONDS": _Var("client_timeout_seconds", _parse_float, _range(1.0, 3600.0)),
+    "HTTP2": _Var("http2", _parse_bool),
     "ENGINE_RESTART_MAX": _Var("engine_restart_max", _parse_int, _range(0, 1000)),
     "ENGINE_RESTART_BACKOFF_SECONDS": _Var("engine_restart_backoff_seconds", _parse_float, _range(0.0, 600.0)),
     "ALIGNER_MODEL_ID": _Var("aligner_model_id", str.strip),

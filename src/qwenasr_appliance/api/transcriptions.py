@@ -18,6 +18,7 @@ from qwenasr_appliance.api.disconnect import ClientDisconnected, cancel_on_disco
 from qwenasr_appliance.api.error_mapping import outcome, to_api_error
 from qwenasr_appliance.api.errors import ErrorResponse, bad_request, clip, error_responses, too_large, unsupported_media
 from qwenasr_appliance.api.form import parse_form
+from qwenasr_appliance.api.multipart import FormRequest
 from qwenasr_appliance.api.observer import REQUEST_ID, REQUEST_STATS
 from qwenasr_appliance.api.render import render
 from qwenasr_appliance.api.schemas import TranscriptionForm
@@ -42,6 +43,7 @@ async def require_multipart(request: Request[Any, Any, State]) -> None:
 class TranscriptionController(Controller):
     path = "/v1/audio"
     guards = [require_api_key]
+    request_class = FormRequest  # a multipart parser that takes parts of any shape (api/multipart.py)
     tags = ["audio"]
 
     @post(
@@ -80,7 +82,7 @@ class TranscriptionController(Controller):
         await form.file.close()
         if len(audio) > settings.max_upload_bytes:
             raise too_large(f"The file is {len(audio)} bytes; the limit is {settings.max_upload_bytes} bytes.")
-        transcription = params.to_request(audio, form.file.filename)
+        transcription = params.to_request(audio, form.file.filename or None)
         request_id = REQUEST_ID.get()
         if params.stream:
             events = context.service.stream(transcription, request_id, stats)
