@@ -371,15 +371,29 @@ CORPUS: dict[str, Case] = {
             form([*GOOD_PARTS[:1], ("blob", None, b"\x80\xff" * 50), ("file", "a.wav", tone_wav())])
         ),
     ),
-    "non-UTF-8 bytes in a part's header name": Case(
+    "non-UTF-8 bytes in a part header's value": Case(
         200,
         raw=lambda: as_multipart(
-            b"--hardening-boundary\r\nX-\xff\xfe: \xc3\x28\r\n"
+            b"--hardening-boundary\r\nX-Note: \xff\xfe\xc3\x28\r\n"
             + part_form(b'name="file"; filename="a.wav"', tone_wav())[len(b"--hardening-boundary\r\n") :]
         ),
     ),
-    "boundary with a newline escape": Case(
-        400, "invalid_request", raw=lambda: (good_form(), {"content-type": 'multipart/form-data; boundary="a\\\nb"'})
+    "non-UTF-8 bytes in a part header's name": Case(
+        400,
+        "invalid_request",
+        raw=lambda: as_multipart(
+            b"--hardening-boundary\r\nX-\xff\xfe: 1\r\n"
+            + part_form(b'name="file"; filename="a.wav"', tone_wav())[len(b"--hardening-boundary\r\n") :]
+        ),
+    ),
+    "boundary of 2000 characters": Case(200, raw=lambda: as_multipart(good_form("b" * 2000), "b" * 2000)),
+    "boundary of Latin-1 characters (not a token: no boundary)": Case(
+        400,
+        "invalid_request",
+        raw=lambda: (
+            good_form("\xe9t\xe9"),
+            {"content-type": "multipart/form-data; boundary=\xe9t\xe9".encode("latin-1")},
+        ),  # type: ignore[dict-item]
     ),
     # --- K8: OpenAI's statuses and headers (issue 12)
     "stream=true with verbose_json is ignored (LiteLLM)": Case(

@@ -29,8 +29,10 @@ from qwenasr_appliance.transcription.types import RequestStats
 log = structlog.get_logger(__name__)
 
 
-async def require_multipart(request: Request[Any, Any, State]) -> None:
-    """Before the body is parsed: OpenAI's audio endpoints take multipart/form-data only."""
+async def read_multipart_form(request: Request[Any, Any, State]) -> None:
+    """Before the handler's arguments are built: OpenAI's audio endpoints take multipart/form-data only,
+    and the form is parsed here by `FormRequest` (Litestar's own parser, which would otherwise run when
+    it builds `data`, fails on parts without a filename; see api/multipart.py)."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise unsupported_media(
@@ -38,6 +40,7 @@ async def require_multipart(request: Request[Any, Any, State]) -> None:
             f"(got {clip(content_type) or 'no content type'!r}).",
             param=None,
         )
+    await request.form()
 
 
 class TranscriptionController(Controller):
@@ -49,7 +52,7 @@ class TranscriptionController(Controller):
     @post(
         "/transcriptions",
         status_code=200,
-        before_request=require_multipart,
+        before_request=read_multipart_form,
         summary="Transcribe audio",
         description="OpenAI-compatible transcription. Formats: json, text, srt, vtt, verbose_json; stream=true "
         "answers with Server-Sent Events (transcript.text.delta, transcript.text.done).",
