@@ -599,3 +599,87 @@ def test_error_messages_do_not_echo_huge_values(server: ServerProcess) -> None:
     assert response.status_code == 415
     assert len(error_of(response)["message"]) < 300  # type: ignore[arg-type]
     assert math.isfinite(len(response.content))
+
+
+# --------------------------------------------------------------------------- issue 12: logs, labels, protocols
+
+MARKER = b"QWENASR-BODY-MARKER-"
+
+
+def _raw_request(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        sock.settimeout(10)
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            pass
+    return answer
+
+
+def test_no_request_body_reaches_the_log(server: ServerProcess) -> None:
+    """K1: hostile parts of 1.5 MB (file without a filename, binary and odd-charset fields, a huge name
+    and path) leave no byte of themselves in the log, which grows by a few lines per request."""
+    payload = MARKER * (1_500_000 // len(MARKER))
+    before = len(server.logs())
+    bodies = [
+        part_form(b'name="file"', payload),
+        part_form(b'name="file"; filename=""', b"\xff" + payload),
+        form([("model", None, b"\xff" + payload), ("file", "a.wav", tone_wav())]),
+        model_part(payload, b"x-unknown"),
+        form([("model", None, MODEL.encode()), ("file", "a.wav", tone_wav()), ("blob", None, b"\x80" + payload)]),
+    ]
+    for body in bodies:
+        response = httpx.post(server.url + TRANSCRIPTIONS, content=body, headers=as_multipart(b"")[1], timeout=60)
+        assert 400 <= response.status_code < 500, response.text[:300]
+        assert MARKER.decode() not in response.text
+    response = httpx.get(server.url + "/v1/" + "p" * 300 + MARKER.decode() * 100, timeout=10)
+    assert response.status_code == 404
+    assert_still_serves(server.url)
+    grown = server.logs()[before:]
+    print(
+        f"log growth for {len(bodies) + 2} requests ({len(bodies) * 1.5:.1f} MB of hostile parts): {len(grown)} bytes"
+    )
+    assert MARKER.decode() not in grown
+    assert len(grown) < 16 * 1024
+
+
+def test_made_up_methods_do_not_grow_the_metrics(server: ServerProcess) -> None:
+    """K2: 300 requests with made-up HTTP methods are counted as method="other"; /metrics keeps its size."""
+    before = httpx.get(server.url + "/metrics", timeout=10).text
+    for i in range(300):
+        answer = _raw_request(
+            server.port, b"M%05dXXXXXXXXXXXX /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % i
+        )
+        assert answer.startswith((b"HTTP/1.1 405", b"HTTP/1.1 400")), answer[:100]
+    after = httpx.get(server.url + "/metrics", timeout=10).text
+    print(f"/metrics {len(before)} -> {len(after)} bytes after 300 made-up methods")
+    assert "M00001" not in after
+    assert 'method="other"' in after
+    assert len(after) - len(before) < 4096
+    assert_still_serves(server.url)
+
+
+def test_plain_http2_is_not_served(server: ServerProcess) -> None:
+    """K3: the HTTP/2 connection preface (h2c with prior knowledge) gets no HTTP/2 answer: HTTP/1.1 only,
+    where the head cap and timeouts apply."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+    answer = _raw_request(server.port, preface)
+    # An HTTP/2 server answers with its own SETTINGS frame (type 4), never with an HTTP/1 status line.
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:100]
+    assert_still_serves(server.url)
+
+
+def test_text_formats_carry_one_charset(server: ServerProcess) -> None:
+    """K8: Content-Type of text and vtt answers names its charset once."""
+    for response_format, media_type in (("text", "text/plain"), ("vtt", "text/vtt"), ("srt", "application/x-subrip")):
+        response = httpx.post(
+            server.url + TRANSCRIPTIONS,
+            files={"file": ("a.wav", tone_wav(), "audio/wav")},
+            data={"model": MODEL, "response_format": response_format},
+            timeout=30,
+        )
+        assert response.status_code == 200
+        assert response.headers["content-type"] == f"{media_type}; charset=utf-8"
