@@ -67,6 +67,15 @@ def clip(fmt: str, seconds: float = 2.0) -> bytes:
     return encode(speech_like(seconds, 16_000, seed=3), 16_000, fmt)
 
 
+def stereo_ogg() -> bytes:
+    signal = speech_like(1.0, 16_000, seed=4)
+    return encode(np.stack([signal, signal], axis=1), 16_000, "ogg")
+
+
+def ogg_at(rate: int) -> bytes:
+    return encode(speech_like(1.0, rate, seed=5), rate, "ogg")
+
+
 def truncated(fmt: str, share: float) -> bytes:
     data = clip(fmt)
     return data[: int(len(data) * share)]
@@ -102,6 +111,7 @@ class Case:
     data: dict[str, str] = field(default_factory=lambda: {"model": MODEL})
     raw: Callable[[], tuple[bytes, dict[str, str]]] | None = None
     text: str = "chunk of"  # the start of the transcript of a 200
+    truncated: bool | None = None  # a 200 must (True) or must not (False) say X-Audio-Truncated: true
 
     def send(self, url: str) -> httpx.Response:
         if self.raw is not None:
@@ -410,6 +420,22 @@ CORPUS: dict[str, Case] = {
             form([("model", None, MODEL.encode()), ("file", "a.wav", b"\0" * (MAX_UPLOAD + 2 * 1024 * 1024))])
         ),
     ),
+    # --- K7: no silent truncation (issue 12): every link of a chained Ogg, or the answer says it broke off
+    "chained Ogg, mono then stereo": Case(
+        200, text="chunk of 2.0", truncated=False, files=upload("c.ogg", lambda: clip("ogg", 1.0) + stereo_ogg())
+    ),
+    "chained Ogg, 48 kHz then 8 kHz": Case(
+        200, text="chunk of 2.0", truncated=False, files=upload("c.ogg", lambda: ogg_at(48_000) + ogg_at(8_000))
+    ),
+    "chained Ogg, Vorbis then Opus": Case(
+        200, text="chunk of 2.0", truncated=False, files=upload("c.ogg", lambda: clip("ogg", 1.0) + clip("opus", 1.0))
+    ),
+    "Ogg whose second link is cut": Case(
+        200,
+        text="chunk of 1.0",
+        truncated=True,
+        files=upload("c.ogg", lambda: clip("ogg", 1.0) + b"OggS\x00\x02" + bytes(100)),
+    ),
     "unknown model": Case(404, "model_not_found", "model", files=WAV, data={"model": "whisper-1"}),
     "100 kB model name": Case(404, "model_not_found", "model", files=WAV, data={"model": "m" * 100_000}),
     "temperature inf": Case(400, "invalid_value", "temperature", files=WAV, data=fields(temperature="1e309")),
@@ -460,6 +486,10 @@ def test_bad_input_gets_a_clear_answer_and_the_server_keeps_serving(server: Serv
         if case.code is not None:
             assert error["code"] == case.code, error
         assert error["param"] == case.param, error
+    if case.truncated is not None:
+        assert (response.headers.get("x-audio-truncated") == "true") is case.truncated, response.headers
+    if case.status >= 400:
+        pass
     elif response.headers["content-type"].startswith("application/json"):
         assert response.json()["text"].startswith(case.text), response.text
     else:

@@ -116,6 +116,8 @@ class RequestObserver:
                 chunks=stats.chunks,
                 language=stats.language,
             )
+            if stats.audio_truncated:
+                fields["audio_truncated"] = True
         if route in _QUIET_ROUTES and status < 400:
             self._log.debug("request", **fields)
         else:

@@ -43,6 +43,13 @@ async def read_multipart_form(request: Request[Any, Any, State]) -> None:
     await request.form()
 
 
+def _truncation_header(stats: RequestStats) -> dict[str, str]:
+    """`X-Audio-Truncated: true` when the upload's audio broke off and only what came before it was
+    transcribed (a cut or damaged file, decoded as far as it goes, as FFmpeg does): the answer says so,
+    and `X-Audio-Duration` gives how much was used."""
+    return {"X-Audio-Truncated": "true"} if stats.audio_truncated else {}
+
+
 class TranscriptionController(Controller):
     path = "/v1/audio"
     guards = [require_api_key]
@@ -94,7 +101,7 @@ class TranscriptionController(Controller):
             return Stream(
                 sse_events(first, events, stop),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_truncation_header(stats)},
             )
         transcript = await cancel_on_disconnect(
             request.receive,
@@ -105,7 +112,7 @@ class TranscriptionController(Controller):
         body, content_type = render(transcript, params.response_format)
         METRICS.stage_duration.labels(stage="response").observe(time.perf_counter() - started)
         METRICS.transcriptions.labels(outcome="ok").inc()
-        headers = {"X-Audio-Duration": f"{transcript.duration:.3f}"}
+        headers = {"X-Audio-Duration": f"{transcript.duration:.3f}", **_truncation_header(stats)}
         if transcript.language:
             headers["Content-Language"] = transcript.language.lower()
         return Response(body, media_type=content_type, headers=headers)

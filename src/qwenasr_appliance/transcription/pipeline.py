@@ -105,6 +105,7 @@ class TranscriptionService:
         result = await self._decoder.decode(request.audio, request.filename)
         decoded = result.audio
         stats.decode_pieces = result.pieces
+        stats.audio_truncated = decoded.truncated
         stats.decode_seconds = time.perf_counter() - started
         stats.audio_seconds = decoded.duration_seconds
         self._metrics.stage_duration.labels(stage="decode").observe(stats.decode_seconds)
