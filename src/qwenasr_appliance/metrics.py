@@ -10,6 +10,7 @@ series per value: 3,000 requests with made-up methods grew /metrics from 47 KB t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -158,7 +159,25 @@ class Metrics:
             ["gpu"],
             registry=registry,
         )
+        self.worker_processes = Gauge(
+            "qwenasr_worker_processes",
+            "Worker processes by pool (decode, features) and state (idle, busy, starting, stalled: stopped or "
+            "past its task's deadline), as of the last scrape or readiness check.",
+            ["pool", "state"],
+            registry=registry,
+        )
+        self.worker_replacements = Counter(
+            "qwenasr_worker_replacements_total",
+            "Worker processes replaced, by pool and reason (died: crashed or killed from outside; timeout: "
+            "killed at its task's deadline).",
+            ["pool", "reason"],
+            registry=registry,
+        )
         self.set_engine_state("starting")
+
+    def worker_replaced(self, pool: str) -> Callable[[str], None]:
+        """A `WorkerPool` `on_replaced` callback counting the pool's replacements."""
+        return lambda reason: self.worker_replacements.labels(pool=pool, reason=reason).inc()
 
     def set_engine_state(self, state: str) -> None:
         for name in ENGINE_STATES:

@@ -18,6 +18,7 @@ from qwenasr_appliance.logs import exception_fields
 from qwenasr_appliance.supervisor.aligner_supervisor import AlignerUnavailable
 from qwenasr_appliance.supervisor.supervisor import EngineUnavailable
 from qwenasr_appliance.transcription.admission import Overloaded
+from qwenasr_appliance.workers import WorkerCrashedError, WorkerTimeoutError
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +71,24 @@ _ERROR_TABLE: Final[tuple[tuple[type[Exception], Callable[[Any], APIError]], ...
         EngineDeadError,
         lambda _: unavailable(
             "The engine failed while processing the request and is restarting.", 5, code="engine_restarting"
+        ),
+    ),
+    (
+        WorkerCrashedError,
+        lambda _: unavailable(
+            "A worker process of the server stopped while handling the request and was replaced; retry it.",
+            5,
+            code="worker_restarting",
+        ),
+    ),
+    (
+        WorkerTimeoutError,
+        lambda exc: APIError(
+            504,
+            f"The server did not finish in time: {exc}. Retry the request.",
+            type="server_error",
+            code="timeout",
+            headers={"Retry-After": "5"},
         ),
     ),
     (

@@ -20,7 +20,26 @@ from qwenasr_appliance.api.schemas import (
     ReadyResponse,
     StatusResponse,
 )
-from qwenasr_appliance.metrics import render_latest
+from qwenasr_appliance.metrics import METRICS, render_latest
+from qwenasr_appliance.workers import live_pools
+
+
+def observe_worker_pools() -> str | None:
+    """Set `qwenasr_worker_processes` from every running worker pool; the reason the server cannot
+    serve when a pool has no usable worker (all stopped, hung past a deadline), else None."""
+    reasons = []
+    for pool in live_pools():
+        status = pool.status()
+        states = {"idle": status.idle, "busy": status.busy, "stalled": status.stalled, "starting": status.starting}
+        for state, count in states.items():
+            METRICS.worker_processes.labels(pool=status.name, state=state).set(count)
+        if status.usable == 0:
+            reasons.append(
+                f"no {status.name} worker process is usable ({status.stalled} of {status.processes} stalled, "
+                f"{status.starting} starting; "
+                f"replaced so far: {status.replaced or 'none'})"
+            )
+    return "; ".join(reasons) or None
 
 
 class OpsController(Controller):
@@ -44,8 +63,11 @@ class OpsController(Controller):
     async def ready(self, request: Request[Any, Any, State]) -> Response[ReadyResponse]:
         supervisor = request_context(request).supervisor
         status = supervisor.snapshot()
-        body = ReadyResponse(ready=supervisor.ready, state=status.state, reason=supervisor.not_ready_reason)
-        if supervisor.ready:
+        workers_down = observe_worker_pools()
+        ready = supervisor.ready and workers_down is None
+        reason = supervisor.not_ready_reason or workers_down
+        body = ReadyResponse(ready=ready, state=status.state, reason=reason)
+        if ready:
             return Response(body, status_code=200)
         return Response(body, status_code=503, headers={"Retry-After": "10"})
 
@@ -86,6 +108,7 @@ class OpsController(Controller):
         responses=error_responses(401),
     )
     async def metrics(self) -> Response[bytes]:
+        observe_worker_pools()
         body, content_type = render_latest()
         # Litestar appends `; charset=utf-8` to text types itself: drop the one the content type has.
         media_type = "; ".join(p.strip() for p in content_type.split(";") if not p.strip().startswith("charset="))

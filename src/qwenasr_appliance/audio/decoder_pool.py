@@ -25,6 +25,7 @@ from qwenasr_appliance.audio.transfer import (
     discard,
     receive,
 )
+from qwenasr_appliance.metrics import METRICS
 from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
 
 log = structlog.get_logger(__name__)
@@ -42,8 +43,12 @@ class DecodeResult:
 
 
 class AudioDecoder:
-    def __init__(self, processes: int, *, max_seconds: float) -> None:
-        self._pool = WorkerPool(processes, "decode")
+    """Decoding in `processes` worker processes; each worker task may take `job_timeout` seconds."""
+
+    def __init__(self, processes: int, *, max_seconds: float, job_timeout: float | None = None) -> None:
+        self._pool = WorkerPool(
+            processes, "decode", job_timeout=job_timeout, on_replaced=METRICS.worker_replaced("decode")
+        )
         self._max_seconds = max_seconds
 
     async def warm_up(self) -> None:
@@ -53,7 +58,31 @@ class AudioDecoder:
         self._pool.close()
 
     async def decode(self, data: bytes, filename: str | None) -> DecodeResult:
-        """Raises AudioError (a worker crash on the file included), nothing else of its own."""
+        """Raises AudioError, or `WorkerTimeoutError` (a TimeoutError) when a worker task passed its deadline.
+
+        A worker that dies during the decode (the OOM killer, an operator, a crash) costs one retry on
+        a fresh worker. If that one dies too: `invalid_audio` when both crashed by themselves (a
+        segfault or abort on these bytes: the file's fault), else `decode_failed` (the server's: the
+        API answers 503 with Retry-After), never blaming the client for a killed worker.
+        """
+        try:
+            return await self._decode_once(data, filename)
+        except WorkerCrashedError as first:
+            log.warning("decode.retry_after_worker_death", reason=str(first))
+            try:
+                return await self._decode_once(data, filename)
+            except WorkerCrashedError as second:
+                if first.crashed_by_itself and second.crashed_by_itself:
+                    raise AudioError(
+                        "invalid_audio", "The audio file could not be decoded: the decoder crashed on it."
+                    ) from None
+                raise AudioError(
+                    "decode_failed",
+                    f"A decoding worker process of the server stopped while decoding the file ({second}); "
+                    "retry the request.",
+                ) from None
+
+    async def _decode_once(self, data: bytes, filename: str | None) -> DecodeResult:
         files = SharedFiles.create() if self._pool.processes > 1 and len(data) >= MIN_SPLIT_BYTES else None
         try:
             first = await self._pool.run_with_cleanup(
@@ -76,10 +105,6 @@ class AudioDecoder:
                     discard, decode_for_transfer, data, filename, max_seconds=self._max_seconds
                 )
                 return DecodeResult(receive(result), 1)
-        except WorkerCrashedError:
-            raise AudioError(
-                "invalid_audio", "The audio file could not be decoded: the decoder failed on it."
-            ) from None
         finally:
             if files is not None:
                 files.discard()

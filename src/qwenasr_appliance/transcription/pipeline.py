@@ -83,7 +83,11 @@ class TranscriptionService:
         self._supervisor = supervisor
         self._admission = admission
         self._metrics = metrics
-        self._decoder = AudioDecoder(settings.effective_decode_workers, max_seconds=settings.max_audio_seconds)
+        self._decoder = AudioDecoder(
+            settings.effective_decode_workers,
+            max_seconds=settings.max_audio_seconds,
+            job_timeout=settings.worker_job_timeout,
+        )
 
     async def warm_up(self) -> None:
         await self._decoder.warm_up()
