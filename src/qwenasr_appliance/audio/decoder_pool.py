@@ -24,12 +24,16 @@ from qwenasr_appliance.audio.transfer import (
     decode_piece,
     discard,
     receive,
+    sweep_orphaned_files,
 )
 from qwenasr_appliance.metrics import METRICS
 from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
 
 log = structlog.get_logger(__name__)
 
+# After a worker is replaced, its shared files are swept this much later (a reply it sent just before
+# it died is received, and its file unlinked, long before).
+SWEEP_DELAY_SECONDS: Final = 5.0
 # A piece shorter than this is not worth a task of its own (each piece re-reads the container).
 MIN_PIECE_SECONDS: Final = 30.0
 # Smaller uploads are too short to split whatever their format (a minute of 16 kbit/s Opus is 120 KB).
@@ -46,13 +50,22 @@ class AudioDecoder:
     """Decoding in `processes` worker processes; each worker task may take `job_timeout` seconds."""
 
     def __init__(self, processes: int, *, max_seconds: float, job_timeout: float | None = None) -> None:
-        self._pool = WorkerPool(
-            processes, "decode", job_timeout=job_timeout, on_replaced=METRICS.worker_replaced("decode")
-        )
+        self._pool = WorkerPool(processes, "decode", job_timeout=job_timeout, on_replaced=self._replaced)
         self._max_seconds = max_seconds
+        self._count_replacement = METRICS.worker_replaced("decode")
 
     async def warm_up(self) -> None:
+        swept = await asyncio.to_thread(sweep_orphaned_files)
+        if swept:
+            log.warning("decode.orphaned_files_removed", files=swept)
         await self._pool.warm_up()
+
+    def _replaced(self, reason: str) -> None:
+        """A worker was replaced: count it, and a little later (once any reply it sent has been taken)
+        remove the shared files it may have left half-written."""
+        self._count_replacement(reason)
+        loop = asyncio.get_running_loop()
+        loop.call_later(SWEEP_DELAY_SECONDS, lambda: loop.run_in_executor(None, sweep_orphaned_files))
 
     def close(self) -> None:
         self._pool.close()
