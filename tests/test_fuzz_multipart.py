@@ -202,7 +202,7 @@ def test_raw_multipart_requests_never_get_a_5xx(server: ServerProcess, request: 
         assert headers.get(b"content-type", b"").startswith(b"application/json"), (status, headers, head[:1000])
         error = json.loads(body)["error"]
         assert set(error) == ERROR_FIELDS and error["message"], body[:500]
-        assert MARKER not in body
+        assert body.count(MARKER) <= 1, "an answer echoed more than a clipped field value"
         CODES[f"{status} {error['code']}"] += 1
 
 
