@@ -26,7 +26,8 @@ metrics; `on_replaced` counts each replacement by reason.
 
 No worker outlives the server: each asks the kernel to SIGKILL it when the process that started it
 dies (Linux `PR_SET_PDEATHSIG`, set before it takes any task, checked against a parent that died
-first), and `close()` SIGKILLs every worker at once and reaps them on a helper thread, never waiting
+first; the kernel sends it when the *thread* that started the worker ends, and workers are only
+started from the event loop's thread, which lives as long as the server), and `close()` SIGKILLs every worker at once and reaps them on a helper thread, never waiting
 on the event loop (workers stopped with SIGSTOP ignore SIGTERM; measured before: 5 s per worker on the
 loop, and stopped workers survived the server with parent pid 1).
 """
@@ -427,8 +428,9 @@ class WorkerPool:
         elif task is not None and ok and task.cleanup is not None:
             try:
                 task.cleanup(payload)
-            except Exception:
-                log.exception("workers.cleanup_failed", pool=self.name)
+            except Exception as exc:
+                # The type only: the message of a failed cleanup may hold a path or data.
+                log.error("workers.cleanup_failed", pool=self.name, error_type=type(exc).__qualname__)
         self._idle.append(worker)
         self._dispatch()
 
