@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -18,6 +19,17 @@ MAX_REQUEST_HEAD_BYTES = 128 * 1024
 # Most concurrent streams on one HTTP/2 connection (granian's default is 200): far more than one client
 # needs, and each stream is a request the HTTP/1 path would have needed a connection for.
 MAX_HTTP2_STREAMS = 100
+
+
+# After the drain: the lifespan shutdown closes the engine (vLLM's engine core takes seconds) before
+# granian's kill. The chart's terminationGracePeriodSeconds leaves drain + 15 s after SIGTERM, compose
+# stop_grace_period as much: the kill comes first, the orchestrator's SIGKILL after.
+ENGINE_STOP_SECONDS = 10
+
+
+def kill_timeout_seconds(settings: Settings) -> int:
+    """granian's `workers_kill_timeout`: SHUTDOWN_GRACE_SECONDS (rounded up) + `ENGINE_STOP_SECONDS`."""
+    return math.ceil(settings.shutdown_grace_seconds) + ENGINE_STOP_SECONDS
 
 
 def build_server(settings: Settings, target: str = APP_TARGET) -> Any:
@@ -47,7 +59,7 @@ def build_server(settings: Settings, target: str = APP_TARGET) -> Any:
         ),
         # The app answers what is still running when SHUTDOWN_GRACE_SECONDS end (see api/shutdown.py); this
         # kill is the backstop for a worker that is stuck.
-        workers_kill_timeout=int(settings.shutdown_grace_seconds) + 5,
+        workers_kill_timeout=kill_timeout_seconds(settings),
         # granian's default mode `auto` also serves plain HTTP/2 (h2c), where none of the HTTP/1 limits
         # above apply (measured: an 8 MB header block answered 200, an idle connection outlived the
         # client timeout). HTTP/2 only when asked for, and then with the same head cap and timeouts.

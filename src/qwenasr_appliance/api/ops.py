@@ -63,9 +63,11 @@ class OpsController(Controller):
     async def ready(self, request: Request[Any, Any, State]) -> Response[ReadyResponse]:
         supervisor = request_context(request).supervisor
         status = supervisor.snapshot()
-        workers_down = observe_worker_pools()
-        ready = supervisor.ready and workers_down is None
-        reason = supervisor.not_ready_reason or workers_down
+        # Serving on the CPU where a GPU is expected, with GPU_FALLBACK=not_ready: 503 in state `degraded`.
+        held = supervisor.held_from_traffic
+        workers_down = observe_worker_pools()  # a pool with no usable worker (issue 12)
+        ready = supervisor.ready and held is None and workers_down is None
+        reason = held or supervisor.not_ready_reason or workers_down
         body = ReadyResponse(ready=ready, state=status.state, reason=reason)
         if ready:
             return Response(body, status_code=200)
@@ -85,7 +87,9 @@ class OpsController(Controller):
             model=settings.model_id,
             served_model_name=settings.model_name,
             uptime_seconds=round(time.monotonic() - context.started_at, 3),
-            ready=context.supervisor.ready,
+            ready=context.supervisor.ready  # as /ready says
+            and context.supervisor.held_from_traffic is None
+            and observe_worker_pools() is None,
             engine=context.supervisor.snapshot(),
             aligner=context.supervisor.aligner.snapshot(),
             queue=QueueStatus(
