@@ -141,10 +141,6 @@ def _stopped(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"T", b"t")
 
 
-def _ready() -> int:
-    return os.getpid()
-
-
 def _widen(connection: Connection) -> None:
     """Let a pipe hold a whole 30 s clip (Linux; 64 KiB by default): every extra read or write is one
     more wait for the interpreter lock in the server."""
@@ -221,6 +217,7 @@ class _Worker:
     started: bool = False  # it has said it is ready (before that it is importing its libraries)
     deadline: asyncio.TimerHandle | None = None  # of the running task, or of its start
     overdue: bool = False  # its task ran past the deadline (the worker is being killed)
+    hello: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     fd: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -274,9 +271,9 @@ class WorkerPool:
         return PoolStatus(self.name, self.processes, idle, busy, stalled, starting, dict(self._replaced))
 
     async def warm_up(self) -> None:
-        """Start every worker now rather than on the first requests, and wait until each has answered."""
+        """Start every worker now rather than on the first requests, and wait until each is ready."""
         self._start()
-        await asyncio.gather(*(self.run(_ready) for _ in range(self.processes)))
+        await asyncio.gather(*(worker.hello for worker in self._workers))
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.run_with_cleanup(None, fn, *args, **kwargs)
@@ -310,6 +307,9 @@ class WorkerPool:
         self._idle.clear()
         for worker in workers:
             self._forget(worker)
+            if not worker.hello.done():
+                worker.hello.set_exception(WorkerCrashedError(f"the {self.name} workers are shut down"))
+                worker.hello.exception()  # retrieved: nobody may be waiting for it
             if worker.task is not None and not worker.task.future.done():
                 worker.task.future.set_exception(WorkerCrashedError(f"the {self.name} workers are shut down"))
         while self._pending:
@@ -417,6 +417,8 @@ class WorkerPool:
             worker.deadline = None
         if not worker.started:  # its hello: ready for tasks
             worker.started = True
+            if not worker.hello.done():
+                worker.hello.set_result(None)
             self._idle.append(worker)
             self._dispatch()
             return
@@ -461,6 +463,9 @@ class WorkerPool:
             worker.deadline.cancel()
             worker.deadline = None
         worker.task = None
+        if not worker.hello.done():
+            worker.hello.set_exception(WorkerCrashedError(f"a {self.name} worker did not start ({reason})"))
+            worker.hello.exception()  # retrieved: nobody may be waiting for it
         if worker in self._workers:
             self._workers.remove(worker)
         if worker in self._idle:
