@@ -19,8 +19,8 @@ the same `multipart` package (RFC 7578) underneath:
 from __future__ import annotations
 
 import codecs
-import email.utils
 import re
+import urllib.parse
 from collections import defaultdict
 from collections.abc import AsyncGenerator
 from typing import Any, Final
@@ -61,8 +61,14 @@ def _filename(segment: MultipartSegment) -> str | None:
         extended = _EXTENDED_FILENAME.search(disposition)
         if extended:
             value = extended.group(1).strip('"')
-            charset, _, encoded = email.utils.decode_rfc2231(value) if value.count("'") >= 2 else (None, None, value)
-            name = email.utils.collapse_rfc2231_value((charset or "utf-8", None, encoded)) if charset else encoded
+            if value.count("'") >= 2:  # charset'language'percent-encoded (RFC 5987 section 3.2)
+                charset, _, encoded = value.split("'", 2)
+                try:
+                    name = urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="replace")
+                except LookupError:  # an unknown charset: UTF-8 is what clients send
+                    name = urllib.parse.unquote(encoded, errors="replace")
+            else:  # a bare value, as some clients send it
+                name = value
         elif name is None:
             return None
     return _CONTROL.sub("", _utf8(name or ""))[:MAX_FILENAME_CHARS]
