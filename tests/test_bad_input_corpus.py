@@ -504,6 +504,9 @@ def test_corpus_covers_the_issue(server: ServerProcess) -> None:
         "empty file", "zero-length", "10 ms", "named .mp3", "truncated", "content type", "hours", "bomb",
         "size limit", "multipart", "missing file", "unknown fields", "temperature", "language",
         "response_format", "timestamp", "prompt", "unicode filename", "nan", "1 hz", "384 khz", "8 channels",
+        # issue 12
+        "without a filename", "filename=", "only filename*", "crlf", "nested multipart", "binary bytes",
+        "unknown charset", "chained ogg", "cut", "stream=true", "over the form limit",
     ):  # fmt: skip
         assert needed in kinds, needed
 
