@@ -23,6 +23,7 @@ from qwenasr_appliance.audio.decode import (
     decode_audio,
     probe_duration,
 )
+from qwenasr_appliance.audio.ogg import ogg_links
 from qwenasr_appliance.audio.samples import SAMPLE_RATE
 from tests.audio_fixtures import (
     ALL_FORMATS,
@@ -450,3 +451,43 @@ def test_damaged_files_never_raise_anything_but_audio_error(
     else:
         assert decoded.samples.dtype == np.float32 and np.isfinite(decoded.samples).all()
         assert np.abs(decoded.samples).max() <= 1.0
+
+
+# --------------------------------------------------------------------------- chained Ogg (issue 12, K7)
+
+
+def _ogg(rate: int, channels: int = 1, fmt: str = "ogg", seed: int = 1) -> bytes:
+    signal = speech_like(1.0, rate, seed=seed)
+    return encode(np.stack([signal] * channels, axis=1) if channels > 1 else signal, rate, fmt)
+
+
+@pytest.mark.parametrize(
+    "links",
+    [
+        [(16_000, 1, "ogg"), (16_000, 2, "ogg")],
+        [(48_000, 1, "ogg"), (8_000, 1, "ogg")],
+        [(16_000, 1, "ogg"), (16_000, 1, "opus"), (44_100, 2, "ogg")],
+    ],
+    ids=["mono-then-stereo", "48k-then-8k", "vorbis-opus-vorbis"],
+)
+def test_every_link_of_a_chained_ogg_is_decoded(links: list[tuple[int, int, str]]) -> None:
+    data = b"".join(_ogg(rate, channels, fmt, seed=i) for i, (rate, channels, fmt) in enumerate(links))
+    assert len(ogg_links(data)) == len(links)
+    decoded = decode_audio(data, "chain.ogg", max_seconds=60)
+    assert not decoded.truncated
+    assert decoded.duration_seconds == pytest.approx(len(links), abs=0.05 * len(links))
+    assert decoded.samples.shape[0] == pytest.approx(len(links) * SAMPLE_RATE, rel=0.05)
+
+
+def test_a_chained_ogg_whose_next_link_breaks_off_says_so() -> None:
+    data = _ogg(16_000) + b"OggS\x00\x02" + bytes(100)
+    decoded = decode_audio(data, "chain.ogg", max_seconds=60)
+    assert decoded.truncated
+    assert decoded.duration_seconds == pytest.approx(1.0, abs=0.05)
+
+
+def test_ogg_links_of_non_ogg_and_damaged_framing_are_the_whole_file() -> None:
+    assert ogg_links(b"RIFF....") == [b"RIFF...."]
+    one = _ogg(16_000)
+    assert ogg_links(one) == [one]
+    assert ogg_links(one + b"OggS\x01garbage") == [one + b"OggS\x01garbage"]

@@ -67,6 +67,15 @@ def clip(fmt: str, seconds: float = 2.0) -> bytes:
     return encode(speech_like(seconds, 16_000, seed=3), 16_000, fmt)
 
 
+def stereo_ogg() -> bytes:
+    signal = speech_like(1.0, 16_000, seed=4)
+    return encode(np.stack([signal, signal], axis=1), 16_000, "ogg")
+
+
+def ogg_at(rate: int) -> bytes:
+    return encode(speech_like(1.0, rate, seed=5), rate, "ogg")
+
+
 def truncated(fmt: str, share: float) -> bytes:
     data = clip(fmt)
     return data[: int(len(data) * share)]
@@ -102,6 +111,7 @@ class Case:
     data: dict[str, str] = field(default_factory=lambda: {"model": MODEL})
     raw: Callable[[], tuple[bytes, dict[str, str]]] | None = None
     text: str = "chunk of"  # the start of the transcript of a 200
+    truncated: bool | None = None  # a 200 must (True) or must not (False) say X-Audio-Truncated: true
 
     def send(self, url: str) -> httpx.Response:
         if self.raw is not None:
@@ -132,6 +142,27 @@ def good_form(boundary: str = "hardening-boundary") -> bytes:
     return form([("model", None, MODEL.encode()), ("file", "a.wav", tone_wav())], boundary)
 
 
+def part_form(disposition: bytes, value: bytes, content_type: bytes | None = None) -> bytes:
+    """A form of `model` and one more part with the given Content-Disposition parameters (after
+    `form-data; `) and, optionally, content type."""
+    head = b"--hardening-boundary\r\nContent-Disposition: form-data; " + disposition + b"\r\n"
+    if content_type is not None:
+        head += b"Content-Type: " + content_type + b"\r\n"
+    return (
+        head + b"\r\n" + value + b"\r\n"
+        b'--hardening-boundary\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + MODEL.encode() + b"\r\n"
+        b"--hardening-boundary--\r\n"
+    )
+
+
+def model_part(value: bytes, charset: bytes) -> bytes:
+    """A form of a WAV file and `model` as text in the given charset."""
+    return form([("file", "a.wav", tone_wav())])[: -len(b"--hardening-boundary--\r\n")] + (
+        b'--hardening-boundary\r\nContent-Disposition: form-data; name="model"\r\n'
+        b"Content-Type: text/plain; charset=" + charset + b"\r\n\r\n" + value + b"\r\n--hardening-boundary--\r\n"
+    )
+
+
 def as_multipart(body: bytes, boundary: str = "hardening-boundary") -> tuple[bytes, dict[str, str]]:
     return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
 
@@ -146,15 +177,15 @@ CORPUS: dict[str, Case] = {
     ),
     "10 ms of audio": Case(200, files=upload("short.wav", lambda: tone_wav(0.01))),
     "one sample": Case(200, files=upload("one.wav", lambda: wav_bytes(pcm16(np.array([0.5])), sample_rate=16_000))),
-    "text named .mp3": Case(415, "unsupported_format", "file", files=upload("n.mp3", lambda: b"not audio " * 100)),
+    "text named .mp3": Case(400, "unsupported_format", "file", files=upload("n.mp3", lambda: b"not audio " * 100)),
     "png named .wav": Case(
-        415, "unsupported_format", "file", files=upload("x.wav", lambda: b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+        400, "unsupported_format", "file", files=upload("x.wav", lambda: b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
     ),
     "zip named .flac": Case(
-        415, "unsupported_format", "file", files=upload("x.flac", lambda: b"PK\x03\x04" + b"\0" * 2000)
+        400, "unsupported_format", "file", files=upload("x.flac", lambda: b"PK\x03\x04" + b"\0" * 2000)
     ),
     "random bytes named .m4a": Case(
-        415,
+        400,
         "unsupported_format",
         "file",
         files=upload("x.m4a", lambda: np.random.default_rng(1).bytes(4096)),
@@ -194,7 +225,7 @@ CORPUS: dict[str, Case] = {
         413, "file_too_large", "file", files=upload("big.wav", lambda: b"\0" * (MAX_UPLOAD + 1))
     ),
     "ffconcat playlist naming a local file": Case(
-        415,
+        400,
         "unsupported_format",
         "file",
         files=upload("x.wav", lambda: b"ffconcat version 1.0\nfile /etc/passwd\nfile /proc/self/environ\n"),
@@ -216,18 +247,20 @@ CORPUS: dict[str, Case] = {
     # --- the request's content type
     "JSON body": Case(
         415,
-        "unsupported_format",
+        "unsupported_media_type",
         None,
         raw=lambda: (b'{"model": "x", "file": "/etc/passwd"}', {"content-type": "application/json"}),
     ),
     "urlencoded body naming a local file": Case(
         415,
-        "unsupported_format",
+        "unsupported_media_type",
         None,
         raw=lambda: (b"model=x&file=%2Fetc%2Fpasswd", {"content-type": "application/x-www-form-urlencoded"}),
     ),
-    "raw audio body": Case(415, "unsupported_format", None, raw=lambda: (tone_wav(), {"content-type": "audio/wav"})),
-    "no content type": Case(415, "unsupported_format", None, raw=lambda: (good_form(), {})),
+    "raw audio body": Case(
+        415, "unsupported_media_type", None, raw=lambda: (tone_wav(), {"content-type": "audio/wav"})
+    ),
+    "no content type": Case(415, "unsupported_media_type", None, raw=lambda: (good_form(), {})),
     "multipart without a boundary": Case(
         400, "invalid_request", raw=lambda: (good_form(), {"content-type": "multipart/form-data"})
     ),
@@ -276,7 +309,7 @@ CORPUS: dict[str, Case] = {
     "missing model": Case(400, "invalid_request", "model", files=WAV, data={}),
     "two files": Case(400, "invalid_request", "file", files=lambda: [WAV()[0], WAV()[0]]),
     "file sent as a text field": Case(
-        400, "invalid_request", "file", files=lambda: [("file", (None, "/etc/passwd", None))]
+        400, "unsupported_format", "file", files=lambda: [("file", (None, "/etc/passwd", None))]
     ),
     "model sent as a file": Case(
         400,
@@ -286,6 +319,123 @@ CORPUS: dict[str, Case] = {
         data={},
     ),
     "unknown fields are ignored": Case(200, files=WAV, data=fields(foo="bar", n="1", **{"weird[]": "x", "ünï": "ç"})),
+    # --- K1: multipart parts of any shape (issue 12): the audio is used, or a 400 naming the field
+    "file part without a filename (curl -F 'file=<a.wav')": Case(
+        200, raw=lambda: as_multipart(part_form(b'name="file"', tone_wav()))
+    ),
+    "file part without a filename (OpenAI SDK file=(None, data))": Case(
+        200, files=lambda: [("file", (None, tone_wav(), None))]
+    ),
+    'file part with filename=""': Case(
+        200, raw=lambda: as_multipart(part_form(b'name="file"; filename=""', tone_wav()))
+    ),
+    "file part with only filename*": Case(
+        200, raw=lambda: as_multipart(part_form(b"name=\"file\"; filename*=UTF-8''%E4%BC%9A.wav", tone_wav()))
+    ),
+    "file part with a bare filename*": Case(
+        200, raw=lambda: as_multipart(part_form(b'name="file"; filename*=a.wav', tone_wav()))
+    ),
+    "CRLF inside a quoted filename": Case(
+        400, "invalid_request", raw=lambda: as_multipart(part_form(b'name="file"; filename="a\r\nb.wav"', tone_wav()))
+    ),
+    "percent-encoded CRLF in a filename": Case(
+        200, raw=lambda: as_multipart(part_form(b'name="file"; filename="a%0D%0AX-Injected: 1.wav"', tone_wav()))
+    ),
+    "Latin-1 bytes in a filename": Case(
+        200, raw=lambda: as_multipart(part_form(b'name="file"; filename="r\xe9union.wav"', tone_wav()))
+    ),
+    "nested multipart/mixed as the file": Case(
+        400,
+        "unsupported_format",
+        "file",
+        raw=lambda: as_multipart(
+            part_form(
+                b'name="file"',
+                b'--inner\r\nContent-Disposition: attachment; filename="a.wav"\r\n\r\n' + tone_wav() + b"\r\n--inner--",
+                b"multipart/mixed; boundary=inner",
+            )
+        ),
+    ),
+    "file part without a filename holding text": Case(
+        400, "unsupported_format", "file", raw=lambda: as_multipart(part_form(b'name="file"', b"hello " * 200))
+    ),
+    "binary bytes in the model field": Case(
+        400,
+        "invalid_value",
+        "model",
+        raw=lambda: as_multipart(
+            form([("model", None, b"\xff\xfe\x00" + bytes(range(128, 256))), ("file", "a.wav", tone_wav())])
+        ),
+    ),
+    "unknown charset on a text field": Case(
+        400, "invalid_value", "model", raw=lambda: as_multipart(model_part(MODEL.encode(), b"x-no-such-charset"))
+    ),
+    "UTF-16 text field with its charset": Case(
+        200, raw=lambda: as_multipart(model_part(MODEL.encode("utf-16"), b"utf-16"))
+    ),
+    "binary bytes in an unknown field": Case(
+        400,
+        "invalid_value",
+        "blob",
+        raw=lambda: as_multipart(
+            form([*GOOD_PARTS[:1], ("blob", None, b"\x80\xff" * 50), ("file", "a.wav", tone_wav())])
+        ),
+    ),
+    "non-UTF-8 bytes in a part header's value": Case(
+        200,
+        raw=lambda: as_multipart(
+            b"--hardening-boundary\r\nX-Note: \xff\xfe\xc3\x28\r\n"
+            + part_form(b'name="file"; filename="a.wav"', tone_wav())[len(b"--hardening-boundary\r\n") :]
+        ),
+    ),
+    "non-UTF-8 bytes in a part header's name": Case(
+        400,
+        "invalid_request",
+        raw=lambda: as_multipart(
+            b"--hardening-boundary\r\nX-\xff\xfe: 1\r\n"
+            + part_form(b'name="file"; filename="a.wav"', tone_wav())[len(b"--hardening-boundary\r\n") :]
+        ),
+    ),
+    "boundary of 2000 characters": Case(200, raw=lambda: as_multipart(good_form("b" * 2000), "b" * 2000)),
+    "boundary of Latin-1 characters (not a token: no boundary)": Case(
+        400,
+        "invalid_request",
+        raw=lambda: (
+            good_form("\xe9t\xe9"),
+            {"content-type": "multipart/form-data; boundary=\xe9t\xe9".encode("latin-1")},
+        ),  # type: ignore[dict-item]
+    ),
+    # --- K8: OpenAI's statuses and headers (issue 12)
+    "stream=true with verbose_json is ignored (LiteLLM)": Case(
+        200, files=WAV, data=fields(stream="true", response_format="verbose_json")
+    ),
+    "stream=true with srt is ignored": Case(
+        200, text="1\n", files=WAV, data=fields(stream="true", response_format="srt")
+    ),
+    "body over the form limit by Content-Length": Case(
+        413,
+        "file_too_large",
+        "file",
+        raw=lambda: as_multipart(
+            form([("model", None, MODEL.encode()), ("file", "a.wav", b"\0" * (MAX_UPLOAD + 2 * 1024 * 1024))])
+        ),
+    ),
+    # --- K7: no silent truncation (issue 12): every link of a chained Ogg, or the answer says it broke off
+    "chained Ogg, mono then stereo": Case(
+        200, text="chunk of 2.0", truncated=False, files=upload("c.ogg", lambda: clip("ogg", 1.0) + stereo_ogg())
+    ),
+    "chained Ogg, 48 kHz then 8 kHz": Case(
+        200, text="chunk of 2.0", truncated=False, files=upload("c.ogg", lambda: ogg_at(48_000) + ogg_at(8_000))
+    ),
+    "chained Ogg, Vorbis then Opus": Case(
+        200, text="chunk of 2.0", truncated=False, files=upload("c.ogg", lambda: clip("ogg", 1.0) + clip("opus", 1.0))
+    ),
+    "Ogg whose second link is cut": Case(
+        200,
+        text="chunk of 1.0",
+        truncated=True,
+        files=upload("c.ogg", lambda: clip("ogg", 1.0) + b"OggS\x00\x02" + bytes(100)),
+    ),
     "unknown model": Case(404, "model_not_found", "model", files=WAV, data={"model": "whisper-1"}),
     "100 kB model name": Case(404, "model_not_found", "model", files=WAV, data={"model": "m" * 100_000}),
     "temperature inf": Case(400, "invalid_value", "temperature", files=WAV, data=fields(temperature="1e309")),
@@ -336,8 +486,14 @@ def test_bad_input_gets_a_clear_answer_and_the_server_keeps_serving(server: Serv
         if case.code is not None:
             assert error["code"] == case.code, error
         assert error["param"] == case.param, error
-    else:
+    if case.truncated is not None:
+        assert (response.headers.get("x-audio-truncated") == "true") is case.truncated, response.headers
+    if case.status >= 400:
+        pass
+    elif response.headers["content-type"].startswith("application/json"):
         assert response.json()["text"].startswith(case.text), response.text
+    else:
+        assert response.text.startswith(case.text), response.text
     assert_still_serves(server.url)
 
 
@@ -348,6 +504,9 @@ def test_corpus_covers_the_issue(server: ServerProcess) -> None:
         "empty file", "zero-length", "10 ms", "named .mp3", "truncated", "content type", "hours", "bomb",
         "size limit", "multipart", "missing file", "unknown fields", "temperature", "language",
         "response_format", "timestamp", "prompt", "unicode filename", "nan", "1 hz", "384 khz", "8 channels",
+        # issue 12
+        "without a filename", "filename=", "only filename*", "crlf", "nested multipart", "binary bytes",
+        "unknown charset", "chained ogg", "cut", "stream=true", "over the form limit",
     ):  # fmt: skip
         assert needed in kinds, needed
 
@@ -473,3 +632,87 @@ def test_error_messages_do_not_echo_huge_values(server: ServerProcess) -> None:
     assert response.status_code == 415
     assert len(error_of(response)["message"]) < 300  # type: ignore[arg-type]
     assert math.isfinite(len(response.content))
+
+
+# --------------------------------------------------------------------------- issue 12: logs, labels, protocols
+
+MARKER = b"QWENASR-BODY-MARKER-"
+
+
+def _raw_request(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        sock.settimeout(10)
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            pass
+    return answer
+
+
+def test_no_request_body_reaches_the_log(server: ServerProcess) -> None:
+    """K1: hostile parts of 1.5 MB (file without a filename, binary and odd-charset fields, a huge name
+    and path) leave no byte of themselves in the log, which grows by a few lines per request."""
+    payload = MARKER * (1_500_000 // len(MARKER))
+    before = len(server.logs())
+    bodies = [
+        part_form(b'name="file"', payload),
+        part_form(b'name="file"; filename=""', b"\xff" + payload),
+        form([("model", None, b"\xff" + payload), ("file", "a.wav", tone_wav())]),
+        model_part(payload, b"x-unknown"),
+        form([("model", None, MODEL.encode()), ("file", "a.wav", tone_wav()), ("blob", None, b"\x80" + payload)]),
+    ]
+    for body in bodies:
+        response = httpx.post(server.url + TRANSCRIPTIONS, content=body, headers=as_multipart(b"")[1], timeout=60)
+        assert 400 <= response.status_code < 500, response.text[:300]
+        assert MARKER.decode() not in response.text
+    response = httpx.get(server.url + "/v1/" + "p" * 300 + MARKER.decode() * 100, timeout=10)
+    assert response.status_code == 404
+    assert_still_serves(server.url)
+    grown = server.logs()[before:]
+    print(
+        f"log growth for {len(bodies) + 2} requests ({len(bodies) * 1.5:.1f} MB of hostile parts): {len(grown)} bytes"
+    )
+    assert MARKER.decode() not in grown
+    assert len(grown) < 16 * 1024
+
+
+def test_made_up_methods_do_not_grow_the_metrics(server: ServerProcess) -> None:
+    """K2: 300 requests with made-up HTTP methods are counted as method="other"; /metrics keeps its size."""
+    before = httpx.get(server.url + "/metrics", timeout=10).text
+    for i in range(300):
+        answer = _raw_request(
+            server.port, b"M%05dXXXXXXXXXXXX /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % i
+        )
+        assert answer.startswith((b"HTTP/1.1 405", b"HTTP/1.1 400")), answer[:100]
+    after = httpx.get(server.url + "/metrics", timeout=10).text
+    print(f"/metrics {len(before)} -> {len(after)} bytes after 300 made-up methods")
+    assert "M00001" not in after
+    assert 'method="other"' in after
+    assert len(after) - len(before) < 4096
+    assert_still_serves(server.url)
+
+
+def test_plain_http2_is_not_served(server: ServerProcess) -> None:
+    """K3: the HTTP/2 connection preface (h2c with prior knowledge) gets no HTTP/2 answer: HTTP/1.1 only,
+    where the head cap and timeouts apply."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+    answer = _raw_request(server.port, preface)
+    # An HTTP/2 server answers with its own SETTINGS frame (type 4), never with an HTTP/1 status line.
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:100]
+    assert_still_serves(server.url)
+
+
+def test_text_formats_carry_one_charset(server: ServerProcess) -> None:
+    """K8: Content-Type of text and vtt answers names its charset once."""
+    for response_format, media_type in (("text", "text/plain"), ("vtt", "text/vtt"), ("srt", "application/x-subrip")):
+        response = httpx.post(
+            server.url + TRANSCRIPTIONS,
+            files={"file": ("a.wav", tone_wav(), "audio/wav")},
+            data={"model": MODEL, "response_format": response_format},
+            timeout=30,
+        )
+        assert response.status_code == 200
+        assert response.headers["content-type"] == f"{media_type}; charset=utf-8"

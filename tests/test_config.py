@@ -124,3 +124,22 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_.value.code == 0
     assert "serve" in capsys.readouterr().out
+
+
+def test_the_server_speaks_http1_only_unless_http2_is_asked_for() -> None:
+    """Issue 12 (K3): granian's default mode also serves h2c, where the HTTP/1 limits do not apply."""
+    from granian.constants import HTTPModes
+
+    from qwenasr_appliance.cli import MAX_REQUEST_HEAD_BYTES, build_server
+
+    default = build_server(load_settings({}))
+    assert default.http == HTTPModes.http1
+    with_http2 = build_server(load_settings({"HTTP2": "true", "CLIENT_TIMEOUT_SECONDS": "7"}))
+    assert with_http2.http == HTTPModes.auto
+    assert with_http2.http2_settings.max_headers_size == MAX_REQUEST_HEAD_BYTES
+    assert (with_http2.http2_settings.keep_alive_interval, with_http2.http2_settings.keep_alive_timeout) == (7000, 7)
+
+
+def test_the_worker_deadline_is_at_most_the_request_timeout() -> None:
+    assert load_settings({"WORKER_TIMEOUT_SECONDS": "60", "REQUEST_TIMEOUT_SECONDS": "5"}).worker_job_timeout == 5
+    assert load_settings({}).worker_job_timeout == 120

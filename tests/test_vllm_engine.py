@@ -917,7 +917,10 @@ def test_when_vllm_refuses_an_input_built_here_the_engine_falls_back_to_its_rend
     run(main(), timeout=60)
 
 
-def test_a_feature_worker_crash_fails_only_that_request_with_a_clear_error() -> None:
+def test_a_feature_worker_death_is_retried_once_then_reaches_the_client_as_retryable() -> None:
+    """Issue 12 (K4): a killed feature worker costs one retry on its replacement; a second death fails
+    only that request, with WorkerCrashedError (503 `worker_restarting`), never a 4xx or a 500."""
+
     async def main() -> None:
         fake = FakeLLM(tokens=2)
         fake.renderer = ShapedRenderer()
@@ -926,15 +929,24 @@ def test_a_feature_worker_crash_fails_only_that_request_with_a_clear_error() -> 
         pool = engine._features
         assert pool is not None
         real_run = pool.run
+        deaths = {"left": 0, "calls": 0}
 
-        async def crashing_run(*args: Any, **kwargs: Any) -> Any:
-            raise WorkerCrashedError("a features worker process died")
+        async def dying_run(*args: Any, **kwargs: Any) -> Any:
+            deaths["calls"] += 1
+            if deaths["left"] > 0:
+                deaths["left"] -= 1
+                raise WorkerCrashedError("a features worker process died", -9)
+            return await real_run(*args, **kwargs)
 
         try:
-            pool.run = crashing_run  # type: ignore[method-assign]
-            with pytest.raises(EngineRequestError, match="audio features could not be computed"):
+            pool.run = dying_run  # type: ignore[method-assign]
+            deaths.update(left=1, calls=0)
+            result = await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "retried")
+            assert result.finished and deaths["calls"] == 2
+            deaths.update(left=2, calls=0)
+            with pytest.raises(WorkerCrashedError):
                 await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "crash")
-            pool.run = real_run  # type: ignore[method-assign]
+            assert deaths["calls"] == 2
             result = await run_to_completion(engine, AUDIO, TranscribeOptions(max_new_tokens=2), "next")
             assert result.finished and fake.generated[-1][0]["built_here"]
         finally:

@@ -3,12 +3,13 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
 
 from qwenasr_appliance.audio.decode import AudioError, AudioTooLongError, decode_audio
-from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
+from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool, WorkerTimeoutError
 
 
 def _die() -> None:
@@ -161,3 +162,168 @@ def test_workers_run_numerical_libraries_on_one_thread() -> None:
 
     threads = asyncio.run(scenario())
     assert threads and set(threads) == {1}  # numpy's OpenBLAS at least, each limited to one thread
+
+
+# --------------------------------------------------------------------------- deadlines, deaths, shutdown (issue 12)
+
+
+def _sleep(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+def _worker_pids(pool: WorkerPool) -> list[int]:
+    return [worker.process.pid for worker in pool._workers if worker.process.pid is not None]
+
+
+def test_a_task_past_its_deadline_kills_and_replaces_its_worker() -> None:
+    replaced: list[str] = []
+
+    async def scenario() -> None:
+        pool = WorkerPool(1, "test", job_timeout=0.5, on_replaced=replaced.append)
+        try:
+            (stuck,) = [await pool.run(_pid)]
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(WorkerTimeoutError):
+                await pool.run(_sleep, 30.0)
+            assert loop.time() - started < 3.0
+            assert await pool.run(_pid) != stuck  # a fresh worker serves the next task
+            for _ in range(50):
+                if not _alive(stuck):
+                    break
+                await asyncio.sleep(0.1)
+            assert not _alive(stuck), "the hung worker was not killed"
+            assert pool.status().replaced == {"timeout": 1}
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
+    assert replaced == ["timeout"]
+
+
+def test_a_stopped_worker_is_stalled_then_killed_at_the_deadline() -> None:
+    async def scenario() -> None:
+        pool = WorkerPool(1, "test", job_timeout=1.0)
+        try:
+            await pool.warm_up()
+            (pid,) = _worker_pids(pool)
+            os.kill(pid, signal.SIGSTOP)  # what the issue did: the worker hangs
+            await asyncio.sleep(0.1)
+            status = pool.status()
+            assert (status.stalled, status.usable) == (1, 0)
+            with pytest.raises(WorkerTimeoutError):
+                await pool.run(_pid)
+            assert await pool.run(_pid) != pid
+            assert pool.status().usable == 1
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_killed_from_outside_is_a_death_not_a_crash_of_its_own() -> None:
+    async def scenario() -> None:
+        pool = WorkerPool(1, "test")
+        try:
+            await pool.warm_up()
+            (pid,) = _worker_pids(pool)
+            os.kill(pid, signal.SIGSTOP)
+            running = asyncio.ensure_future(pool.run(_pid))
+            await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)  # the OOM killer
+            with pytest.raises(WorkerCrashedError) as killed:
+                await running
+            assert killed.value.exitcode == -signal.SIGKILL and not killed.value.crashed_by_itself
+            with pytest.raises(WorkerCrashedError) as crashed:
+                await pool.run(os.abort)
+            assert crashed.value.crashed_by_itself
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_decoder_retries_once_on_a_fresh_worker_when_one_is_killed() -> None:
+    from qwenasr_appliance.audio.decoder_pool import AudioDecoder
+    from tests.hardening import tone_wav
+
+    async def scenario() -> None:
+        decoder = AudioDecoder(1, max_seconds=60)
+        try:
+            await decoder.warm_up()
+            (pid,) = _worker_pids(decoder._pool)
+            os.kill(pid, signal.SIGSTOP)
+            running = asyncio.ensure_future(decoder.decode(tone_wav(1.0), "a.wav"))
+            await asyncio.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)
+            result = await running
+            assert result.audio.duration_seconds == pytest.approx(1.0)
+        finally:
+            decoder.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_kills_stopped_workers_without_waiting_on_the_loop() -> None:
+    async def scenario() -> list[int]:
+        pool = WorkerPool(3, "test")
+        await pool.warm_up()
+        pids = _worker_pids(pool)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        pool.close()
+        assert loop.time() - started < 0.5
+        assert await asyncio.to_thread(pool.join_closed, 10)
+        return pids
+
+    pids = asyncio.run(scenario())
+    assert not any(_alive(pid) for pid in pids)
+
+
+_ORPHAN_SCRIPT = """
+import asyncio, os, sys, time
+from qwenasr_appliance.workers import WorkerPool
+async def main():
+    pool = WorkerPool(2, "orphan-test")
+    await pool.warm_up()
+    print(" ".join(str(w.process.pid) for w in pool._workers), flush=True)
+    time.sleep(60)
+asyncio.run(main())
+"""
+
+
+def test_workers_die_with_the_server_process() -> None:
+    """K5: SIGKILL of the serving process (granian killing its worker) leaves no worker behind."""
+    import subprocess
+    import sys
+    import time
+
+    server = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        pids = [int(pid) for pid in server.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+        os.kill(pids[0], signal.SIGSTOP)  # a stopped worker too
+        server.kill()
+        server.wait(10)
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in pids), "a worker outlived its server"
+    finally:
+        if server.poll() is None:
+            server.kill()

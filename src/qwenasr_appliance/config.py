@@ -63,6 +63,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_queue_size: int = 512
     queue_timeout_seconds: float = 30.0
     request_timeout_seconds: float = 900.0
+    worker_timeout_seconds: float = 120.0  # longest task of a decode or feature worker process
     max_prompt_chars: int = 2000
     decode_workers: int = 0
     cpu_threads: int = 0
@@ -74,6 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # values in effect when SHUTDOWN_GRACE_SECONDS is unset or empty.
     shutdown_grace_seconds: float = 930.0
     client_timeout_seconds: float = 30.0
+    http2: bool = False  # plain HTTP/2 (h2c) besides HTTP/1.1; see cli.build_server
     engine_restart_max: int = 5
     engine_restart_backoff_seconds: float = 2.0
     # The optional forced aligner (word timestamps): empty means none is loaded.
@@ -84,6 +86,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def model_name(self) -> str:
         """The name clients use in `model` and see in `/v1/models`."""
         return self.served_model_name or self.model_id
+
+    @property
+    def worker_job_timeout(self) -> float:
+        """The deadline of one worker task: a task cannot take longer than its request may."""
+        return min(self.worker_timeout_seconds, self.request_timeout_seconds)
 
     @property
     def effective_decode_workers(self) -> int:
@@ -178,6 +185,7 @@ _VARS: dict[str, _Var] = {
     "MAX_QUEUE_SIZE": _Var("max_queue_size", _parse_int, _range(0, 1_000_000)),
     "QUEUE_TIMEOUT_SECONDS": _Var("queue_timeout_seconds", _parse_float, _range(0.0, 3600.0, low_open=True)),
     "REQUEST_TIMEOUT_SECONDS": _Var("request_timeout_seconds", _parse_float, _range(1.0, 86_400.0)),
+    "WORKER_TIMEOUT_SECONDS": _Var("worker_timeout_seconds", _parse_float, _range(0.5, 86_400.0)),
     "MAX_PROMPT_CHARS": _Var("max_prompt_chars", _parse_int, _range(0, 100_000)),
     "DECODE_WORKERS": _Var("decode_workers", _parse_int, _range(0, 1024)),
     "CPU_THREADS": _Var("cpu_threads", _parse_int, _range(0, 1024)),
@@ -189,6 +197,7 @@ _VARS: dict[str, _Var] = {
         "shutdown_grace_seconds", _parse_optional_float, _range(0.0, MAX_SHUTDOWN_GRACE_SECONDS)
     ),
     "CLIENT_TIMEOUT_SECONDS": _Var("client_timeout_seconds", _parse_float, _range(1.0, 3600.0)),
+    "HTTP2": _Var("http2", _parse_bool),
     "ENGINE_RESTART_MAX": _Var("engine_restart_max", _parse_int, _range(0, 1000)),
     "ENGINE_RESTART_BACKOFF_SECONDS": _Var("engine_restart_backoff_seconds", _parse_float, _range(0.0, 600.0)),
     "ALIGNER_MODEL_ID": _Var("aligner_model_id", str.strip),

@@ -5,9 +5,30 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+import traceback
+from typing import Any, Final
 
 import structlog
+
+# The most characters of an exception's repr, and of its traceback, written to a log line.
+MAX_ERROR_CHARS: Final = 300
+MAX_TRACEBACK_CHARS: Final = 8000
+
+
+def exception_fields(exc: BaseException) -> dict[str, str]:
+    """Log fields for an unexpected exception that never echo more than a little client input.
+
+    An exception's repr and message may hold request data (a `UnicodeDecodeError` carries the whole
+    buffer it failed on: a 2 MB upload once grew the log by 10 MB), so the repr is clipped to
+    `MAX_ERROR_CHARS` and the traceback lists the frames only (file, line, source), not the message.
+    """
+    text = repr(exc)
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    return {
+        "error_type": type(exc).__qualname__,
+        "error": text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "...",
+        "traceback_frames": frames[-MAX_TRACEBACK_CHARS:],
+    }
 
 
 def _renderer(fmt: str) -> structlog.types.Processor:

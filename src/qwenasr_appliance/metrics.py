@@ -2,11 +2,15 @@
 `vllm:*` metrics too), each metric defined once here.
 
 Names follow Prometheus conventions: a `qwenasr_` namespace, base units in the name (`_seconds`,
-`_bytes`), `_total` on counters. Label values are bounded (routes are templates, not raw paths).
+`_bytes`), `_total` on counters. Every label value comes from a fixed set chosen by the server, never
+from the request as sent: routes are templates, methods and statuses are mapped by `http_method_label`
+and `http_status_label` (anything else counts as `other`). A client-chosen label value would make one
+series per value: 3,000 requests with made-up methods grew /metrics from 47 KB to 125.7 MB.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -20,6 +24,21 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 
 _RTF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 _AUDIO_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
+
+
+# RFC 9110 section 9 and RFC 5789 (PATCH); granian hands any token through as the method.
+HTTP_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+OTHER: Final = "other"
+
+
+def http_method_label(method: str) -> str:
+    """The `method` label: a standard HTTP method, else `other`."""
+    return method if method in HTTP_METHODS else OTHER
+
+
+def http_status_label(status: int) -> str:
+    """The `status` label: the status code when it is a valid one (100-599), else `other`."""
+    return str(status) if 100 <= status <= 599 else OTHER
 
 
 class Metrics:
@@ -146,7 +165,25 @@ class Metrics:
             ["gpu"],
             registry=registry,
         )
+        self.worker_processes = Gauge(
+            "qwenasr_worker_processes",
+            "Worker processes by pool (decode, features) and state (idle, busy, starting, stalled: stopped or "
+            "past its task's deadline), as of the last scrape or readiness check.",
+            ["pool", "state"],
+            registry=registry,
+        )
+        self.worker_replacements = Counter(
+            "qwenasr_worker_replacements_total",
+            "Worker processes replaced, by pool and reason (died: crashed or killed from outside; timeout: "
+            "killed at its task's deadline).",
+            ["pool", "reason"],
+            registry=registry,
+        )
         self.set_engine_state("starting")
+
+    def worker_replaced(self, pool: str) -> Callable[[str], None]:
+        """A `WorkerPool` `on_replaced` callback counting the pool's replacements."""
+        return lambda reason: self.worker_replacements.labels(pool=pool, reason=reason).inc()
 
     def set_engine_state(self, state: str) -> None:
         for name in ENGINE_STATES:

@@ -14,13 +14,17 @@ from qwenasr_appliance.api.errors import APIError, internal_error, overloaded, u
 from qwenasr_appliance.api.shutdown import ServerStopping
 from qwenasr_appliance.audio.decode import AudioError
 from qwenasr_appliance.engines.base import EngineDeadError, EngineError
+from qwenasr_appliance.logs import exception_fields
 from qwenasr_appliance.supervisor.aligner_supervisor import AlignerUnavailable
 from qwenasr_appliance.supervisor.supervisor import EngineUnavailable
 from qwenasr_appliance.transcription.admission import Overloaded
+from qwenasr_appliance.workers import WorkerCrashedError, WorkerTimeoutError
 
 log = structlog.get_logger(__name__)
 
-_AUDIO_ERROR_STATUS: Final = {"unsupported_format": 415, "file_too_large": 413, "decode_failed": 503}
+# Not audio, or a format no decoder reads: 400 as OpenAI answers it ("Invalid file format", an
+# `invalid_request_error`); the SDKs map 400 to `BadRequestError` but 415 to a generic status error.
+_AUDIO_ERROR_STATUS: Final = {"unsupported_format": 400, "file_too_large": 413, "decode_failed": 503}
 
 
 def _audio_error(exc: AudioError) -> APIError:
@@ -70,6 +74,24 @@ _ERROR_TABLE: Final[tuple[tuple[type[Exception], Callable[[Any], APIError]], ...
         ),
     ),
     (
+        WorkerCrashedError,
+        lambda _: unavailable(
+            "A worker process of the server stopped while handling the request and was replaced; retry it.",
+            5,
+            code="worker_restarting",
+        ),
+    ),
+    (
+        WorkerTimeoutError,
+        lambda exc: APIError(
+            504,
+            f"The server did not finish in time: {exc}. Retry the request.",
+            type="server_error",
+            code="timeout",
+            headers={"Retry-After": "5"},
+        ),
+    ),
+    (
         TimeoutError,
         lambda _: APIError(
             504, "The transcription took longer than the server's time limit.", type="server_error", code="timeout"
@@ -85,7 +107,7 @@ def to_api_error(exc: Exception) -> APIError:
     for kind, convert in _ERROR_TABLE:
         if isinstance(exc, kind):
             return convert(exc)
-    log.error("transcription.unexpected_error", error=repr(exc), exc_info=exc)
+    log.error("transcription.unexpected_error", **exception_fields(exc))
     return internal_error()
 
 

@@ -26,6 +26,8 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
+from qwenasr_appliance.logs import exception_fields
+
 log = structlog.get_logger(__name__)
 
 
@@ -67,12 +69,12 @@ class APIError(Exception):
 
 
 _ERROR_DESCRIPTIONS: dict[int, str] = {
-    400: "Invalid field, malformed multipart form or undecodable audio",
+    400: "Invalid field, malformed multipart form, or a file that is not audio or does not decode",
     401: "Missing or invalid API key (when API keys are configured)",
     404: "Unknown model",
     408: "The request body stalled",
     413: "Upload over the size limit, or a multipart form over the parser's limits",
-    415: "Not a multipart/form-data request, or not an audio file",
+    415: "Not a multipart/form-data request",
     429: "The queue is full; retry after Retry-After seconds",
     500: "Unexpected server error",
     503: "The model is loading or restarting, or the server is shutting down; retry after Retry-After seconds",
@@ -106,8 +108,10 @@ def model_not_found(model: str) -> APIError:
     )
 
 
-def unsupported_media(message: str, *, param: str | None = "file") -> APIError:
-    return APIError(HTTP_415_UNSUPPORTED_MEDIA_TYPE, message, param=param, code="unsupported_format")
+def unsupported_media(message: str, *, param: str | None = None) -> APIError:
+    """415 for a request body that is not multipart/form-data at all (a file that is not audio is a 400
+    `unsupported_format`, as OpenAI answers it)."""
+    return APIError(HTTP_415_UNSUPPORTED_MEDIA_TYPE, message, param=param, code="unsupported_media_type")
 
 
 def too_large(message: str, *, param: str | None = "file") -> APIError:
@@ -154,7 +158,9 @@ _STATUS_TYPES = {
     403: ("permission_error", "forbidden"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
-    413: ("invalid_request_error", "request_too_large"),
+    # One code for an oversized upload, whichever limit trips first (the body while it streams in, or
+    # the file after parsing: `too_large`).
+    413: ("invalid_request_error", "file_too_large"),
     415: ("invalid_request_error", "unsupported_media_type"),
     422: ("invalid_request_error", "invalid_value"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
@@ -166,6 +172,16 @@ _STATUS_TYPES = {
 MULTIPART_PART_LIMIT = 64
 _MULTIPART_LIMIT_DETAIL = "Request Entity Too Large"
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+
+def multipart_limit() -> APIError:
+    """413 for a multipart form over the parser's limits (parts, headers per part, header line length)."""
+    return APIError(
+        HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        f"The multipart form is over the server's limits: at most {MULTIPART_PART_LIMIT} parts, 8 headers per part "
+        "and 4 KiB per part header line.",
+        code="multipart_limit",
+    )
 
 
 def _validation_details(exc: ValidationException) -> tuple[str, str | None]:
@@ -197,12 +213,7 @@ def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) 
         message, param = _validation_details(exc)
     elif status == HTTP_400_BAD_REQUEST and exc.detail == _MULTIPART_LIMIT_DETAIL:
         # Litestar answers a multipart form over one of its parser's limits with this 400.
-        status, code = HTTP_413_REQUEST_ENTITY_TOO_LARGE, "multipart_limit"
-        message, param = (
-            f"The multipart form is over the server's limits: at most {MULTIPART_PART_LIMIT} parts, 8 headers per part "
-            "and 4 KiB per part header line.",
-            None,
-        )
+        return multipart_limit().to_response()
     elif status == HTTP_404_NOT_FOUND:
         message, param = f"No route for {clip(request.method, 16)} {clip(request.url.path, 200)}.", None
     elif status == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
@@ -214,7 +225,9 @@ def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) 
 
 
 def unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
-    log.error("request.unhandled_error", path=request.url.path, error=repr(exc), exc_info=exc)
+    # An exception's repr and message can carry request bytes (a UnicodeDecodeError holds the whole
+    # buffer it failed on): only a clipped form of both reaches the log.
+    log.error("request.unhandled_error", path=clip(request.url.path, 200), **exception_fields(exc))
     return internal_error().to_response()
 
 

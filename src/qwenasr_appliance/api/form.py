@@ -18,6 +18,8 @@ from qwenasr_appliance.transcription.types import TranscriptionRequest
 
 _TRUE: Final = frozenset({"true", "1", "yes", "on"})
 _FALSE: Final = frozenset({"false", "0", "no", "off", ""})
+# The formats that have a streamed form (Server-Sent Events of text deltas).
+STREAMABLE_FORMATS: Final = frozenset({"json", "text"})
 
 
 @dataclass(frozen=True)
@@ -119,12 +121,9 @@ def parse_form(form: TranscriptionForm, settings: Settings) -> TranscriptionPara
             param="timestamp_granularities[]",
             code="word_timestamps_unavailable",
         )
-    stream = _parse_bool(form.stream, "stream")
-    if stream and response_format not in {"json", "text"}:
-        raise bad_request(
-            f"stream=true is available with response_format 'json' or 'text', not {response_format!r}.",
-            param="stream",
-        )
+    # OpenAI ignores `stream` where it cannot stream (whisper-1): the formats that have no streamed form
+    # here (srt, vtt, verbose_json) get their usual answer. LiteLLM sends verbose_json on every call.
+    stream = _parse_bool(form.stream, "stream") and response_format in STREAMABLE_FORMATS
     return TranscriptionParams(
         response_format=response_format,
         language=language,

@@ -18,7 +18,7 @@ import structlog
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwenasr_appliance.metrics import METRICS, Metrics
+from qwenasr_appliance.metrics import METRICS, Metrics, http_method_label, http_status_label
 from qwenasr_appliance.transcription.types import RequestStats
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
@@ -26,6 +26,12 @@ REQUEST_STATS: ContextVar[RequestStats | None] = ContextVar("request_stats", def
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
+# The most characters of a client-sent path or method written to the access log.
+_LOGGED_CHARS = 256
+
+
+def _clipped(value: str) -> str:
+    return value if len(value) <= _LOGGED_CHARS else value[:_LOGGED_CHARS] + "..."
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -80,8 +86,9 @@ class RequestObserver:
             elapsed = time.perf_counter() - started
             route = str(scope.get("path_template") or "unmatched")
             method = str(scope.get("method", ""))
-            self._metrics.http_requests.labels(route=route, method=method, status=str(status)).inc()
-            self._metrics.http_request_duration.labels(route=route, method=method).observe(elapsed)
+            method_label = http_method_label(method)
+            self._metrics.http_requests.labels(route=route, method=method_label, status=http_status_label(status)).inc()
+            self._metrics.http_request_duration.labels(route=route, method=method_label).observe(elapsed)
             self._access_log(scope, route, method, status, elapsed, stats)
             structlog.contextvars.unbind_contextvars("request_id")
             REQUEST_STATS.reset(stats_token)
@@ -91,8 +98,8 @@ class RequestObserver:
         self, scope: Scope, route: str, method: str, status: int, elapsed: float, stats: RequestStats
     ) -> None:
         fields: dict[str, Any] = {
-            "method": method,
-            "path": scope.get("path", ""),
+            "method": _clipped(method),
+            "path": _clipped(str(scope.get("path", ""))),
             "route": route,
             "status": status,
             "duration_seconds": round(elapsed, 4),
@@ -109,6 +116,8 @@ class RequestObserver:
                 chunks=stats.chunks,
                 language=stats.language,
             )
+            if stats.audio_truncated:
+                fields["audio_truncated"] = True
         if route in _QUIET_ROUTES and status < 400:
             self._log.debug("request", **fields)
         else:

@@ -20,7 +20,26 @@ from qwenasr_appliance.api.schemas import (
     ReadyResponse,
     StatusResponse,
 )
-from qwenasr_appliance.metrics import render_latest
+from qwenasr_appliance.metrics import METRICS, render_latest
+from qwenasr_appliance.workers import live_pools
+
+
+def observe_worker_pools() -> str | None:
+    """Set `qwenasr_worker_processes` from every running worker pool; the reason the server cannot
+    serve when a pool has no usable worker (all stopped, hung past a deadline), else None."""
+    reasons = []
+    for pool in live_pools():
+        status = pool.status()
+        states = {"idle": status.idle, "busy": status.busy, "stalled": status.stalled, "starting": status.starting}
+        for state, count in states.items():
+            METRICS.worker_processes.labels(pool=status.name, state=state).set(count)
+        if status.usable == 0:
+            reasons.append(
+                f"no {status.name} worker process is usable ({status.stalled} of {status.processes} stalled, "
+                f"{status.starting} starting; "
+                f"replaced so far: {status.replaced or 'none'})"
+            )
+    return "; ".join(reasons) or None
 
 
 class OpsController(Controller):
@@ -46,8 +65,10 @@ class OpsController(Controller):
         status = supervisor.snapshot()
         # Serving on the CPU where a GPU is expected, with GPU_FALLBACK=not_ready: 503 in state `degraded`.
         held = supervisor.held_from_traffic
-        ready = supervisor.ready and held is None
-        body = ReadyResponse(ready=ready, state=status.state, reason=held or supervisor.not_ready_reason)
+        workers_down = observe_worker_pools()  # a pool with no usable worker (issue 12)
+        ready = supervisor.ready and held is None and workers_down is None
+        reason = held or supervisor.not_ready_reason or workers_down
+        body = ReadyResponse(ready=ready, state=status.state, reason=reason)
         if ready:
             return Response(body, status_code=200)
         return Response(body, status_code=503, headers={"Retry-After": "10"})
@@ -66,7 +87,9 @@ class OpsController(Controller):
             model=settings.model_id,
             served_model_name=settings.model_name,
             uptime_seconds=round(time.monotonic() - context.started_at, 3),
-            ready=context.supervisor.ready and context.supervisor.held_from_traffic is None,  # as /ready says
+            ready=context.supervisor.ready  # as /ready says
+            and context.supervisor.held_from_traffic is None
+            and observe_worker_pools() is None,
             engine=context.supervisor.snapshot(),
             aligner=context.supervisor.aligner.snapshot(),
             queue=QueueStatus(
@@ -89,6 +112,7 @@ class OpsController(Controller):
         responses=error_responses(401),
     )
     async def metrics(self) -> Response[bytes]:
+        observe_worker_pools()
         body, content_type = render_latest()
         # Litestar appends `; charset=utf-8` to text types itself: drop the one the content type has.
         media_type = "; ".join(p.strip() for p in content_type.split(";") if not p.strip().startswith("charset="))

@@ -14,12 +14,14 @@ from qwenasr_appliance.api.schemas import (
 )
 from qwenasr_appliance.transcription.types import Transcript, TranscriptSegment
 
+# Litestar appends `; charset=utf-8` to every `text/*` media type itself: written here too, the header
+# would carry the parameter twice. The bodies are UTF-8 in every format.
 CONTENT_TYPES: dict[ResponseFormat, str] = {
     "json": "application/json",
-    "text": "text/plain; charset=utf-8",
+    "text": "text/plain",
     "srt": "application/x-subrip; charset=utf-8",
     "verbose_json": "application/json",
-    "vtt": "text/vtt; charset=utf-8",
+    "vtt": "text/vtt",
 }
 
 

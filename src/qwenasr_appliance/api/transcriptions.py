@@ -18,6 +18,7 @@ from qwenasr_appliance.api.disconnect import ClientDisconnected, cancel_on_disco
 from qwenasr_appliance.api.error_mapping import outcome, to_api_error
 from qwenasr_appliance.api.errors import ErrorResponse, bad_request, clip, error_responses, too_large, unsupported_media
 from qwenasr_appliance.api.form import parse_form
+from qwenasr_appliance.api.multipart import FormRequest
 from qwenasr_appliance.api.observer import REQUEST_ID, REQUEST_STATS
 from qwenasr_appliance.api.render import render
 from qwenasr_appliance.api.schemas import TranscriptionForm
@@ -28,8 +29,10 @@ from qwenasr_appliance.transcription.types import RequestStats
 log = structlog.get_logger(__name__)
 
 
-async def require_multipart(request: Request[Any, Any, State]) -> None:
-    """Before the body is parsed: OpenAI's audio endpoints take multipart/form-data only."""
+async def read_multipart_form(request: Request[Any, Any, State]) -> None:
+    """Before the handler's arguments are built: OpenAI's audio endpoints take multipart/form-data only,
+    and the form is parsed here by `FormRequest` (Litestar's own parser, which would otherwise run when
+    it builds `data`, fails on parts without a filename; see api/multipart.py)."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise unsupported_media(
@@ -37,17 +40,26 @@ async def require_multipart(request: Request[Any, Any, State]) -> None:
             f"(got {clip(content_type) or 'no content type'!r}).",
             param=None,
         )
+    await request.form()
+
+
+def _truncation_header(stats: RequestStats) -> dict[str, str]:
+    """`X-Audio-Truncated: true` when the upload's audio broke off and only what came before it was
+    transcribed (a cut or damaged file, decoded as far as it goes, as FFmpeg does): the answer says so,
+    and `X-Audio-Duration` gives how much was used."""
+    return {"X-Audio-Truncated": "true"} if stats.audio_truncated else {}
 
 
 class TranscriptionController(Controller):
     path = "/v1/audio"
     guards = [require_api_key]
+    request_class = FormRequest  # a multipart parser that takes parts of any shape (api/multipart.py)
     tags = ["audio"]
 
     @post(
         "/transcriptions",
         status_code=200,
-        before_request=require_multipart,
+        before_request=read_multipart_form,
         summary="Transcribe audio",
         description="OpenAI-compatible transcription. Formats: json, text, srt, vtt, verbose_json; stream=true "
         "answers with Server-Sent Events (transcript.text.delta, transcript.text.done).",
@@ -80,7 +92,7 @@ class TranscriptionController(Controller):
         await form.file.close()
         if len(audio) > settings.max_upload_bytes:
             raise too_large(f"The file is {len(audio)} bytes; the limit is {settings.max_upload_bytes} bytes.")
-        transcription = params.to_request(audio, form.file.filename)
+        transcription = params.to_request(audio, form.file.filename or None)
         request_id = REQUEST_ID.get()
         if params.stream:
             events = context.service.stream(transcription, request_id, stats)
@@ -89,7 +101,7 @@ class TranscriptionController(Controller):
             return Stream(
                 sse_events(first, events, stop),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_truncation_header(stats)},
             )
         transcript = await cancel_on_disconnect(
             request.receive,
@@ -100,7 +112,7 @@ class TranscriptionController(Controller):
         body, content_type = render(transcript, params.response_format)
         METRICS.stage_duration.labels(stage="response").observe(time.perf_counter() - started)
         METRICS.transcriptions.labels(outcome="ok").inc()
-        headers = {"X-Audio-Duration": f"{transcript.duration:.3f}"}
+        headers = {"X-Audio-Duration": f"{transcript.duration:.3f}", **_truncation_header(stats)}
         if transcript.language:
             headers["Content-Language"] = transcript.language.lower()
         return Response(body, media_type=content_type, headers=headers)

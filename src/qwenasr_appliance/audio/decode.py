@@ -36,6 +36,7 @@ import numpy.typing as npt
 import soundfile as sf
 import soxr
 
+from qwenasr_appliance.audio.ogg import ogg_links
 from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 
 __all__ = [
@@ -434,7 +435,59 @@ def _probe_pyav(data: bytes) -> float | None:
         return pyav_duration(container, container.streams.audio[0])
 
 
+@dataclass
+class _PyavDecoding:
+    """What decoding the links of one upload has produced so far (one link unless chained Ogg)."""
+
+    max_seconds: float
+    estimate: float | None = None
+    pipeline: _Pipeline | None = None
+    channels: int = 0
+    container: str = ""
+    codec: str = ""
+    truncated: bool = False
+    packet_errors: int = 0
+
+    def push(self, blocks: list[MonoBlock]) -> None:
+        for block in blocks:
+            if self.pipeline is None:
+                self.pipeline = _Pipeline(block.rate, self.max_seconds, expected_seconds=self.estimate)
+            else:
+                self.pipeline.set_source_rate(block.rate)
+            self.pipeline.push(block.samples)
+
+
 def _decode_pyav(data: bytes, max_seconds: float) -> DecodedAudio:
+    """FFmpeg's decode of every link of the upload (`ogg.ogg_links`: a chained Ogg is decoded link by
+    link, into one signal; anything else is one link)."""
+    decoding = _PyavDecoding(max_seconds)
+    links = ogg_links(data)
+    for index, link in enumerate(links):
+        try:
+            _decode_pyav_link(link, decoding)
+        except AudioTooLongError:
+            raise
+        except (_NotRecognised, AudioError):
+            if index == 0:
+                raise
+            decoding.truncated = True  # a later link that does not decode: what came before is kept
+            break
+    pipeline = decoding.pipeline
+    if pipeline is None or pipeline.source_frames == 0:
+        if decoding.truncated or decoding.packet_errors:
+            raise _invalid("the audio data is damaged")
+        raise _empty_audio()
+    return _finish(
+        pipeline,
+        channels=decoding.channels,
+        container=decoding.container,
+        codec=decoding.codec,
+        decoder="pyav",
+        truncated=decoding.truncated,
+    )
+
+
+def _decode_pyav_link(data: bytes, decoding: _PyavDecoding) -> None:
     with open_pyav(data) as container:
         if not container.streams.audio:
             raise _invalid("it contains no audio track")
@@ -445,22 +498,14 @@ def _decode_pyav(data: bytes, max_seconds: float) -> DecodedAudio:
             check_sample_rate(int(stream.codec_context.sample_rate))
         estimate = pyav_duration(container, stream)
         if estimate is not None:
-            check_header_duration(estimate, max_seconds, exact=False)
-        channels = int(stream.codec_context.layout.nb_channels)
-        pipeline: _Pipeline | None = None
+            check_header_duration(estimate, decoding.max_seconds, exact=False)
+        first_link = decoding.pipeline is None
+        if first_link:
+            decoding.estimate = estimate
+            decoding.channels = int(stream.codec_context.layout.nb_channels)
         interleaver = Interleaver()
         batcher = FrameBatcher()
-        truncated = False
-        packet_errors = 0
-
-        def push(blocks: list[MonoBlock]) -> None:
-            nonlocal pipeline
-            for block in blocks:
-                if pipeline is None:
-                    pipeline = _Pipeline(block.rate, max_seconds, expected_seconds=estimate)
-                else:
-                    pipeline.set_source_rate(block.rate)
-                pipeline.push(block.samples)
+        decoding.packet_errors = 0
 
         packets = container.demux(stream)
         while True:
@@ -469,36 +514,29 @@ def _decode_pyav(data: bytes, max_seconds: float) -> DecodedAudio:
             except StopIteration:
                 break
             except _PYAV_ERRORS:
-                truncated = True
+                decoding.truncated = True
                 break
             try:
                 frames = packet.decode()
             except _PYAV_ERRORS:
                 # Skip a damaged packet as FFmpeg's command line does; give up on a run of them.
-                packet_errors += 1
-                if packet_errors >= _MAX_CONSECUTIVE_PACKET_ERRORS:
-                    truncated = True
+                decoding.packet_errors += 1
+                if decoding.packet_errors >= _MAX_CONSECUTIVE_PACKET_ERRORS:
+                    decoding.truncated = True
                     break
                 continue
-            packet_errors = 0
+            decoding.packet_errors = 0
             for frame in frames:
                 if frame.samples == 0:
                     continue
-                if pipeline is None and batcher.empty:
-                    channels = int(frame.layout.nb_channels)
+                if decoding.pipeline is None and batcher.empty:
+                    decoding.channels = int(frame.layout.nb_channels)
                 for safe_frame in interleaver.make_safe(frame):
-                    push(batcher.add(safe_frame))
-        push(batcher.flush())
-        container_name = str(container.format.name)
-        codec = str(stream.codec_context.name)
-
-    if pipeline is None or pipeline.source_frames == 0:
-        if truncated or packet_errors:
-            raise _invalid("the audio data is damaged")
-        raise _empty_audio()
-    return _finish(
-        pipeline, channels=channels, container=container_name, codec=codec, decoder="pyav", truncated=truncated
-    )
+                    decoding.push(batcher.add(safe_frame))
+        decoding.push(batcher.flush())
+        if first_link:
+            decoding.container = str(container.format.name)
+            decoding.codec = str(stream.codec_context.name)
 
 
 class Interleaver:

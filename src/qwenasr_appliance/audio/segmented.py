@@ -51,6 +51,7 @@ from qwenasr_appliance.audio.decode import (
     prefers_ffmpeg,
     pyav_duration,
 )
+from qwenasr_appliance.audio.ogg import ogg_links
 from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 
 __all__ = ["DecodedSegment", "NotSplittable", "SegmentPlan", "decode_segment", "plan_segments"]
@@ -215,6 +216,8 @@ _UNTIMED_CODECS: Final = frozenset({"vorbis"})
 
 
 def _plan_pyav(data: bytes, max_seconds: float, max_segments: int, min_seconds: float) -> SegmentPlan | None:
+    if len(ogg_links(data)) > 1:  # a chained Ogg: its time line restarts at each link
+        return None
     with open_pyav(data) as container:
         stream, rate, time_line = _audio_stream(container)
         if stream.codec_context.name in _UNTIMED_CODECS:

@@ -83,7 +83,11 @@ class TranscriptionService:
         self._supervisor = supervisor
         self._admission = admission
         self._metrics = metrics
-        self._decoder = AudioDecoder(settings.effective_decode_workers, max_seconds=settings.max_audio_seconds)
+        self._decoder = AudioDecoder(
+            settings.effective_decode_workers,
+            max_seconds=settings.max_audio_seconds,
+            job_timeout=settings.worker_job_timeout,
+        )
 
     async def warm_up(self) -> None:
         await self._decoder.warm_up()
@@ -105,6 +109,7 @@ class TranscriptionService:
         result = await self._decoder.decode(request.audio, request.filename)
         decoded = result.audio
         stats.decode_pieces = result.pieces
+        stats.audio_truncated = decoded.truncated
         stats.decode_seconds = time.perf_counter() - started
         stats.audio_seconds = decoded.duration_seconds
         self._metrics.stage_duration.labels(stage="decode").observe(stats.decode_seconds)

@@ -76,6 +76,7 @@ class RequestStats:
     audio_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_pieces: int = 0  # 1: decoded in one pass; more: a long file split across the decode workers
+    audio_truncated: bool = False  # the upload's audio data broke off; what decoded before it was used
     queue_seconds: float = 0.0
     engine_seconds: float = 0.0
     chunks: int = 0

@@ -65,7 +65,8 @@ from qwenasr_appliance.engines.vllm.inputs import (
     vllm_input_builder,
 )
 from qwenasr_appliance.engines.vllm.lifecycle import attr, build_llm, import_vllm, release_llm
-from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool
+from qwenasr_appliance.metrics import METRICS
+from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool, WorkerTimeoutError
 
 if TYPE_CHECKING:
     from qwenasr_appliance.config import Settings
@@ -370,7 +371,12 @@ class VLLMEngine:
         except Exception as exc:
             log.warning("vllm.features_in_vllm", reason=f"cannot build vLLM engine inputs here: {exc!r}")
             return
-        pool = WorkerPool(self._settings.effective_decode_workers, "features")
+        pool = WorkerPool(
+            self._settings.effective_decode_workers,
+            "features",
+            job_timeout=self._settings.worker_job_timeout,
+            on_replaced=METRICS.worker_replaced("features"),
+        )
         try:
             await pool.warm_up()
             found = await self._compare_with_renderer(llm, builder, pool, extractor)
@@ -413,7 +419,13 @@ class VLLMEngine:
         try:
             return await _built_input(builder, pool, extractor, request["prompt"], samples)
         except WorkerCrashedError as exc:
-            raise EngineRequestError(f"audio features could not be computed: {exc}") from exc
+            if pool.closed:  # the engine is closing
+                raise EngineRequestError(f"audio features could not be computed: {exc}") from exc
+            # A worker killed from outside (the OOM killer): once more on its fresh replacement. A second
+            # death, or a task past its deadline (WorkerTimeoutError), reaches the client as a retryable
+            # 503 or 504 (api/error_mapping.py).
+            log.warning("vllm.features_retry_after_worker_death", reason=str(exc))
+            return await _built_input(builder, pool, extractor, request["prompt"], samples)
 
     def _take_llm(self) -> Any:
         llm, self._llm = self._llm, None
@@ -489,8 +501,8 @@ class VLLMEngine:
                 # leaving it suspended would make its finalizer send a (useless) abort.
             if not finished:
                 raise EngineRequestError(f"vLLM ended request {request_id!r} without finishing it")
-        except EngineDeadError:
-            raise
+        except (EngineDeadError, WorkerCrashedError, WorkerTimeoutError):
+            raise  # a feature worker's death or deadline: the API answers 503 or 504 (api/error_mapping.py)
         except EngineError:
             if getattr(llm, "errored", False):
                 raise EngineDeadError(self._dead_message("the vLLM engine core died")) from None
