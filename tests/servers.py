@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -22,15 +23,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A server subprocess with its output captured to a log file."""
+    """A server subprocess with its output captured to a log file, run in the log file's folder (so that
+    a `.env` in the repository is never read), `env` over the test process's environment (None: unset)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], port: int, log_path: Path) -> None:
+    def __init__(
+        self, argv: list[str], env: Mapping[str, str | None], port: int, log_path: Path, cwd: Path | None = None
+    ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        full_env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}", **env}
-        self.process = subprocess.Popen(argv, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        merged = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}", **env}
+        full_env = {name: value for name, value in merged.items() if value is not None}
+        self.process = subprocess.Popen(
+            argv, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd or log_path.parent
+        )
 
     @classmethod
     def appliance(cls, env: dict[str, str], log_path: Path) -> ServerProcess:
@@ -38,6 +45,12 @@ class ServerProcess:
         port = free_port()
         argv = [sys.executable, "-m", "qwenasr_appliance", "serve", "--host", "127.0.0.1", "--port", str(port)]
         return cls(argv, env, port, log_path)
+
+    @classmethod
+    def appliance_in(cls, folder: Path, env: Mapping[str, str | None], port: int, log_path: Path) -> ServerProcess:
+        """`qwenasr-appliance serve` started in `folder` with no arguments: its settings come from `env`
+        and whatever `.env` the folder has (the caller knows which `port` that names)."""
+        return cls([sys.executable, "-m", "qwenasr_appliance", "serve"], env, port, log_path, cwd=folder)
 
     @classmethod
     def with_test_double(cls, env: dict[str, str], log_path: Path) -> ServerProcess:

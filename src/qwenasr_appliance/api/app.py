@@ -21,7 +21,7 @@ from qwenasr_appliance.api.ops import OpsController
 from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
-from qwenasr_appliance.config import Settings, load_settings
+from qwenasr_appliance.config import Settings, apply_env_file, load_settings, read_environment
 from qwenasr_appliance.logs import configure_logging
 from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
@@ -109,7 +109,10 @@ def build_litestar(settings: Settings, *, engine_factory: EngineFactory | None =
 
 def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory | None = None) -> RequestObserver:
     """ASGI application factory (granian calls it with no arguments)."""
-    settings = settings or load_settings()
+    if settings is None:
+        environment = read_environment()
+        apply_env_file(environment)  # e.g. HF_HUB_OFFLINE set in .env, for the hub library
+        settings = load_settings(environment.values)
     configure_logging(settings.log_level, settings.log_format)
     return RequestObserver(build_litestar(settings, engine_factory=engine_factory))
 
