@@ -39,7 +39,8 @@ class ConfigError(ValueError):
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_id: str = "Qwen/Qwen3-ASR-1.7B"
-    served_model_name: str = ""
+    # SERVED_MODEL_NAME: names clients may send in `model` (comma-separated, as `vllm serve --served-model-name`).
+    served_model_name: tuple[str, ...] = ()
     engine: EngineChoice = "auto"
     dtype: DType = "auto"
     quant_mode: QuantMode = "auto"
@@ -74,9 +75,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     aligner_gpu_memory_utilization: float = 0.10
 
     @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """The served names, first the one `/v1/models` lists; `(MODEL_ID,)` when none is set."""
+        return self.served_model_name or (self.model_id,)
+
+    @property
     def model_name(self) -> str:
-        """The name clients use in `model` and see in `/v1/models`."""
-        return self.served_model_name or self.model_id
+        """The name `/v1/models` lists (the first served name)."""
+        return self.served_model_names[0]
+
+    @property
+    def accepted_model_names(self) -> tuple[str, ...]:
+        """Every name a request's `model` may hold: the served names, then MODEL_ID."""
+        return tuple(dict.fromkeys((*self.served_model_names, self.model_id)))
 
     @property
     def effective_decode_workers(self) -> int:
@@ -143,7 +154,7 @@ def _range(low: float, high: float, *, low_open: bool = False) -> Callable[[Any]
 
 _VARS: dict[str, _Var] = {
     "MODEL_ID": _Var("model_id", _text),
-    "SERVED_MODEL_NAME": _Var("served_model_name", str.strip),
+    "SERVED_MODEL_NAME": _Var("served_model_name", _parse_keys),
     "ENGINE": _Var("engine", _choice("auto", "vllm", "cpu")),
     "DTYPE": _Var("dtype", _choice("auto", "bfloat16", "float16", "float32")),
     "QUANT_MODE": _Var("quant_mode", _choice("auto", "bnb-4bit", "none")),

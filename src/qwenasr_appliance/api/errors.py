@@ -8,6 +8,7 @@ request ever gets an HTML page or a bare 500 traceback.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -97,10 +98,13 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = "i
     return APIError(HTTP_400_BAD_REQUEST, message, param=param, code=code)
 
 
-def model_not_found(model: str) -> APIError:
+def model_not_found(model: str, served: Sequence[str]) -> APIError:
+    """404 for a `model` this server does not serve; the message lists the names it accepts (`served`)."""
+    names = ", ".join(f"'{name}'" for name in served)
     return APIError(
         HTTP_404_NOT_FOUND,
-        f"The model '{clip(model)}' does not exist.",
+        f"The model '{clip(model)}' does not exist. This server serves {names}"
+        " (more names can be configured with SERVED_MODEL_NAME, comma-separated).",
         param="model",
         code="model_not_found",
     )
