@@ -9,11 +9,10 @@ from contextlib import asynccontextmanager
 import structlog
 from litestar import Litestar
 from litestar.datastructures import State
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from qwenasr_appliance import __version__
 from qwenasr_appliance.api.context import AppContext, app_context
+from qwenasr_appliance.api.docs import docs_assets_router, openapi_config
 from qwenasr_appliance.api.errors import EXCEPTION_HANDLERS, MULTIPART_PART_LIMIT
 from qwenasr_appliance.api.models import ModelsController
 from qwenasr_appliance.api.observer import RequestObserver
@@ -88,20 +87,14 @@ def build_litestar(settings: Settings, *, engine_factory: EngineFactory | None =
         shutdown=ShutdownGrace(settings.shutdown_grace_seconds),
     )
     return Litestar(
-        route_handlers=[TranscriptionController, ModelsController, OpsController],
+        route_handlers=[TranscriptionController, ModelsController, OpsController, docs_assets_router()],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[BodyReadTimeout(settings.client_timeout_seconds)],
         lifespan=[_lifespan(context)],  # type: ignore[list-item]
         state=State({"context": context}),
         request_max_body_size=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES,
         multipart_form_part_limit=MULTIPART_PART_LIMIT,
-        openapi_config=OpenAPIConfig(
-            title="qwenasr-appliance",
-            version=__version__,
-            description="OpenAI-compatible speech-to-text for Qwen3-ASR.",
-            path="/docs",
-            render_plugins=[SwaggerRenderPlugin()],
-        ),
+        openapi_config=openapi_config(),
         logging_config=None,  # logging is ours (structlog), configured in create_app
         debug=False,
     )
