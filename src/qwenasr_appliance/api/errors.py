@@ -76,7 +76,8 @@ _ERROR_DESCRIPTIONS: dict[int, str] = {
     415: "Not a multipart/form-data request, or not an audio file",
     429: "The queue is full; retry after Retry-After seconds",
     500: "Unexpected server error",
-    503: "The model is loading or restarting, or the server is shutting down; retry after Retry-After seconds",
+    503: "The model is loading or restarting, or the server is shutting down; retry after Retry-After seconds. "
+    "Without Retry-After (code engine_failed) the failure is permanent until the server is restarted",
     504: "The transcription took longer than the server's time limit",
 }
 
@@ -118,13 +119,14 @@ def too_large(message: str, *, param: str | None = "file") -> APIError:
     return APIError(HTTP_413_REQUEST_ENTITY_TOO_LARGE, message, param=param, code="file_too_large")
 
 
-def unavailable(message: str, retry_after: int, *, code: str = "engine_unavailable") -> APIError:
+def unavailable(message: str, retry_after: int | None, *, code: str = "engine_unavailable") -> APIError:
+    """503; `retry_after` None (a permanent failure) sends no Retry-After, which would promise recovery."""
     return APIError(
         HTTP_503_SERVICE_UNAVAILABLE,
         message,
         type="service_unavailable",
         code=code,
-        headers={"Retry-After": str(max(1, retry_after))},
+        headers={} if retry_after is None else {"Retry-After": str(max(1, retry_after))},
     )
 
 

@@ -44,10 +44,14 @@ class OpsController(Controller):
     async def ready(self, request: Request[Any, Any, State]) -> Response[ReadyResponse]:
         supervisor = request_context(request).supervisor
         status = supervisor.snapshot()
-        body = ReadyResponse(ready=supervisor.ready, state=status.state, reason=supervisor.not_ready_reason)
+        permanent = status.state == "failed"
+        body = ReadyResponse(
+            ready=supervisor.ready, state=status.state, reason=supervisor.not_ready_reason, permanent=permanent
+        )
         if supervisor.ready:
             return Response(body, status_code=200)
-        return Response(body, status_code=503, headers={"Retry-After": "10"})
+        # A permanent failure gets no Retry-After: it would promise a recovery that will not come.
+        return Response(body, status_code=503, headers={} if permanent else {"Retry-After": "10"})
 
     @get(
         "/status",
