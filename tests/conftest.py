@@ -38,7 +38,7 @@ def _settings_only_from_the_tests(tmp_path_factory: pytest.TempPathFactory) -> I
     empty = tmp_path_factory.mktemp("settings") / "empty.env"
     empty.write_text("")
     with pytest.MonkeyPatch.context() as patch:
-        for name in ENV_VARIABLES:
+        for name in [*ENV_VARIABLES, *(name for name in os.environ if name.startswith("DOUBLE_"))]:
             patch.delenv(name, raising=False)
         patch.setenv(ENV_FILE_VARIABLE, str(empty))
         patch.setenv("HF_HUB_OFFLINE", "1")

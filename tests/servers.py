@@ -8,12 +8,42 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Within: every name lookup and connection for anything but this machine fails the test (in this
+    process)."""
+    original = socket.socket.connect
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        host = address[0] if isinstance(address, tuple) else address
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in {"127.0.0.1", "::1", "localhost"}:
+            raise AssertionError(f"the test tried to reach {address!r}: tests stay on 127.0.0.1")
+        original(sock, address)
+
+    original_lookup = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in {"127.0.0.1", "::1", "localhost", None}:
+            raise AssertionError(f"the test tried to look up {host!r}: tests stay on 127.0.0.1")
+        return original_lookup(host, *args, **kwargs)
+
+    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.getaddrinfo = getaddrinfo
+    try:
+        yield
+    finally:
+        socket.socket.connect = original  # type: ignore[method-assign]
+        socket.getaddrinfo = original_lookup
 
 
 def free_port() -> int:

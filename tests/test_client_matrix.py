@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import types
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests import servers
 from tests.servers import REPO, ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -49,17 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def loopback_only() -> Iterator[None]:
-    """Refuse every connection that is not to this machine (a client phoning home fails the test)."""
-    original = socket.socket.connect
-
-    def connect(sock: socket.socket, address: Any) -> None:
-        host = address[0] if isinstance(address, tuple) else address
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in {"127.0.0.1", "::1", "localhost"}:
-            raise AssertionError(f"a client tried to reach {address!r}: tests stay on 127.0.0.1")
-        original(sock, address)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(socket.socket, "connect", connect)
+    with servers.loopback_only():
         yield
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from huggingface_hub import constants
+from huggingface_hub import constants, file_download
+from huggingface_hub.utils import reset_sessions
 
 from qwenasr_appliance.engines.progress import LoadProgress
 from qwenasr_appliance.supervisor.model_source import ModelSourceError, resolve_model
+from tests.fake_hub import fake_hub
+from tests.servers import loopback_only
 
 REPO = "Qwen/Qwen3-ASR-1.7B"
 
@@ -103,3 +107,37 @@ def test_an_unreachable_hub_falls_back_to_the_cached_copy(hub_cache: Path) -> No
 def test_a_name_that_is_no_repo_id_is_a_clear_failure() -> None:
     with pytest.raises(ModelSourceError, match="neither an existing directory nor a hub repo id"):
         resolve_model("not a repo id!", LoadProgress())
+
+
+def test_a_download_shows_its_bytes_and_ends_in_the_cache(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {"config.json": b'{"model_type": "qwen3_asr"}', "model.safetensors": bytes(range(256)) * 4096}
+    total = sum(len(data) for data in files.values())
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with fake_hub(REPO, files, pause=0.05) as endpoint, loopback_only():
+        # What HF_ENDPOINT and no HF_HUB_OFFLINE give when huggingface_hub is imported (as in the server).
+        template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        reset_sessions()  # an HTTP session made while offline refuses every request
+        progress = LoadProgress()
+        result: list[str] = []
+        worker = threading.Thread(target=lambda: result.append(resolve_model(REPO, progress)))
+        worker.start()
+        seen: list[tuple[int | None, int | None]] = []
+        while worker.is_alive():
+            reading = progress.reading()
+            if reading is not None and reading.step == "downloading":
+                seen.append((reading.bytes_done, reading.bytes_total))
+            time.sleep(0.02)
+        worker.join()
+    reset_sessions()
+    assert result, "the download failed"
+    snapshot = Path(result[0])
+    assert {p.name: p.read_bytes() for p in snapshot.iterdir()} == files
+    assert str(hub_cache) in result[0]
+    assert seen and all(bytes_total == total for _, bytes_total in seen)
+    assert any(0 < (done or 0) < total for done, _ in seen), f"no partial progress seen: {seen[:5]}...{seen[-5:]}"
+    final = progress.reading()
+    assert final is not None and final.bytes_done == total
