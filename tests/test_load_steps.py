@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.progress import LoadProgress
 from qwenasr_appliance.engines.vllm.common import OutputTap
 from qwenasr_appliance.engines.vllm.steps import VllmStepObserver, step_of_line
+from qwenasr_appliance.supervisor.plans import Plan
+from qwenasr_appliance.supervisor.probe import VramProbe
+from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
 
 # Lines as vLLM's V1 engine core prints them (prefix, logger position), in start-up order.
 VLLM_START = [
@@ -68,3 +74,69 @@ def test_the_output_tap_hands_lines_to_the_observer(tmp_path: Path) -> None:
     assert reading is not None and reading.step == "capturing_cuda_graphs"
     assert reading.detail == "Capturing CUDA graphs (decode, FULL):  50%|#####     | 2/4"
     assert "Starting to load model" in (tmp_path / "out.txt").read_text()
+
+
+def test_the_supervisor_shows_the_resolving_step_then_the_engines_and_none_once_ready() -> None:
+    """The supervisor's own step (resolving the model) and then the loading engine's appear in /status
+    and in the not-ready reason; once serving there is no step."""
+    from tests.test_supervisor import FakeEngine, FakeFactory, RecordingMetrics, run, until
+
+    resolving, loading = asyncio.Event(), asyncio.Event()
+    proceed_resolving, proceed_loading = threading.Event(), asyncio.Event()
+
+    def resolver(model_id: str, progress: LoadProgress) -> str:
+        progress.enter("downloading", model_id, bytes_total=3_000_000_000)
+        progress.advance(1_500_000_000)
+        loop.call_soon_threadsafe(resolving.set)
+        proceed_resolving.wait(5)
+        return "/cache/snapshots/abc"
+
+    class SteppingEngine(FakeEngine):
+        async def load(self) -> None:
+            self.load_progress.enter("loading_weights", "/cache/snapshots/abc")
+            loading.set()
+            await proceed_loading.wait()
+            await super().load()
+
+    class SteppingFactory(FakeFactory):
+        def __call__(self, plan: Plan, settings: Settings) -> FakeEngine:
+            assert settings.model_id == "/cache/snapshots/abc"  # the engines load the resolved directory
+            assert settings.served_model_names == ("Qwen/Qwen3-ASR-1.7B",)  # the names do not change
+            engine = SteppingEngine(plan)
+            engine.load_progress = LoadProgress()  # type: ignore[attr-defined]
+            self.engines.append(engine)
+            return engine
+
+    async def main() -> None:
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        supervisor = EngineSupervisor(
+            Settings(engine="cpu"),
+            engine_factory=SteppingFactory(),
+            probe=lambda: VramProbe(error="no GPU"),
+            metrics=RecordingMetrics(),
+            cpu_available=True,
+            vllm_available=False,
+            model_resolver=resolver,
+        )
+        await supervisor.start()
+        await asyncio.wait_for(resolving.wait(), 5)
+        step = supervisor.snapshot().step
+        assert step is not None and (step.step, step.bytes_done, step.bytes_total) == (
+            "downloading",
+            1_500_000_000,
+            3_000_000_000,
+        )
+        assert "downloading, 1.50 of 3.00 GB" in (supervisor.not_ready_reason or "")
+        proceed_resolving.set()
+        await asyncio.wait_for(loading.wait(), 5)
+        step = supervisor.snapshot().step
+        assert step is not None and step.step == "loading_weights"
+        assert "loading weights" in (supervisor.not_ready_reason or "")
+        proceed_loading.set()
+        await until(lambda: supervisor.ready)
+        assert supervisor.snapshot().step is None
+        await supervisor.stop()
+
+    loop: asyncio.AbstractEventLoop | None = None
+    run(main)

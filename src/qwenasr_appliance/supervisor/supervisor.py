@@ -196,7 +196,14 @@ class EngineSupervisor:
             return None
         if state == "loading" and self._loading is not None:
             plan, index = self._loading
-            return f"the model is loading (plan {plan.name}, {index + 1} of {len(self._chain)})"
+            reason = f"the model is loading (plan {plan.name}, {index + 1} of {len(self._chain)})"
+            step = self.current_step()
+            if step is None:
+                return reason
+            done = (
+                f", {(step.bytes_done or 0) / 1e9:.2f} of {step.bytes_total / 1e9:.2f} GB" if step.bytes_total else ""
+            )
+            return f"{reason}: {step.step.replace('_', ' ')}{done}, {step.seconds:.0f} s so far"
         messages = {
             "starting": "the engine has not started loading yet",
             "probing": "probing the GPUs before loading the model",
