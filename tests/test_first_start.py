@@ -86,6 +86,8 @@ def test_no_hub_fails_in_seconds_permanently_with_what_to_do(tmp_path: Path, hub
         status = _failed_status(server, within=15)
         assert time.monotonic() - began < 10
         reason = str(status["reason"])
+        attempts = status["attempts"]
+        assert isinstance(attempts, list) and [a["outcome"] for a in attempts] == ["model_not_found"]
         assert "MODEL_ID=/path/to/dir" in reason and "HF_HUB_OFFLINE=1" in reason
         assert ("cannot be reached" if hub == "unreachable" else "HF_HUB_OFFLINE is set") in reason
         ready = httpx.get(server.url + "/ready", timeout=5)
@@ -117,11 +119,11 @@ def test_status_shows_the_step_and_sigterm_stops_a_hanging_one(tmp_path: Path) -
         try:
             server.wait_until("/health", timeout=60)
             deadline, step = time.monotonic() + 20, None
-            while time.monotonic() < deadline and step is None:
+            while time.monotonic() < deadline and not (step and endpoint in step["detail"]):
                 step = httpx.get(server.url + "/status", timeout=5).json()["engine"]["step"]
                 time.sleep(0.1)
             assert step is not None and step["step"] == "resolving_model", step
-            assert endpoint in step["detail"] and step["seconds"] >= 0
+            assert endpoint in step["detail"] and step["seconds"] >= 0, step
             began = time.monotonic()
             code = server.stop(timeout=30)
             stopped_in = time.monotonic() - began

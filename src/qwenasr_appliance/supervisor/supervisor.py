@@ -422,10 +422,15 @@ class EngineSupervisor:
             engine = self._factory(plan, self._load_settings)
             self._loading_engine = engine
             await engine.load()
-        except (asyncio.CancelledError, ModelSourceError):
+        except asyncio.CancelledError:
             self._loading_engine = None
             if engine is not None:
                 await self._close_quietly(engine)
+            raise
+        except ModelSourceError as exc:
+            # No plan can load what cannot be had: recorded for this plan, then the chain stops.
+            self._attempts.append(Attempt(plan, started_at, time.monotonic() - began, "model_not_found", str(exc)))
+            self._metrics.engine_load_attempts.labels(plan=plan.name, outcome="model_not_found").inc()
             raise
         except Exception as exc:
             self._loading_engine = None
