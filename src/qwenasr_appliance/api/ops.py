@@ -44,11 +44,14 @@ class OpsController(Controller):
     async def ready(self, request: Request[Any, Any, State]) -> Response[ReadyResponse]:
         supervisor = request_context(request).supervisor
         status = supervisor.snapshot()
+        # Serving on the CPU where a GPU is expected, with GPU_FALLBACK=not_ready: 503 in state `degraded`.
+        held = supervisor.held_from_traffic
+        ready = supervisor.ready and held is None
         permanent = status.state == "failed"
         body = ReadyResponse(
-            ready=supervisor.ready, state=status.state, reason=supervisor.not_ready_reason, permanent=permanent
+            ready=ready, state=status.state, reason=held or supervisor.not_ready_reason, permanent=permanent
         )
-        if supervisor.ready:
+        if ready:
             return Response(body, status_code=200)
         # A permanent failure gets no Retry-After: it would promise a recovery that will not come.
         return Response(body, status_code=503, headers={} if permanent else {"Retry-After": "10"})
@@ -67,7 +70,7 @@ class OpsController(Controller):
             model=settings.model_id,
             served_model_name=settings.model_name,
             uptime_seconds=round(time.monotonic() - context.started_at, 3),
-            ready=context.supervisor.ready,
+            ready=context.supervisor.ready and context.supervisor.held_from_traffic is None,  # as /ready says
             engine=context.supervisor.snapshot(),
             aligner=context.supervisor.aligner.snapshot(),
             queue=QueueStatus(
