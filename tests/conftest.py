@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qwenasr_appliance.config import ENV_FILE_VARIABLE, ENV_VARIABLES
 from tests.servers import ServerProcess
 
 pytest_plugins = ["tests.tiny_model", "tests.tiny_aligner"]
@@ -27,6 +28,21 @@ def _load_dynet_off_the_main_thread() -> None:
 _load_dynet_off_the_main_thread()
 
 SAMPLES = Path(__file__).resolve().parent / "fixtures" / "samples"  # real speech, licences in MANIFEST.md
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _settings_only_from_the_tests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The tests and the servers they start see only the settings the tests give: none of the
+    appliance's variables from the developer's shell, and no `.env` (ENV_FILE names an empty file).
+    Nothing reaches the model hub (HF_HUB_OFFLINE): the tests of an unreachable hub set their own."""
+    empty = tmp_path_factory.mktemp("settings") / "empty.env"
+    empty.write_text("")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [*ENV_VARIABLES, *(name for name in os.environ if name.startswith("DOUBLE_"))]:
+            patch.delenv(name, raising=False)
+        patch.setenv(ENV_FILE_VARIABLE, str(empty))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
 
 
 @pytest.fixture(scope="session")

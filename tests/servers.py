@@ -8,11 +8,42 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Within: every name lookup and connection for anything but this machine fails the test (in this
+    process)."""
+    original = socket.socket.connect
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        host = address[0] if isinstance(address, tuple) else address
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in {"127.0.0.1", "::1", "localhost"}:
+            raise AssertionError(f"the test tried to reach {address!r}: tests stay on 127.0.0.1")
+        original(sock, address)
+
+    original_lookup = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in {"127.0.0.1", "::1", "localhost", None}:
+            raise AssertionError(f"the test tried to look up {host!r}: tests stay on 127.0.0.1")
+        return original_lookup(host, *args, **kwargs)
+
+    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.getaddrinfo = getaddrinfo
+    try:
+        yield
+    finally:
+        socket.socket.connect = original  # type: ignore[method-assign]
+        socket.getaddrinfo = original_lookup
 
 
 def free_port() -> int:
@@ -22,15 +53,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A server subprocess with its output captured to a log file."""
+    """A server subprocess with its output captured to a log file, run in the log file's folder (so that
+    a `.env` in the repository is never read), `env` over the test process's environment (None: unset)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], port: int, log_path: Path) -> None:
+    def __init__(
+        self, argv: list[str], env: Mapping[str, str | None], port: int, log_path: Path, cwd: Path | None = None
+    ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        full_env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}", **env}
-        self.process = subprocess.Popen(argv, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        merged = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}", **env}
+        full_env = {name: value for name, value in merged.items() if value is not None}
+        self.process = subprocess.Popen(
+            argv, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd or log_path.parent
+        )
 
     @classmethod
     def appliance(cls, env: dict[str, str], log_path: Path) -> ServerProcess:
@@ -38,6 +75,12 @@ class ServerProcess:
         port = free_port()
         argv = [sys.executable, "-m", "qwenasr_appliance", "serve", "--host", "127.0.0.1", "--port", str(port)]
         return cls(argv, env, port, log_path)
+
+    @classmethod
+    def appliance_in(cls, folder: Path, env: Mapping[str, str | None], port: int, log_path: Path) -> ServerProcess:
+        """`qwenasr-appliance serve` started in `folder` with no arguments: its settings come from `env`
+        and whatever `.env` the folder has (the caller knows which `port` that names)."""
+        return cls([sys.executable, "-m", "qwenasr_appliance", "serve"], env, port, log_path, cwd=folder)
 
     @classmethod
     def with_test_double(cls, env: dict[str, str], log_path: Path) -> ServerProcess:

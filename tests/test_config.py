@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from qwenasr_appliance.cli import main
-from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, load_settings
+from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, load_settings, read_environment
 
 
 def test_defaults_keep_the_original_server_names_and_port() -> None:
@@ -143,3 +144,58 @@ def test_the_server_speaks_http1_only_unless_http2_is_asked_for() -> None:
 def test_the_worker_deadline_is_at_most_the_request_timeout() -> None:
     assert load_settings({"WORKER_TIMEOUT_SECONDS": "60", "REQUEST_TIMEOUT_SECONDS": "5"}).worker_job_timeout == 5
     assert load_settings({}).worker_job_timeout == 120
+
+
+def test_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("PORT=9123\nLOG_FORMAT=console\nMODEL_ID=/models/from-file\nHF_HUB_OFFLINE=1\n")
+    environment = read_environment({"PORT": "9555"}, cwd=tmp_path)
+    settings = load_settings(environment.values)
+    assert (settings.port, settings.log_format, settings.model_id) == (9555, "console", "/models/from-file")
+    assert environment.env_file == tmp_path / ".env"
+    assert [environment.source(v) for v in ("PORT", "LOG_FORMAT", "DTYPE")] == ["environment", ".env", "default"]
+    assert environment.values["HF_HUB_OFFLINE"] == "1"  # other libraries' variables come from the file too
+
+
+def test_env_file_named_by_env_file(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("PORT=1111\n")
+    (tmp_path / "prod.env").write_text("PORT=2222\nEMPTY\n")
+    environment = read_environment({"ENV_FILE": "prod.env"}, cwd=tmp_path)
+    assert load_settings(environment.values).port == 2222
+    assert "EMPTY" not in environment.values
+    with pytest.raises(ConfigError, match=r"^ENV_FILE:"):
+        read_environment({"ENV_FILE": "missing.env"}, cwd=tmp_path)
+    assert read_environment({}, cwd=tmp_path / "nowhere").env_file is None
+
+
+def test_every_invalid_variable_is_reported() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings({"PORT": "eighty", "DTYPE": "fp64", "LOG_FORMAT": "xml", "MODEL_ID": "ok"})
+    assert [variable for variable, _ in error.value.problems] == ["DTYPE", "PORT", "LOG_FORMAT"]
+    assert all(name in str(error.value) for name in ("PORT", "DTYPE", "LOG_FORMAT"))
+
+
+def test_check_config_reports_sources_and_every_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / ".env").write_text("PORT=9123\nLOG_FORMAT=console\nAPI_KEYS=from-file-secret\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ENV_FILE")
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    assert main(["check-config"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["env_file"] == str(tmp_path / ".env")
+    assert report["settings"]["port"] == 9123 and report["settings"]["log_level"] == "debug"
+    assert report["sources"]["PORT"] == ".env" and report["sources"]["LOG_LEVEL"] == "environment"
+    assert report["sources"]["DTYPE"] == "default"
+    assert report["settings"]["api_keys"] == ["***"]
+    (tmp_path / ".env").write_text("PORT=eighty\nDTYPE=fp64\n")
+    monkeypatch.setenv("LOG_FORMAT", "xml")
+    assert main(["check-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"PORT (from {tmp_path / '.env'})" in err and "DTYPE (from" in err
+    assert "LOG_FORMAT (from the environment)" in err
+
+
+def test_dot_env_is_git_ignored() -> None:
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored

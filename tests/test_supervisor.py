@@ -358,8 +358,8 @@ def test_everything_fails_lists_every_attempt() -> None:
         )
         with pytest.raises(EngineUnavailable) as caught:
             supervisor.require_engine()
-        assert caught.value.retry_after_seconds == 60
-        assert caught.value.reason.startswith("the engine failed: every plan failed")
+        assert caught.value.retry_after_seconds is None and caught.value.permanent  # no Retry-After: it is final
+        assert caught.value.reason.startswith("the engine failed and will not recover without a restart: every plan")
         assert all(engine.close_calls == 1 for engine in factory.engines)
         assert metrics.value("qwenasr_engine_state", state="failed") == 1.0
         assert metrics.value("qwenasr_engine_load_attempts_total", plan="cpu-float32", outcome="model_not_found") == 1

@@ -230,7 +230,7 @@ def test_engine_args_for_a_bf16_plan() -> None:
 
 
 def test_engine_args_for_a_bitsandbytes_plan_use_its_loader_and_the_settings_utilization() -> None:
-    settings = Settings(gpu_memory_utilization=0.7, load_format="auto", served_model_name="asr")
+    settings = Settings(gpu_memory_utilization=0.7, load_format="auto", served_model_name=("asr",))
     args = build_engine_args(settings, BNB)
     assert args["quantization"] == "bitsandbytes"
     assert args["load_format"] == "bitsandbytes"

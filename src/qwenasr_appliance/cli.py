@@ -9,7 +9,16 @@ import sys
 from typing import Any
 
 from qwenasr_appliance import __version__
-from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, Settings, load_settings
+from qwenasr_appliance.config import (
+    ENV_FILE_VARIABLE,
+    ENV_VARIABLES,
+    ConfigError,
+    Environment,
+    Settings,
+    apply_env_file,
+    load_settings,
+    read_environment,
+)
 
 APP_TARGET = "qwenasr_appliance.api.app:create_app"
 # granian's HTTP/1 read buffer: the largest request head (request line and headers) it reads, larger
@@ -90,15 +99,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwenasr-appliance",
         description="OpenAI-compatible speech-to-text server for Qwen3-ASR (vLLM on GPU, transformers on CPU).",
-        epilog="Configuration comes from environment variables: " + ", ".join(ENV_VARIABLES) + ".",
+        epilog="Configuration comes from environment variables, over `.env` in the working directory (or the file "
+        f"named by {ENV_FILE_VARIABLE}): " + ", ".join(ENV_VARIABLES) + ".",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the HTTP server (granian) and load the model in the background")
     serve.add_argument("--host", help="listen address (default: $HOST or 0.0.0.0)")
     serve.add_argument("--port", type=int, help="listen port (default: $PORT or 8001)")
-    commands.add_parser("check-config", help="validate the environment's settings and print them as JSON")
+    commands.add_parser(
+        "check-config",
+        help="validate the settings (environment over .env) and print them as JSON with where each came from",
+    )
     return parser
+
+
+def _report_errors(error: ConfigError, environment: Environment | None) -> None:
+    print("qwenasr-appliance: configuration error:", file=sys.stderr)
+    for variable, message in error.problems:
+        where = ""
+        if environment is not None and variable in ENV_VARIABLES:
+            source = environment.source(variable)
+            where = f" (from {environment.env_file})" if source == ".env" else f" (from the {source})"
+        print(f"  {variable}{where}: {message}", file=sys.stderr)
+
+
+def _check_config(settings: Settings, environment: Environment) -> str:
+    """check-config's JSON: the settings (keys redacted), the file read and each variable's source."""
+    import msgspec
+
+    redacted = msgspec.structs.replace(settings, api_keys=tuple("***" for _ in settings.api_keys))
+    report = {
+        "env_file": str(environment.env_file) if environment.env_file else None,
+        "settings": redacted,
+        "sources": {name: environment.source(name) for name in ENV_VARIABLES},
+    }
+    return msgspec.json.encode(report).decode()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,15 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HOST"] = args.host
     if getattr(args, "port", None):
         os.environ["PORT"] = str(args.port)
+    environment: Environment | None = None
     try:
-        settings = load_settings()
+        environment = read_environment()
+        settings = load_settings(environment.values)
     except ConfigError as exc:
-        print(f"qwenasr-appliance: configuration error: {exc}", file=sys.stderr)
+        _report_errors(exc, environment)
         return 2
     if args.command == "check-config":
-        import msgspec
-
-        redacted = msgspec.structs.replace(settings, api_keys=tuple("***" for _ in settings.api_keys))
-        print(msgspec.json.encode(redacted).decode())
+        print(_check_config(settings, environment))
         return 0
+    apply_env_file(environment)  # granian's worker and vLLM's engine core read the environment too
     return _serve(settings)

@@ -1,8 +1,10 @@
-"""Settings from the environment.
+"""Settings from the environment and an optional `.env` file.
 
 Every setting is one environment variable; the names of the original server (`MODEL_ID`, `DTYPE`,
-`QUANT_MODE`, `GPU_MEMORY_UTILIZATION`, `HOST`, `PORT`) keep working. An invalid value stops start-up
-with a `ConfigError` that names the variable.
+`QUANT_MODE`, `GPU_MEMORY_UTILIZATION`, `HOST`, `PORT`) keep working. At start-up `.env` in the working
+directory (or the file named by `ENV_FILE`) is read with python-dotenv; a variable set in the real
+environment wins over the file. Invalid values stop start-up with a `ConfigError` that names every
+invalid variable.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import dotenv
 import msgspec
 
 from qwenasr_appliance.cpus import usable_cpus
@@ -31,16 +34,20 @@ MAX_SHUTDOWN_GRACE_SECONDS = 3600.0
 
 
 class ConfigError(ValueError):
-    """A setting is invalid; the message names the environment variable."""
+    """One or more settings are invalid; the message names each variable (`variable` is the first).
 
-    def __init__(self, variable: str, message: str) -> None:
-        super().__init__(f"{variable}: {message}")
+    `problems` holds `(variable, message)` for every invalid variable, in the order of `ENV_VARIABLES`."""
+
+    def __init__(self, variable: str, message: str, *, more: tuple[tuple[str, str], ...] = ()) -> None:
+        self.problems: tuple[tuple[str, str], ...] = ((variable, message), *more)
+        super().__init__("; ".join(f"{name}: {text}" for name, text in self.problems))
         self.variable = variable
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_id: str = "Qwen/Qwen3-ASR-1.7B"
-    served_model_name: str = ""
+    # SERVED_MODEL_NAME: names clients may send in `model` (comma-separated, as `vllm serve --served-model-name`).
+    served_model_name: tuple[str, ...] = ()
     engine: EngineChoice = "auto"
     # A GPU was given to this process (the Helm chart sets it when it requests one): the CPU engine
     # serving means the GPU could not be reached, which is `degraded` (or not ready, GPU_FALLBACK).
@@ -83,9 +90,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     aligner_gpu_memory_utilization: float = 0.10
 
     @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """The served names, first the one `/v1/models` lists; `(MODEL_ID,)` when none is set."""
+        return self.served_model_name or (self.model_id,)
+
+    @property
     def model_name(self) -> str:
-        """The name clients use in `model` and see in `/v1/models`."""
-        return self.served_model_name or self.model_id
+        """The name `/v1/models` lists (the first served name)."""
+        return self.served_model_names[0]
+
+    @property
+    def accepted_model_names(self) -> tuple[str, ...]:
+        """Every name a request's `model` may hold: the served names, then MODEL_ID."""
+        return tuple(dict.fromkeys((*self.served_model_names, self.model_id)))
 
     @property
     def worker_job_timeout(self) -> float:
@@ -164,7 +181,7 @@ def _range(low: float, high: float, *, low_open: bool = False) -> Callable[[Any]
 
 _VARS: dict[str, _Var] = {
     "MODEL_ID": _Var("model_id", _text),
-    "SERVED_MODEL_NAME": _Var("served_model_name", str.strip),
+    "SERVED_MODEL_NAME": _Var("served_model_name", _parse_keys),
     "ENGINE": _Var("engine", _choice("auto", "vllm", "cpu")),
     "EXPECT_GPU": _Var("expect_gpu", _parse_bool),
     "GPU_FALLBACK": _Var("gpu_fallback", _choice("degraded", "not_ready")),
@@ -210,6 +227,65 @@ _VARS: dict[str, _Var] = {
 MAX_ALIGN_SECONDS = 180.0
 
 ENV_VARIABLES: tuple[str, ...] = (*_VARS, "API_KEYS_FILE")
+# Names the settings file to read instead of `.env` in the working directory; read from the real environment only.
+ENV_FILE_VARIABLE = "ENV_FILE"
+DEFAULT_ENV_FILE = ".env"
+
+SettingSource = Literal["default", ".env", "environment"]
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The variables settings are read from: the real environment laid over the settings file.
+
+    `values` maps every variable (the appliance's and others, e.g. `HF_HUB_OFFLINE`) to its text;
+    `file_values` holds what the file set; `env_file` is the file read, None when there was none."""
+
+    values: Mapping[str, str]
+    file_values: Mapping[str, str]
+    env_file: Path | None
+    from_environment: frozenset[str]
+
+    def source(self, variable: str) -> SettingSource:
+        """Where `variable`'s value comes from: the real environment, the settings file, or the default."""
+        if variable in self.from_environment:
+            return "environment"
+        return ".env" if variable in self.file_values else "default"
+
+
+def env_file_path(environ: Mapping[str, str], cwd: Path) -> Path | None:
+    """The settings file to read: `ENV_FILE` (relative to `cwd`), else `cwd/.env` when it exists.
+
+    Raises `ConfigError` when `ENV_FILE` names a file that is not there."""
+    named = environ.get(ENV_FILE_VARIABLE, "").strip()
+    if named:
+        path = cwd / Path(named).expanduser()
+        if not path.is_file():
+            raise ConfigError(ENV_FILE_VARIABLE, f"{named!r} is not a readable file")
+        return path
+    default = cwd / DEFAULT_ENV_FILE
+    return default if default.is_file() else None
+
+
+def read_environment(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Environment:
+    """The process environment (default `os.environ`) over the settings file found from `cwd` (default:
+    the working directory). A variable without a value in the file (`NAME` alone) is ignored."""
+    env = dict(os.environ if environ is None else environ)
+    path = env_file_path(env, Path.cwd() if cwd is None else cwd)
+    file_values: dict[str, str] = {}
+    if path is not None:
+        file_values = {k: v for k, v in dotenv.dotenv_values(path).items() if v is not None}
+    return Environment(
+        values={**file_values, **env}, file_values=file_values, env_file=path, from_environment=frozenset(env)
+    )
+
+
+def apply_env_file(environment: Environment) -> None:
+    """Export what the settings file sets into `os.environ` where the real environment does not set it,
+    so that child processes (granian's workers, vLLM's engine core) and libraries that read the
+    environment themselves (`HF_HUB_OFFLINE`, `HF_TOKEN`) see it too."""
+    for name, value in environment.file_values.items():
+        os.environ.setdefault(name, value)
 
 
 def _read_keys_file(path: str) -> tuple[str, ...]:
@@ -228,9 +304,12 @@ def default_shutdown_grace(queue_timeout_seconds: float, request_timeout_seconds
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build `Settings` from the environment, naming the variable of the first invalid value."""
-    env = os.environ if environ is None else environ
+    """Build `Settings` from `environ`, or (None) from the process environment over the settings file.
+
+    Raises `ConfigError` naming every invalid variable."""
+    env = read_environment().values if environ is None else environ
     values: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
     for name, var in _VARS.items():
         raw = env.get(name)
         if raw is None:
@@ -238,16 +317,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             value = var.parse(raw)
         except ValueError as exc:
-            raise ConfigError(name, f"invalid value {raw!r}: {exc}") from exc
+            problems.append((name, f"invalid value {raw!r}: {exc}"))
+            continue
         if value is None:
             continue  # empty: the derived default
         problem = var.check(value)
         if problem:
-            raise ConfigError(name, f"invalid value {raw!r}: {problem}")
+            problems.append((name, f"invalid value {raw!r}: {problem}"))
+            continue
         values[var.field] = value
     keys_file = env.get("API_KEYS_FILE", "").strip()
     if keys_file:
-        values["api_keys"] = tuple(values.get("api_keys", ())) + _read_keys_file(keys_file)
+        try:
+            values["api_keys"] = tuple(values.get("api_keys", ())) + _read_keys_file(keys_file)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(*problems[0], more=tuple(problems[1:]))
     if "shutdown_grace_seconds" not in values:
         defaults = Settings()
         values["shutdown_grace_seconds"] = default_shutdown_grace(

@@ -9,11 +9,10 @@ from contextlib import asynccontextmanager
 import structlog
 from litestar import Litestar
 from litestar.datastructures import State
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from qwenasr_appliance import __version__
 from qwenasr_appliance.api.context import AppContext, app_context
+from qwenasr_appliance.api.docs import docs_assets_router, openapi_config
 from qwenasr_appliance.api.errors import EXCEPTION_HANDLERS, MULTIPART_PART_LIMIT
 from qwenasr_appliance.api.models import ModelsController
 from qwenasr_appliance.api.observer import RequestObserver
@@ -21,7 +20,7 @@ from qwenasr_appliance.api.ops import OpsController
 from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
-from qwenasr_appliance.config import Settings, load_settings
+from qwenasr_appliance.config import Settings, apply_env_file, load_settings, read_environment
 from qwenasr_appliance.cpus import process_cpu_budget
 from qwenasr_appliance.logs import configure_logging
 from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
@@ -102,20 +101,14 @@ def build_litestar(
         shutdown=ShutdownGrace(settings.shutdown_grace_seconds),
     )
     return Litestar(
-        route_handlers=[TranscriptionController, ModelsController, OpsController],
+        route_handlers=[TranscriptionController, ModelsController, OpsController, docs_assets_router()],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[BodyReadTimeout(settings.client_timeout_seconds)],
         lifespan=[_lifespan(context)],  # type: ignore[list-item]
         state=State({"context": context}),
         request_max_body_size=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES,
         multipart_form_part_limit=MULTIPART_PART_LIMIT,
-        openapi_config=OpenAPIConfig(
-            title="qwenasr-appliance",
-            version=__version__,
-            description="OpenAI-compatible speech-to-text for Qwen3-ASR.",
-            path="/docs",
-            render_plugins=[SwaggerRenderPlugin()],
-        ),
+        openapi_config=openapi_config(),
         logging_config=None,  # logging is ours (structlog), configured in create_app
         debug=False,
     )
@@ -123,7 +116,10 @@ def build_litestar(
 
 def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory | None = None) -> RequestObserver:
     """ASGI application factory (granian calls it with no arguments)."""
-    settings = settings or load_settings()
+    if settings is None:
+        environment = read_environment()
+        apply_env_file(environment)  # e.g. HF_HUB_OFFLINE set in .env, for the hub library
+        settings = load_settings(environment.values)
     configure_logging(settings.log_level, settings.log_format)
     return RequestObserver(build_litestar(settings, engine_factory=engine_factory))
 

@@ -36,7 +36,14 @@ def _audio_error(exc: AudioError) -> APIError:
 
 _ERROR_TABLE: Final[tuple[tuple[type[Exception], Callable[[Any], APIError]], ...]] = (
     (APIError, lambda exc: exc),
-    (EngineUnavailable, lambda exc: unavailable(f"The model is not ready: {exc.reason}", exc.retry_after_seconds)),
+    (
+        EngineUnavailable,
+        lambda exc: unavailable(
+            f"The model is not ready: {exc.reason}",
+            exc.retry_after_seconds,
+            code="engine_failed" if exc.permanent else "engine_unavailable",
+        ),
+    ),
     (
         AlignerUnavailable,
         lambda exc: unavailable(
@@ -115,7 +122,7 @@ def outcome(error: APIError) -> str:
     """The `outcome` label of `qwenasr_transcriptions_total` for a request that ended in `error`."""
     if error.code == "server_shutting_down":
         return "cancelled"
-    rejections = ("server_overloaded", "engine_unavailable", "aligner_unavailable")
+    rejections = ("server_overloaded", "engine_unavailable", "engine_failed", "aligner_unavailable")
     if error.status_code in (429, 503) and error.code in rejections:
         return "rejected"
     return "client_error" if error.status_code < 500 else "engine_error"

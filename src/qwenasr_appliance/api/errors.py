@@ -8,6 +8,7 @@ request ever gets an HTML page or a bare 500 traceback.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -77,7 +78,8 @@ _ERROR_DESCRIPTIONS: dict[int, str] = {
     415: "Not a multipart/form-data request",
     429: "The queue is full; retry after Retry-After seconds",
     500: "Unexpected server error",
-    503: "The model is loading or restarting, or the server is shutting down; retry after Retry-After seconds",
+    503: "The model is loading or restarting, or the server is shutting down; retry after Retry-After seconds. "
+    "Without Retry-After (code engine_failed) the failure is permanent until the server is restarted",
     504: "The transcription took longer than the server's time limit",
 }
 
@@ -99,10 +101,13 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = "i
     return APIError(HTTP_400_BAD_REQUEST, message, param=param, code=code)
 
 
-def model_not_found(model: str) -> APIError:
+def model_not_found(model: str, served: Sequence[str]) -> APIError:
+    """404 for a `model` this server does not serve; the message lists the names it accepts (`served`)."""
+    names = ", ".join(f"'{name}'" for name in served)
     return APIError(
         HTTP_404_NOT_FOUND,
-        f"The model '{clip(model)}' does not exist.",
+        f"The model '{clip(model)}' does not exist. This server serves {names}"
+        " (more names can be configured with SERVED_MODEL_NAME, comma-separated).",
         param="model",
         code="model_not_found",
     )
@@ -118,13 +123,14 @@ def too_large(message: str, *, param: str | None = "file") -> APIError:
     return APIError(HTTP_413_REQUEST_ENTITY_TOO_LARGE, message, param=param, code="file_too_large")
 
 
-def unavailable(message: str, retry_after: int, *, code: str = "engine_unavailable") -> APIError:
+def unavailable(message: str, retry_after: int | None, *, code: str = "engine_unavailable") -> APIError:
+    """503; `retry_after` None (a permanent failure) sends no Retry-After, which would promise recovery."""
     return APIError(
         HTTP_503_SERVICE_UNAVAILABLE,
         message,
         type="service_unavailable",
         code=code,
-        headers={"Retry-After": str(max(1, retry_after))},
+        headers={} if retry_after is None else {"Retry-After": str(max(1, retry_after))},
     )
 
 

@@ -91,8 +91,8 @@ def _response_format(value: str) -> ResponseFormat:
 
 def parse_form(form: TranscriptionForm, settings: Settings) -> TranscriptionParams:
     """Check every field except the file. Raises `APIError` (404 for an unknown model, else 400)."""
-    if form.model.strip() not in {settings.model_name, settings.model_id}:
-        raise model_not_found(form.model)
+    if form.model.strip() not in settings.accepted_model_names:
+        raise model_not_found(form.model, settings.accepted_model_names)
     response_format = _response_format(form.response_format)
     language: str | None = None
     if form.language and form.language.strip():

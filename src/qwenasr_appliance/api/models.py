@@ -1,9 +1,11 @@
-"""`GET /v1/models` and `GET /v1/models/{id}`: the one model this server serves."""
+"""`GET /v1/models` and `GET /v1/models/{id}`: the one model this server serves, listed under its first
+served name; every accepted name (the other served names, MODEL_ID) retrieves the same card."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import unquote
 
 from litestar import Controller, Request, get
 from litestar.datastructures import State
@@ -16,6 +18,7 @@ from qwenasr_appliance.api.schemas import ModelCard, ModelList
 from qwenasr_appliance.languages import SUPPORTED_LANGUAGES
 
 _CREATED = int(time.time())
+_PREFIX = "/v1/models/"
 
 
 def _card(context: AppContext) -> ModelCard:
@@ -30,8 +33,19 @@ def _card(context: AppContext) -> ModelCard:
     )
 
 
+def _requested_id(request: Request[Any, Any, State]) -> str | None:
+    """The model id as the client sent it, from the undecoded path: the router merges repeated slashes
+    and drops the one an id starts with (a local MODEL_ID such as `/models/qwen3`, sent as `%2Fmodels...`).
+    None when the server gives no raw path."""
+    raw = request.scope.get("raw_path")
+    if not raw:
+        return None
+    _, found, encoded = raw.decode("latin-1").partition(_PREFIX)
+    return unquote(encoded) if found else None
+
+
 class ModelsController(Controller):
-    path = "/v1/models"
+    path = _PREFIX.rstrip("/")
     guards = [require_api_key]
     tags = ["models"]
 
@@ -42,7 +56,7 @@ class ModelsController(Controller):
     @get("/{model_id:path}", summary="Retrieve a model", responses=error_responses(401, 404))
     async def get_model(self, request: Request[Any, Any, State], model_id: FromPath[str]) -> ModelCard:
         context = request_context(request)
-        wanted = model_id.lstrip("/")
-        if wanted not in {context.settings.model_name, context.settings.model_id}:
-            raise model_not_found(wanted)
+        wanted = _requested_id(request) or model_id.removeprefix("/")
+        if wanted not in context.settings.accepted_model_names:
+            raise model_not_found(wanted, context.settings.accepted_model_names)
         return _card(context)

@@ -67,11 +67,13 @@ class OpsController(Controller):
         held = supervisor.held_from_traffic
         workers_down = observe_worker_pools()  # a pool with no usable worker (issue 12)
         ready = supervisor.ready and held is None and workers_down is None
+        permanent = status.state == "failed"
         reason = held or supervisor.not_ready_reason or workers_down
-        body = ReadyResponse(ready=ready, state=status.state, reason=reason)
+        body = ReadyResponse(ready=ready, state=status.state, reason=reason, permanent=permanent)
         if ready:
             return Response(body, status_code=200)
-        return Response(body, status_code=503, headers={"Retry-After": "10"})
+        # A permanent failure gets no Retry-After: it would promise a recovery that will not come.
+        return Response(body, status_code=503, headers={} if permanent else {"Retry-After": "10"})
 
     @get(
         "/status",

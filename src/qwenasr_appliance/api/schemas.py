@@ -92,6 +92,7 @@ class ReadyResponse(msgspec.Struct, kw_only=True):
     ready: bool
     state: str
     reason: str | None = None
+    permanent: bool = False  # true when the engine failed for good: restart the server after fixing the cause
 
 
 class QueueStatus(msgspec.Struct, kw_only=True):

@@ -12,6 +12,7 @@ from typing import Literal
 import msgspec
 
 from qwenasr_appliance.engines.base import EngineDescription, LoadFailureKind
+from qwenasr_appliance.engines.progress import StepReading
 from qwenasr_appliance.supervisor.plans import Plan
 from qwenasr_appliance.supervisor.probe import VramProbe
 
@@ -69,6 +70,18 @@ class EngineStatus(msgspec.Struct, frozen=True):
     details: dict[str, str | int | float | bool | None]
 
 
+class StepStatus(msgspec.Struct, frozen=True):
+    """The load step under way: `step` (resolving_model, downloading, starting_engine, loading_weights,
+    compiling, capturing_cuda_graphs, warming_up), since when and for how long; bytes while downloading."""
+
+    step: str
+    detail: str | None
+    since: str
+    seconds: float
+    bytes_done: int | None
+    bytes_total: int | None
+
+
 class SupervisorStatus(msgspec.Struct, frozen=True):
     """What `GET /status` returns."""
 
@@ -84,6 +97,7 @@ class SupervisorStatus(msgspec.Struct, frozen=True):
     restarts: int
     started_at: str | None
     ready_at: str | None
+    step: StepStatus | None = None
 
 
 class AlignerStatus(msgspec.Struct, frozen=True):
@@ -139,6 +153,17 @@ def vram_status(probe: VramProbe) -> VramStatus:
             for gpu in probe.gpus
         ],
         error=probe.error,
+    )
+
+
+def step_status(reading: StepReading) -> StepStatus:
+    return StepStatus(
+        step=reading.step,
+        detail=reading.detail,
+        since=iso(reading.since) or "",
+        seconds=reading.seconds,
+        bytes_done=reading.bytes_done,
+        bytes_total=reading.bytes_total,
     )
 
 

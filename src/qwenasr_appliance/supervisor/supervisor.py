@@ -9,7 +9,11 @@ States (the `qwenasr_engine_state` gauge and `GET /status` show them):
 `degraded` means serving, but not as intended: a fallback plan was taken, or the CPU engine serves
 although a GPU is expected (one is visible, or EXPECT_GPU=true). With GPU_FALLBACK=not_ready the latter
 also makes `held_from_traffic` give the reason for `/ready` to answer 503 (the engine still serves).
-`failed` is final: every plan failed, or the engine kept dying.
+`failed` is final (permanent until the server is restarted): the checkpoint cannot be had, every plan
+failed, or the engine kept dying.
+
+While loading, `/status` shows the current step (`engine.step`): resolving the model and downloading it
+(here, before any engine starts: `model_source.py`), then the engine's own steps (`engines/progress.py`).
 
 Listeners added with `add_serving_listener` hear of each engine that starts serving (the first load, a
 restart, a fallback to another plan) with its description, e.g. to size admission from its capacity.
@@ -22,16 +26,18 @@ import contextlib
 import gc
 import importlib.util
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import structlog
 
-from qwenasr_appliance.config import Settings
+from qwenasr_appliance.config import Settings, replace
 from qwenasr_appliance.engines.base import Engine, EngineDescription, EngineLoadError, LoadFailureKind
+from qwenasr_appliance.engines.progress import LoadProgress, StepReading
 from qwenasr_appliance.metrics import METRICS, Metrics
 from qwenasr_appliance.supervisor.aligner_supervisor import AlignerSupervisor
 from qwenasr_appliance.supervisor.factory import (
@@ -42,6 +48,7 @@ from qwenasr_appliance.supervisor.factory import (
     import_engine_class,
 )
 from qwenasr_appliance.supervisor.guard import error_text, guarded
+from qwenasr_appliance.supervisor.model_source import ModelResolver, ModelSourceError, resolve_model
 from qwenasr_appliance.supervisor.plans import NoPlanError, Plan, plan_chain
 from qwenasr_appliance.supervisor.probe import VramProbe, VramProbeFn, probe_vram
 from qwenasr_appliance.supervisor.status import (
@@ -51,18 +58,19 @@ from qwenasr_appliance.supervisor.status import (
     engine_status,
     iso,
     plan_status,
+    step_status,
     vram_status,
 )
 
 SupervisorState = Literal["starting", "probing", "loading", "ready", "degraded", "failed", "restarting", "stopped"]
 
 SERVING_STATES: Final = frozenset({"ready", "degraded"})
+# `failed` has none: it does not recover by itself, and a Retry-After would promise that it does.
 RETRY_AFTER_SECONDS: Final[dict[str, int]] = {
     "starting": 10,
     "probing": 10,
     "loading": 10,
     "restarting": 5,
-    "failed": 60,
     "stopped": 5,
 }
 MAX_BACKOFF_SECONDS: Final = 60.0
@@ -72,17 +80,23 @@ KEPT_ATTEMPTS: Final = 64
 STABLE_AFTER_SECONDS: Final = 300.0
 
 logger = structlog.get_logger()
+T = TypeVar("T")
 
 ServingListener = Callable[[EngineDescription | None], None]
 
 
 class EngineUnavailable(Exception):
-    """No engine is serving; the API answers 503 with `Retry-After: retry_after_seconds`."""
+    """No engine is serving; the API answers 503 with `Retry-After: retry_after_seconds`, or without one
+    when the failure is permanent (`retry_after_seconds` None: state `failed`)."""
 
-    def __init__(self, reason: str, retry_after_seconds: int) -> None:
+    def __init__(self, reason: str, retry_after_seconds: int | None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after_seconds = retry_after_seconds
+
+    @property
+    def permanent(self) -> bool:
+        return self.retry_after_seconds is None
 
 
 class EngineSupervisor:
@@ -99,8 +113,16 @@ class EngineSupervisor:
         vllm_available: bool | None = None,
         cpu_available: bool | None = None,
         stable_after_seconds: float = STABLE_AFTER_SECONDS,
+        model_resolver: ModelResolver | None = None,
     ) -> None:
         self._settings = settings
+        # What the engines load: `settings` with MODEL_ID replaced by the local directory resolved from it.
+        self._load_settings = settings
+        # Test doubles load nothing: only the real engines need the checkpoint found first.
+        self._resolver = model_resolver or (resolve_model if engine_factory is default_engine_factory else None)
+        self._progress = LoadProgress()
+        self._loading_engine: Engine | None = None
+        self._resolved = False
         self._factory = engine_factory
         self._probe_fn = probe
         self._metrics = metrics
@@ -183,13 +205,20 @@ class EngineSupervisor:
             return None
         if state == "loading" and self._loading is not None:
             plan, index = self._loading
-            return f"the model is loading (plan {plan.name}, {index + 1} of {len(self._chain)})"
+            reason = f"the model is loading (plan {plan.name}, {index + 1} of {len(self._chain)})"
+            step = self.current_step()
+            if step is None:
+                return reason
+            done = (
+                f", {(step.bytes_done or 0) / 1e9:.2f} of {step.bytes_total / 1e9:.2f} GB" if step.bytes_total else ""
+            )
+            return f"{reason}: {step.step.replace('_', ' ')}{done}, {step.seconds:.0f} s so far"
         messages = {
             "starting": "the engine has not started loading yet",
             "probing": "probing the GPUs before loading the model",
             "loading": "the model is loading",
             "restarting": f"the engine is restarting: {self._reason}",
-            "failed": f"the engine failed: {self._reason}",
+            "failed": f"the engine failed and will not recover without a restart: {self._reason}",
             "stopped": "the server is shutting down",
         }
         return messages[state]
@@ -214,7 +243,7 @@ class EngineSupervisor:
         """The live engine; raises `EngineUnavailable` when none serves."""
         engine = self.engine
         if engine is None:
-            raise EngineUnavailable(self.not_ready_reason or "no engine", RETRY_AFTER_SECONDS.get(self._state, 10))
+            raise EngineUnavailable(self.not_ready_reason or "no engine", RETRY_AFTER_SECONDS.get(self._state))
         return engine
 
     def snapshot(self) -> SupervisorStatus:
@@ -232,7 +261,16 @@ class EngineSupervisor:
             restarts=self._restarts,
             started_at=iso(self._started_at),
             ready_at=iso(self._ready_at),
+            step=step_status(reading) if (reading := self.current_step()) else None,
         )
+
+    def current_step(self) -> StepReading | None:
+        """The load step now under way (the loading engine's, else resolving/downloading); None when idle."""
+        if self._state not in ("loading", "restarting"):
+            return None
+        progress = getattr(self._loading_engine, "load_progress", None)
+        reading = progress.reading() if isinstance(progress, LoadProgress) else None
+        return reading or self._progress.reading()
 
     async def wait_ready(self, timeout: float) -> bool:  # noqa: ASYNC109 - the API tests and CLI use
         """Wait until an engine serves (True), or loading failed, stop() ran or `timeout` passed (False)."""
@@ -320,9 +358,31 @@ class EngineSupervisor:
             cpu_engine_installed=cpu,
         )
         self._set_state("loading", None)
-        failures = await self._load_chain(0)
+        try:
+            failures = await self._load_chain(0)
+        except ModelSourceError as exc:
+            self._progress.clear()
+            self._fail(f"the model cannot be loaded: {exc}")
+            return
         if failures is not None:
             self._fail("every plan failed: " + failures)
+
+    async def _resolve_model(self) -> None:
+        """Find the checkpoint (local directory, cache or download) once, before the first engine that can
+        be imported loads. Raises `ModelSourceError` when it cannot be had: no plan could load it then."""
+        model_id = self._settings.model_id
+        if self._resolved or self._resolver is None or self._settings.load_format == "dummy":
+            return
+        try:
+            path = await run_in_daemon_thread(self._resolver, model_id, self._progress)
+        finally:
+            self._progress.clear()
+        self._resolved = True
+        logger.info("engine.model.resolved", model=model_id, path=path)
+        if path != model_id:
+            self._load_settings = replace(
+                self._settings, model_id=path, served_model_name=self._settings.served_model_names
+            )
 
     async def _restart(self, dead: Engine, message: str) -> None:
         await self._close_quietly(dead)
@@ -383,13 +443,22 @@ class EngineSupervisor:
             if self._factory is default_engine_factory:
                 # Import the engine module (vLLM takes seconds) off the event loop.
                 await asyncio.to_thread(import_engine_class, plan)
-            engine = self._factory(plan, self._settings)
+            await self._resolve_model()
+            engine = self._factory(plan, self._load_settings)
+            self._loading_engine = engine
             await engine.load()
         except asyncio.CancelledError:
+            self._loading_engine = None
             if engine is not None:
                 await self._close_quietly(engine)
             raise
+        except ModelSourceError as exc:
+            # No plan can load what cannot be had: recorded for this plan, then the chain stops.
+            self._attempts.append(Attempt(plan, started_at, time.monotonic() - began, "model_not_found", str(exc)))
+            self._metrics.engine_load_attempts.labels(plan=plan.name, outcome="model_not_found").inc()
+            raise
         except Exception as exc:
+            self._loading_engine = None
             duration = time.monotonic() - began
             kind = classify_failure(exc)
             # An EngineLoadError's message is written for operators; others need their type.
@@ -405,6 +474,7 @@ class EngineSupervisor:
                 duration_seconds=round(duration, 3),
             )
             return None, Attempt(plan, started_at, duration, kind, error)
+        self._loading_engine = None
         duration = time.monotonic() - began
         self._metrics.engine_load_attempts.labels(plan=plan.name, outcome="ok").inc()
         self._metrics.model_load_duration.set(duration)
@@ -558,6 +628,34 @@ def _free_memory() -> None:
             torch.cuda.empty_cache()
     except Exception as exc:
         logger.debug("engine.free_memory.failed", error=error_text(exc))
+
+
+async def run_in_daemon_thread(work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` on a daemon thread: a blocking step that cannot be interrupted (a hub request, a
+    download) never holds the process up at exit when the server is stopped (SIGTERM) during it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled: the server stopped meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = work(*args)
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=getattr(work, "__name__", "blocking-step"), daemon=True).start()
+    return await future
 
 
 def _installed(module: str) -> bool:

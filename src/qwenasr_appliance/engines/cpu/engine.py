@@ -32,7 +32,9 @@ from qwenasr_appliance.engines.base import (
     TranscribeOptions,
 )
 from qwenasr_appliance.engines.cpu.loading import CPU_DTYPES, load_failure_kind, load_on_own_thread, model_location
+from qwenasr_appliance.engines.progress import LoadProgress
 from qwenasr_appliance.engines.prompt import build_prompt
+from qwenasr_appliance.logs import adopt_library_loggers
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,7 @@ class CPUEngine:
         self._pad_id: int | None = None
         self._jobs: dict[str, _Job] = {}
         self._details: dict[str, str | int | float | bool | None] = {}
+        self.load_progress = LoadProgress()  # what `/status` shows while this engine loads
 
     async def load(self) -> None:
         if self._asr is not None:
@@ -173,8 +176,10 @@ class CPUEngine:
             import transformers
         except ImportError as exc:
             raise EngineLoadError("import", f"the CPU engine needs qwen-asr, transformers and torch: {exc}") from exc
+        adopt_library_loggers()  # transformers' warnings once, in our format
         if self._settings.cpu_threads > 0:
             torch.set_num_threads(self._settings.cpu_threads)
+        self.load_progress.enter("loading_weights", location)
         try:
             asr = qwen_asr.Qwen3ASRModel.from_pretrained(
                 location,
@@ -194,6 +199,7 @@ class CPUEngine:
         ]
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos_ids[-1]
         self._asr, self._torch = asr, torch
+        self.load_progress.enter("warming_up", f"{_WARM_UP_SECONDS} s of silence")
         try:
             self._generate(np.zeros(int(_WARM_UP_SECONDS * SAMPLE_RATE), dtype=np.float32),
                            TranscribeOptions(max_new_tokens=1), threading.Event(), streamer=None)  # fmt: skip

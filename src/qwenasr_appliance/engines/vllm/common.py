@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -44,8 +45,15 @@ class OutputTap:
     long as they run (`text()`), also after `stop()` gave this process its own descriptors back.
     """
 
-    def __init__(self, limit_bytes: int = 256 * 1024, fds: Iterable[int] = (1, 2)) -> None:
+    def __init__(
+        self,
+        limit_bytes: int = 256 * 1024,
+        fds: Iterable[int] = (1, 2),
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
+        """`on_line` (optional) sees each line written meanwhile, on the tap's reader thread."""
         self._limit = limit_bytes
+        self._on_line = on_line
         self._fds = tuple(fds)
         self._tail = bytearray()
         self._lock = threading.Lock()
@@ -81,8 +89,11 @@ class OutputTap:
 
     def _pump(self, read_fd: int, out_fd: int) -> None:
         forward = True
+        partial = b""
         try:
             while chunk := os.read(read_fd, 65536):
+                if self._on_line is not None:
+                    partial = self._lines(partial + chunk)
                 with self._lock:
                     self._tail += chunk
                     if len(self._tail) > self._limit:
@@ -99,6 +110,16 @@ class OutputTap:
             for fd in (read_fd, out_fd):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+    def _lines(self, data: bytes) -> bytes:
+        """Hand each complete line (ended by a newline or a progress bar's carriage return) to `on_line`;
+        return the incomplete rest."""
+        *complete, rest = re.split(rb"[\r\n]", data)
+        for line in complete:
+            if line.strip():
+                with contextlib.suppress(Exception):  # an observer must never stop the output
+                    self._on_line(line.decode("utf-8", "replace"))  # type: ignore[misc]
+        return rest[-65536:]
 
     @staticmethod
     def _flush() -> None:

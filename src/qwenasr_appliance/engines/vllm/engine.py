@@ -49,6 +49,7 @@ from qwenasr_appliance.engines.base import (
     EngineRequestError,
     TranscribeOptions,
 )
+from qwenasr_appliance.engines.progress import LoadProgress
 from qwenasr_appliance.engines.prompt import build_prompt
 from qwenasr_appliance.engines.vllm.common import LLMFactory, OutputTap, ParamsFactory, PlanLike, audio_tokens
 from qwenasr_appliance.engines.vllm.errors import (
@@ -65,6 +66,7 @@ from qwenasr_appliance.engines.vllm.inputs import (
     vllm_input_builder,
 )
 from qwenasr_appliance.engines.vllm.lifecycle import attr, build_llm, import_vllm, release_llm
+from qwenasr_appliance.engines.vllm.steps import VllmStepObserver
 from qwenasr_appliance.metrics import METRICS
 from qwenasr_appliance.workers import WorkerCrashedError, WorkerPool, WorkerTimeoutError
 
@@ -270,6 +272,7 @@ class VLLMEngine:
         self._extractor: LogMelExtractor | None = None
         self._inputs: EngineInputBuilder | None = None
         self._feature_source = "vllm"
+        self.load_progress = LoadProgress()  # what `/status` shows while this engine loads
 
     # -- introspection
 
@@ -309,7 +312,8 @@ class VLLMEngine:
             self._vram_before = await asyncio.to_thread(self._vram_probe)
 
         began = time.monotonic()
-        tap = OutputTap() if self._capture_output else None
+        self.load_progress.enter("starting_engine", f"vLLM {self._vllm_version}".strip())
+        tap = OutputTap(on_line=VllmStepObserver(self.load_progress)) if self._capture_output else None
         self._tap = tap
         try:
             llm = await build_llm(llm_factory, self._engine_args, tap)
@@ -319,6 +323,7 @@ class VLLMEngine:
         self._llm = llm
         try:
             await self._start_feature_workers(llm)
+            self.load_progress.enter("warming_up", "a first request through the engine")
             await self._warm_up()
         except asyncio.CancelledError:
             await self.close()
