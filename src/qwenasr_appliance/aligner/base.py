@@ -19,6 +19,30 @@ from typing import Literal, Protocol, runtime_checkable
 from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 from qwenasr_appliance.config import MAX_ALIGN_SECONDS
 
+# The languages Qwen3-ForcedAligner-0.6B is trained for (its model card; qwen-asr reads them from the
+# model's config through `get_supported_languages`), as the model's canonical names (`languages.py`).
+# Text in any other language is not aligned: the pipeline leaves its words out (`aligner_supports`).
+ALIGNER_LANGUAGES: frozenset[str] = frozenset(
+    {
+        "Chinese",
+        "English",
+        "Cantonese",
+        "French",
+        "German",
+        "Italian",
+        "Japanese",
+        "Korean",
+        "Portuguese",
+        "Russian",
+        "Spanish",
+    }
+)
+
+
+def aligner_supports(language: str) -> bool:
+    """True when the forced aligner is trained for `language` (a canonical model name)."""
+    return language in ALIGNER_LANGUAGES
+
 
 @dataclass(frozen=True)
 class AlignedUnit:
@@ -100,6 +124,9 @@ def merge_chunks(chunks: Sequence[AlignedChunk], duration: float) -> list[Aligne
     then starts and ends are made non-decreasing over the whole list, and every end is at least its
     start. The aligner's own times are monotonic already (it repairs them), but padding, rounding
     and chunk edges can still nudge a time outside its chunk or behind its predecessor.
+
+    Finally no unit keeps zero length (`end == start`, which the aligner gives when it puts several
+    units at one instant): see `spread_instants`.
     """
     merged: list[AlignedUnit] = []
     last_start = last_end = 0.0
@@ -114,10 +141,67 @@ def merge_chunks(chunks: Sequence[AlignedChunk], duration: float) -> list[Aligne
             end = max(end, start, last_end)
             merged.append(AlignedUnit(unit.text, start, end))
             last_start, last_end = start, end
-    return merged
+    return spread_instants(merged, total)
+
+
+MAX_SPREAD_SECONDS = 0.3  # a zero-length unit gets at most this much time (about one short word)
+
+
+def spread_instants(units: Sequence[AlignedUnit], duration: float) -> list[AlignedUnit]:
+    """Give every zero-length unit of a well-formed list (non-decreasing, within [0, `duration`]) a
+    share of time, keeping the list well-formed and every other unit's times unless stated.
+
+    A run of consecutive zero-length units at one instant takes equal shares, of at most
+    `MAX_SPREAD_SECONDS` each, of the room after that instant up to the next unit's start (`duration`
+    at the end), or when there is none, of the room before it back to the previous unit's end (0 at the
+    start), ending at the instant. Without room on either side (the run touches both neighbours), the unit before gives up the second half of its span, or when
+    there is none, the unit after its first half. Only when every unit has zero length and there is no
+    room around them (a recording of zero duration) do they stay as they are.
+    """
+    out = list(units)
+    index = 0
+    while index < len(out):
+        if out[index].end > out[index].start:
+            index += 1
+            continue
+        stop = index
+        while stop < len(out) and out[stop].end <= out[stop].start:
+            stop += 1
+        count = stop - index
+        instant = out[index].start
+        after = out[stop].start if stop < len(out) else max(duration, instant)
+        before = out[index - 1].end if index else 0.0
+        if after > instant:  # room after the instant: the run starts there
+            step = min((after - instant) / count, MAX_SPREAD_SECONDS)
+            first = instant
+        elif instant > before:  # room before it: the run ends there
+            step = min((instant - before) / count, MAX_SPREAD_SECONDS)
+            first = instant - step * count
+        elif index:  # the unit before gives up the second half of its span
+            previous = out[index - 1]
+            middle = (previous.start + previous.end) / 2
+            out[index - 1] = AlignedUnit(previous.text, previous.start, middle)
+            step = min((instant - middle) / count, MAX_SPREAD_SECONDS)
+            first = instant - step * count
+        elif stop < len(out):  # ... or the unit after, the first half of its own
+            following = out[stop]
+            middle = (following.start + following.end) / 2
+            out[stop] = AlignedUnit(following.text, middle, following.end)
+            step = min((middle - instant) / count, MAX_SPREAD_SECONDS)
+            first = instant
+        else:
+            step = 0.0
+            first = instant
+        if step > 0:
+            for offset in range(count):
+                unit = out[index + offset]
+                out[index + offset] = AlignedUnit(unit.text, first + offset * step, first + (offset + 1) * step)
+        index = stop
+    return out
 
 
 __all__ = [
+    "ALIGNER_LANGUAGES",
     "MAX_ALIGN_SECONDS",
     "AlignedChunk",
     "AlignedUnit",
@@ -126,6 +210,8 @@ __all__ = [
     "AlignerDescription",
     "AlignerError",
     "AlignerRequestError",
+    "aligner_supports",
     "check_align_input",
     "merge_chunks",
+    "spread_instants",
 ]

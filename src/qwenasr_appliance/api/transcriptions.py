@@ -19,7 +19,7 @@ from qwenasr_appliance.api.error_mapping import outcome, to_api_error
 from qwenasr_appliance.api.errors import ErrorResponse, bad_request, clip, error_responses, too_large, unsupported_media
 from qwenasr_appliance.api.form import parse_form
 from qwenasr_appliance.api.observer import REQUEST_ID, REQUEST_STATS
-from qwenasr_appliance.api.render import render
+from qwenasr_appliance.api.render import render, transcript_headers
 from qwenasr_appliance.api.schemas import TranscriptionForm
 from qwenasr_appliance.api.streaming import sse_events
 from qwenasr_appliance.metrics import METRICS
@@ -100,10 +100,7 @@ class TranscriptionController(Controller):
         body, content_type = render(transcript, params.response_format)
         METRICS.stage_duration.labels(stage="response").observe(time.perf_counter() - started)
         METRICS.transcriptions.labels(outcome="ok").inc()
-        headers = {"X-Audio-Duration": f"{transcript.duration:.3f}"}
-        if transcript.language:
-            headers["Content-Language"] = transcript.language.lower()
-        return Response(body, media_type=content_type, headers=headers)
+        return Response(body, media_type=content_type, headers=transcript_headers(transcript))
 
     @post(
         "/translations",

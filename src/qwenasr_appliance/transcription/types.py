@@ -37,6 +37,11 @@ class Transcript:
     duration: float  # seconds of decoded audio
     segments: list[TranscriptSegment] = field(default_factory=list)
     words: list[TranscriptWord] | None = None
+    # Languages of the chunks left without word timestamps because the forced aligner does not support
+    # them (`aligner.base.ALIGNER_LANGUAGES`); `words` holds the other chunks' words, None if none had any.
+    unaligned_languages: tuple[str, ...] = ()
+    # Every language spoken, longest first (`languages[0] == language`); empty when nothing was recognised.
+    languages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class TranscriptionRequest:
     temperature: float
     stream: bool
     word_timestamps: bool = False  # timestamp_granularities[]=word: align with the forced aligner
+    subtitles: bool = False  # SRT/VTT: cue times from the forced aligner when it is loaded, else by proportion
 
 
 @dataclass(frozen=True)
