@@ -121,8 +121,7 @@ def merge_chunks(chunks: Sequence[AlignedChunk], duration: float) -> list[Aligne
     """The units of every chunk on the recording's time line, in order, and always well-formed.
 
     Each unit is moved by its chunk's offset and kept inside its chunk and inside [0, `duration`];
-    then starts and ends are made non-decreasing over the whole list, and every end is at least its
-    start. The aligner's own times are monotonic already (it repairs them), but padding, rounding
+    then no unit starts before the one before it ends, and every end is at least its start. The aligner's own times are monotonic already (it repairs them), but padding, rounding
     and chunk edges can still nudge a time outside its chunk or behind its predecessor.
 
     Finally no unit keeps zero length (`end == start`, which the aligner gives when it puts several
@@ -137,8 +136,8 @@ def merge_chunks(chunks: Sequence[AlignedChunk], duration: float) -> list[Aligne
         for unit in chunk.units:
             start = min(max(chunk.offset + unit.start, low), high)
             end = min(max(chunk.offset + unit.end, low), high)
-            start = max(start, last_start)
-            end = max(end, start, last_end)
+            start = max(start, last_end)  # units never overlap
+            end = max(end, start)
             merged.append(AlignedUnit(unit.text, start, end))
             last_start, last_end = start, end
     return spread_instants(merged, total)
@@ -177,13 +176,13 @@ def spread_instants(units: Sequence[AlignedUnit], duration: float) -> list[Align
         elif instant > before:  # room before it: the run ends there
             step = min((instant - before) / count, MAX_SPREAD_SECONDS)
             first = instant - step * count
-        elif index:  # the unit before gives up the second half of its span
+        elif index and out[index - 1].end > out[index - 1].start:  # the unit before gives up half its span
             previous = out[index - 1]
             middle = (previous.start + previous.end) / 2
             out[index - 1] = AlignedUnit(previous.text, previous.start, middle)
             step = min((instant - middle) / count, MAX_SPREAD_SECONDS)
             first = instant - step * count
-        elif stop < len(out):  # ... or the unit after, the first half of its own
+        elif stop < len(out) and out[stop].end > out[stop].start:  # ... or the unit after, half of its own
             following = out[stop]
             middle = (following.start + following.end) / 2
             out[stop] = AlignedUnit(following.text, middle, following.end)

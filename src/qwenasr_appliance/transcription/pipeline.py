@@ -26,7 +26,7 @@ from qwenasr_appliance.aligner.base import (
 from qwenasr_appliance.audio.decode import DecodedAudio
 from qwenasr_appliance.audio.decoder_pool import AudioDecoder
 from qwenasr_appliance.audio.samples import SAMPLE_RATE
-from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, split_at_quiet_points
+from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, speech_spans, split_at_quiet_points
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
     Engine,
@@ -82,6 +82,15 @@ def spoken_languages(parsed: list[ParsedTranscript], chunks: list[AudioChunk], f
         if result.language and result.text.strip():
             weights[result.language] += chunk.end_sample - chunk.start_sample
     return tuple(language for language, _ in weights.most_common())
+
+
+def _segment(chunk: AudioChunk, text: str) -> TranscriptSegment:
+    """A chunk's segment: its times bound the sound in it (`speech_spans`), the whole chunk if none."""
+    offset = chunk.offset_seconds
+    spans = tuple((offset + a / SAMPLE_RATE, offset + b / SAMPLE_RATE) for a, b in speech_spans(chunk.samples))
+    if not spans or not text:
+        return TranscriptSegment(start=offset, end=offset + chunk.samples.shape[0] / SAMPLE_RATE, text=text)
+    return TranscriptSegment(start=spans[0][0], end=spans[-1][1], text=text, speech=spans)
 
 
 class TranscriptionService:
@@ -154,14 +163,7 @@ class TranscriptionService:
         request: TranscriptionRequest,
         stats: RequestStats,
     ) -> Transcript:
-        segments = [
-            TranscriptSegment(
-                start=chunk.offset_seconds,
-                end=chunk.offset_seconds + (chunk.end_sample - chunk.start_sample) / SAMPLE_RATE,
-                text=result.text.strip(),
-            )
-            for chunk, result in zip(chunks, parsed, strict=True)
-        ]
+        segments = [_segment(chunk, result.text.strip()) for chunk, result in zip(chunks, parsed, strict=True)]
         languages = spoken_languages(parsed, chunks, request.language)
         language = languages[0] if languages else ""
         stats.chunks = len(chunks)

@@ -15,11 +15,13 @@ Timing:
 * With word timestamps (the forced aligner was loaded), every word's cue time is its aligned time. The
   aligner's units are the transcript's letters and digits without punctuation (`aligner.text`), so the
   transcript's own words, punctuation included, are matched to them letter by letter.
-* Without them, each chunk's time is shared among its words in proportion to their length in
-  characters (spaces included), the way speech runs at a roughly even rate of characters. This is
-  chosen over cutting the audio into shorter pieces for subtitle requests: that would cost more engine
-  work per request, cut the model's context every few seconds and still not place words inside a
-  piece. Its error grows with the pauses inside a chunk; with the aligner loaded it does not apply.
+* Without them, each chunk's stretches of sound (`TranscriptSegment.speech`, an energy gate over the
+  chunk's audio) are shared among its words in proportion to their length in characters (spaces
+  included), as speech runs at a roughly even rate of characters; pauses between the stretches stay
+  pauses, so cues still break there. This is chosen over cutting the audio into shorter pieces for
+  subtitle requests: that would cost more engine work per request, cut the model's context every few
+  seconds and still not place words inside a piece. Its error grows with changes of speaking rate
+  and with pauses the gate cannot see (noise); with the aligner loaded it does not apply.
 
 Empty transcripts give no cues. Times are seconds, rounded to milliseconds, non-decreasing, and each
 cue ends after it starts.
@@ -128,15 +130,29 @@ def _segment_tokens(segment: TranscriptSegment, max_width: int) -> list[tuple[st
 
 
 def _proportional(segment: TranscriptSegment, texts: list[tuple[str, str]]) -> list[tuple[float, float]]:
+    """Times of a segment's tokens in proportion to their characters, laid over the segment's stretches
+    of sound (`TranscriptSegment.speech`; the whole segment when unknown), so pauses stay pauses."""
+    spans = list(segment.speech) or [(segment.start, max(segment.start, segment.end))]
+    speech = sum(end - start for start, end in spans)
     weights = [len(glue) + len(text) for text, glue in texts]
     total = sum(weights) or 1
-    span = max(0.0, segment.end - segment.start)
+
+    def at(share: float, *, closing: bool) -> float:
+        """The time `share` of the way through the sound; at a pause, its start (`closing`) or its end."""
+        left = share * speech
+        for start, end in spans:
+            length = end - start
+            if left < length or (closing and left <= length):
+                return start + left
+            left -= length
+        return spans[-1][1]
+
     times: list[tuple[float, float]] = []
     done = 0
     for weight in weights:
-        start = segment.start + span * done / total
+        start = at(done / total, closing=False)
         done += weight
-        times.append((start, segment.start + span * done / total))
+        times.append((start, max(start, at(done / total, closing=True))))
     return times
 
 

@@ -21,11 +21,16 @@ class TranscriptWord:
 
 @dataclass(frozen=True)
 class TranscriptSegment:
-    """The text of one piece of the recording (a chunk cut at a quiet point)."""
+    """The text of one piece of the recording (a chunk cut at a quiet point).
+
+    `start` and `end` bound the sound in the chunk (`audio.split.speech_spans`), or the whole chunk when
+    it has none; `speech` lists the sound's stretches between pauses (seconds, in order, within
+    [start, end]), empty when unknown."""
 
     start: float  # seconds
     end: float  # seconds
     text: str
+    speech: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
