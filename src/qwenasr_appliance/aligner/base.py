@@ -164,37 +164,30 @@ def spread_instants(units: Sequence[AlignedUnit], duration: float) -> list[Align
             index += 1
             continue
         stop = index
-        while stop < len(out) and out[stop].end <= out[stop].start:
+        while stop < len(out) and out[stop].end <= out[stop].start == out[index].start:
             stop += 1
         count = stop - index
         instant = out[index].start
         after = out[stop].start if stop < len(out) else max(duration, instant)
         before = out[index - 1].end if index else 0.0
         if after > instant:  # room after the instant: the run starts there
-            step = min((after - instant) / count, MAX_SPREAD_SECONDS)
-            first = instant
+            low, high = instant, min(after, instant + MAX_SPREAD_SECONDS * count)
         elif instant > before:  # room before it: the run ends there
-            step = min((instant - before) / count, MAX_SPREAD_SECONDS)
-            first = instant - step * count
+            low, high = max(before, instant - MAX_SPREAD_SECONDS * count), instant
         elif index and out[index - 1].end > out[index - 1].start:  # the unit before gives up half its span
             previous = out[index - 1]
-            middle = (previous.start + previous.end) / 2
-            out[index - 1] = AlignedUnit(previous.text, previous.start, middle)
-            step = min((instant - middle) / count, MAX_SPREAD_SECONDS)
-            first = instant - step * count
+            low, high = max((previous.start + previous.end) / 2, instant - MAX_SPREAD_SECONDS * count), instant
+            out[index - 1] = AlignedUnit(previous.text, previous.start, low)
         elif stop < len(out) and out[stop].end > out[stop].start:  # ... or the unit after, half of its own
             following = out[stop]
-            middle = (following.start + following.end) / 2
-            out[stop] = AlignedUnit(following.text, middle, following.end)
-            step = min((middle - instant) / count, MAX_SPREAD_SECONDS)
-            first = instant
+            low, high = instant, min((following.start + following.end) / 2, instant + MAX_SPREAD_SECONDS * count)
+            out[stop] = AlignedUnit(following.text, high, following.end)
         else:
-            step = 0.0
-            first = instant
-        if step > 0:
-            for offset in range(count):
-                unit = out[index + offset]
-                out[index + offset] = AlignedUnit(unit.text, first + offset * step, first + (offset + 1) * step)
+            low = high = instant
+        bounds = [low + (high - low) * k / count for k in range(count)] + [high]
+        for offset in range(count):
+            unit = out[index + offset]
+            out[index + offset] = AlignedUnit(unit.text, bounds[offset], bounds[offset + 1])
         index = stop
     return out
 
