@@ -3,6 +3,12 @@
 Each cut is searched only in the last `search_seconds` before the chunk limit, so the work is
 proportional to the number of chunks, not to the length of the audio (a 2-hour file costs a few
 hundred small vectorised searches, no full-length temporary array).
+
+qwen-asr (`split_audio_into_chunks`) searches 5 s on both sides of its target length, so its chunks
+can run 5 s over it. Here the limit is a hard ceiling (the engine's token budget, `MAX_MODEL_LEN`, and
+the forced aligner's 180 s are sized from `CHUNK_SECONDS`), so the search window has the same 10 s
+width but lies wholly before the limit: a pause 5-10 s before it is found too, where a 5 s search
+would cut through a word.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ def split_at_quiet_points(
     *,
     sample_rate: int = SAMPLE_RATE,
     max_chunk_seconds: float = 30.0,
-    search_seconds: float = 5.0,
+    search_seconds: float = 10.0,
     min_chunk_seconds: float = 0.5,
     window_seconds: float = 0.1,
 ) -> list[AudioChunk]:
