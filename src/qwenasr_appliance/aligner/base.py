@@ -128,7 +128,7 @@ def merge_chunks(chunks: Sequence[AlignedChunk], duration: float) -> list[Aligne
     units at one instant): see `spread_instants`.
     """
     merged: list[AlignedUnit] = []
-    last_start = last_end = 0.0
+    last_end = 0.0
     total = max(0.0, duration)
     for chunk in sorted(chunks, key=lambda c: c.offset):
         low = min(max(0.0, chunk.offset), total)
@@ -139,7 +139,7 @@ def merge_chunks(chunks: Sequence[AlignedChunk], duration: float) -> list[Aligne
             start = max(start, last_end)  # units never overlap
             end = max(end, start)
             merged.append(AlignedUnit(unit.text, start, end))
-            last_start, last_end = start, end
+            last_end = end
     return spread_instants(merged, total)
 
 
