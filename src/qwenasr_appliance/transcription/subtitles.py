@@ -29,6 +29,7 @@ cue ends after it starts.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -131,28 +132,33 @@ def _segment_tokens(segment: TranscriptSegment, max_width: int) -> list[tuple[st
 
 def _proportional(segment: TranscriptSegment, texts: list[tuple[str, str]]) -> list[tuple[float, float]]:
     """Times of a segment's tokens in proportion to their characters, laid over the segment's stretches
-    of sound (`TranscriptSegment.speech`; the whole segment when unknown), so pauses stay pauses."""
-    spans = list(segment.speech) or [(segment.start, max(segment.start, segment.end))]
-    speech = sum(end - start for start, end in spans)
+    of sound (`TranscriptSegment.speech`; the whole segment when unknown). Each token goes to the
+    stretch its middle falls in, then shares that stretch with the other tokens there, so no word
+    straddles a pause and pauses stay pauses."""
+    spans = [(a, b) for a, b in segment.speech if b > a] or [(segment.start, max(segment.start, segment.end))]
+    lengths = [b - a for a, b in spans]
+    speech = sum(lengths)
     weights = [len(glue) + len(text) for text, glue in texts]
     total = sum(weights) or 1
-
-    def at(share: float, *, closing: bool) -> float:
-        """The time `share` of the way through the sound; at a pause, its start (`closing`) or its end."""
-        left = share * speech
-        for start, end in spans:
-            length = end - start
-            if left < length or (closing and left <= length):
-                return start + left
-            left -= length
-        return spans[-1][1]
-
-    times: list[tuple[float, float]] = []
-    done = 0
+    owners: list[int] = []
+    done = 0.0
     for weight in weights:
-        start = at(done / total, closing=False)
+        middle = (done + weight / 2) / total * speech
         done += weight
-        times.append((start, max(start, at(done / total, closing=True))))
+        owner, passed = 0, 0.0
+        while owner < len(spans) - 1 and middle >= passed + lengths[owner]:
+            passed += lengths[owner]
+            owner += 1
+        owners.append(owner)
+    times: list[tuple[float, float]] = []
+    for owner, (start, end) in enumerate(spans):
+        members = [i for i, o in enumerate(owners) if o == owner]
+        share = sum(weights[i] for i in members) or 1
+        used = 0.0
+        for i in members:
+            first = start + (end - start) * used / share
+            used += weights[i]
+            times.append((first, start + (end - start) * used / share))
     return times
 
 
@@ -291,7 +297,7 @@ def build_cues(transcript: Transcript, rules: SubtitleRules | None = None) -> li
         if lines is None:  # cannot happen: a lone token always fits one line (see `_pieces`)
             raise AssertionError("a subtitle token is wider than a line")
         start = max(round(group[0].start, 3), previous_end)
-        end = min(round(group[-1].end, 3), round(start + rules.max_cue_seconds, 3))
+        end = min(round(group[-1].end, 3), math.floor((start + rules.max_cue_seconds) * 1000) / 1000)
         cues.append(Cue(start, end, lines))
         previous_end = end
     return _held(cues, transcript.duration, rules)
