@@ -130,7 +130,7 @@ def _segment_tokens(segment: TranscriptSegment, max_width: int) -> list[tuple[st
     return tokens
 
 
-_BOUNDARY_WINDOW: Final = 12  # tokens either side of the proportional place a stretch boundary may move
+_BOUNDARY_WINDOW: Final = 8  # tokens either side of the proportional place a stretch boundary may move
 _SENTENCE_BONUS: Final = 0.5  # cost units a boundary after a sentence end saves (a clause mark: half)
 _EMPTY_STRETCH_COST: Final = 1.0  # per second of a stretch of sound given no words (noise, breath)
 
@@ -172,18 +172,26 @@ def _stretch_starts(texts: list[tuple[str, str]], weights: list[int], lengths: l
         place = min(range(count + 1), key=lambda b: abs(before[b] - target))
         candidates.append(range(max(0, place - _BOUNDARY_WINDOW), min(count, place + _BOUNDARY_WINDOW) + 1))
     candidates.append(range(count, count + 1))
-    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [0])}
+    gains = [bonus(boundary) for boundary in range(count + 1)]
+    best: dict[int, float] = {0: 0.0}
+    pointers: list[dict[int, int]] = []  # per stretch: its end boundary -> its first token
     for stretch in range(stretches):
-        following: dict[int, tuple[float, list[int]]] = {}
+        following: dict[int, float] = {}
+        pointer: dict[int, int] = {}
         for stop in candidates[stretch + 1]:
-            for first, (value, path) in best.items():
-                if first > stop:
-                    continue
-                total_cost = value + cost(stretch, first, stop) - bonus(stop)
-                if stop not in following or total_cost < following[stop][0]:
-                    following[stop] = (total_cost, [*path, stop])
-        best = following or {count: (0.0, [0] * stretches + [count])}
-    return best[count][1][:-1] if count in best else [0] * stretches
+            for first, value in best.items():
+                if first <= stop:
+                    total_cost = value + cost(stretch, first, stop) - gains[stop]
+                    if total_cost < following.get(stop, math.inf):
+                        following[stop], pointer[stop] = total_cost, first
+        pointers.append(pointer)
+        best = following
+    starts: list[int] = []
+    boundary = count
+    for pointer in reversed(pointers):
+        boundary = pointer[boundary]
+        starts.append(boundary)
+    return starts[::-1]
 
 
 def _proportional(segment: TranscriptSegment, texts: list[tuple[str, str]]) -> list[tuple[float, float]]:
