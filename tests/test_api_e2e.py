@@ -99,7 +99,7 @@ def test_long_audio_is_split_and_merged_in_order(client: openai.OpenAI) -> None:
     segments = result.segments or []
     assert len(segments) == 3
     # Segments bound the sound of their chunks: in order, apart, within the recording.
-    assert 0.0 <= segments[0].start
+    assert segments[0].start >= 0.0
     for before, after in itertools.pairwise(segments):
         assert before.end <= after.start + 1e-3
     assert segments[-1].end <= 75.0 + 0.01

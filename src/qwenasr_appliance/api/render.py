@@ -53,9 +53,7 @@ def to_srt(transcript: Transcript) -> str:
 
 def to_vtt(transcript: Transcript) -> str:
     """WebVTT: the same cues as `to_srt`, times as HH:MM:SS.mmm."""
-    blocks = [
-        f"{_clock(c.start, '.')} --> {_clock(c.end, '.')}\n{_vtt_text(c.text)}\n" for c in build_cues(transcript)
-    ]
+    blocks = [f"{_clock(c.start, '.')} --> {_clock(c.end, '.')}\n{_vtt_text(c.text)}\n" for c in build_cues(transcript)]
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
