@@ -162,7 +162,9 @@ def _stretch_starts(texts: list[tuple[str, str]], weights: list[int], lengths: l
         chars = before[stop] - before[first]
         if chars == 0:
             return _EMPTY_STRETCH_COST * seconds
-        return seconds * math.log(chars / (seconds * rate)) ** 2
+        expected = seconds * rate
+        ratio = chars / expected if 0 < expected < math.inf else 1.0
+        return seconds * math.log(min(max(ratio, 1e-12), 1e12)) ** 2
 
     passed = 0.0
     candidates: list[range] = [range(0, 1)]
