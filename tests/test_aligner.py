@@ -32,6 +32,7 @@ from qwenasr_appliance.aligner.base import (
     AlignerRequestError,
     check_align_input,
     merge_chunks,
+    spread_instants,
 )
 from qwenasr_appliance.aligner.text import (
     build_align_prompt,
@@ -167,9 +168,12 @@ def test_merge_offsets_clamps_and_orders() -> None:
     merged = merge_chunks(chunks, 40.0)
     assert [u.text for u in merged] == ["a", "b", "c", "d"]
     assert merged[0] == AlignedUnit("a", 1.0, 1.5)
-    assert merged[1] == AlignedUnit("b", 1.0, 1.5)
+    # b went backwards: it starts where a ends, with no length, so it gets the room after it (0.3 s at most).
+    assert merged[1] == AlignedUnit("b", 1.5, 1.8)
     assert merged[2] == AlignedUnit("c", 31.0, 32.0)
-    assert merged[3] == AlignedUnit("d", 40.0, 40.0)  # the chunk ends at 42 s, the audio at 40 s
+    # d lies past its chunk (which ends at 42 s) and the audio (40 s): it ends the audio, in the time it
+    # takes from the end of c (at most 0.3 s), never with zero length.
+    assert merged[3] == AlignedUnit("d", pytest.approx(39.7), 40.0)
 
 
 unit_strategy = st.builds(
@@ -195,7 +199,9 @@ def test_merged_times_are_monotonic_and_inside_the_audio(
     merged = merge_chunks(chunks, duration)
     assert len(merged) == sum(len(units) for _, units in spans)
     assert all(0.0 <= u.start <= u.end <= max(duration, 0.0) for u in merged)
-    assert all(a.start <= b.start and a.end <= b.end for a, b in itertools.pairwise(merged))
+    assert all(a.end <= b.start + 1e-9 for a, b in itertools.pairwise(merged)), "units overlap"
+    if duration > 1e-9:
+        assert all(u.end > u.start for u in merged), "a unit of zero length"
 
 
 def test_align_input_is_limited_to_what_the_aligner_takes() -> None:
@@ -693,3 +699,23 @@ def test_cpu_aligner_over_the_tiny_checkpoint(tiny_aligner_dir: Path, tiny_model
             assert error.value.kind == kind
 
     asyncio.run(scenario())
+
+
+def test_zero_length_units_at_different_instants_keep_their_own_instants() -> None:
+    units = [AlignedUnit("a", 6.8, 6.8), AlignedUnit("b", 26.5, 26.5), AlignedUnit("c", 51.8, 51.8)]
+    spread = spread_instants(units, 70.0)
+    assert [t for u in spread for t in (u.start, u.end)] == pytest.approx([6.8, 7.1, 26.5, 26.8, 51.8, 52.1])
+
+
+def test_zero_length_units_at_one_instant_share_the_room_around_it() -> None:
+    at_end = spread_instants([AlignedUnit("a", 1.0, 2.0), AlignedUnit("b", 3.0, 3.0), AlignedUnit("c", 3.0, 3.0)], 3.0)
+    assert [(u.start, u.end) for u in at_end] == [
+        (1.0, 2.0),
+        (pytest.approx(2.4), pytest.approx(2.7)),
+        (pytest.approx(2.7), 3.0),
+    ]
+    squeezed = spread_instants(
+        [AlignedUnit("a", 1.0, 2.0), AlignedUnit("b", 2.0, 2.0), AlignedUnit("c", 2.0, 3.0)], 3.0
+    )
+    assert [(u.start, u.end) for u in squeezed] == [(1.0, 1.7), (1.7, 2.0), (2.0, 3.0)]
+    assert spread_instants([AlignedUnit("a", 0.0, 0.0)], 0.0) == [AlignedUnit("a", 0.0, 0.0)]

@@ -25,6 +25,7 @@ import pytest
 import soundfile as sf
 import webvtt
 
+from tests.audio_fixtures import float_wav, sine
 from tests.servers import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -100,7 +101,11 @@ def test_status_shows_the_aligner(aligner_server: ServerProcess, tiny_aligner_di
 def test_word_and_segment_timestamps(client: openai.OpenAI, samples_dir: Path) -> None:
     with (samples_dir / "wcpp_jfk.wav").open("rb") as audio:
         verbose = client.audio.transcriptions.create(
-            model=MODEL, file=audio, response_format="verbose_json", timestamp_granularities=["word", "segment"]
+            model=MODEL,
+            file=audio,
+            response_format="verbose_json",
+            timestamp_granularities=["word", "segment"],
+            language="en",  # random weights detect any language, and the aligner supports only 11
         )
     assert verbose.duration == pytest.approx(11.0, abs=0.1)
     words = verbose.words or []
@@ -110,7 +115,7 @@ def test_word_and_segment_timestamps(client: openai.OpenAI, samples_dir: Path) -
     # The words are the transcript's letters and digits, in order (the aligner drops punctuation).
     letters = "".join(ch for ch in verbose.text if ch.isalnum() or ch == "'")
     assert "".join(w.word for w in words) == letters
-    assert verbose.segments and verbose.segments[0].start == 0.0
+    assert verbose.segments and 0.0 <= verbose.segments[0].start <= 1.0  # the sound starts at once
 
 
 def test_words_of_a_long_recording_stay_in_their_chunks(client: openai.OpenAI, samples_dir: Path) -> None:
@@ -126,8 +131,10 @@ def test_words_of_a_long_recording_stay_in_their_chunks(client: openai.OpenAI, s
     assert all(0.0 <= w.start <= w.end <= verbose.duration for w in words)
     assert all(a.start <= b.start and a.end <= b.end for a, b in itertools.pairwise(words))
     assert max(w.start for w in words) >= segments[1].start  # later chunks are aligned and offset too
-    for segment in segments:
-        inside = [w for w in words if segment.start <= w.start <= segment.end]
+    # The chunk cuts lie in the pauses between the segments (which bound each chunk's sound).
+    cuts = [0.0, *((a.end + b.start) / 2 for a, b in itertools.pairwise(segments)), verbose.duration + 1]
+    for segment, low, high in zip(segments, cuts, cuts[1:], strict=False):
+        inside = [w for w in words if low <= w.start < high]
         units = "".join(ch for ch in segment.text if ch.isalnum() or ch == "'")
         assert "".join(w.word for w in inside).startswith(units) or not units
 
@@ -138,12 +145,21 @@ def test_every_format_with_the_aligner_loaded(client: openai.OpenAI, samples_dir
     assert isinstance(text, str) and text.strip()
     as_json = client.audio.transcriptions.create(model=MODEL, file=("a.wav", audio), response_format="json")
     assert as_json.text.strip()
-    srt = client.audio.transcriptions.create(model=MODEL, file=("a.wav", audio), response_format="srt")
+    srt = client.audio.transcriptions.create(model=MODEL, file=("a.wav", audio), response_format="srt", language="en")
     subs = pysrt.from_string(str(srt), error_handling=pysrt.ERROR_RAISE)
-    vtt = client.audio.transcriptions.create(model=MODEL, file=("a.wav", audio), response_format="vtt")
+    vtt = client.audio.transcriptions.create(model=MODEL, file=("a.wav", audio), response_format="vtt", language="en")
     captions = webvtt.from_string(str(vtt)).captions
     assert len(subs) == len(captions) >= 1
-    assert subs[0].start.ordinal == 0 and captions[0].start == "00:00:00.000"
+    assert captions[0].start == str(subs[0].start).replace(",", ".")
+    words = client.audio.transcriptions.create(
+        model=MODEL,
+        file=("a.wav", audio),
+        response_format="verbose_json",
+        timestamp_granularities=["word"],
+        language="en",
+    ).words
+    # With the aligner loaded, cue times are word times.
+    assert words and subs[0].start.ordinal == pytest.approx(words[0].start * 1000, abs=2)
     segments_only = client.audio.transcriptions.create(
         model=MODEL, file=("a.wav", audio), response_format="verbose_json", timestamp_granularities=["segment"]
     )
@@ -176,3 +192,22 @@ def test_a_failed_aligner_leaves_transcription_serving(
         assert error["code"] == "aligner_unavailable" and "/nonexistent/Qwen3-ForcedAligner" in error["message"]
     finally:
         server.stop()
+
+
+def test_word_timestamps_for_a_forced_language_the_aligner_lacks_are_refused(aligner_server: ServerProcess) -> None:
+    for language in ("th", "Vietnamese", "ar"):
+        response = httpx.post(
+            aligner_server.url + "/v1/audio/transcriptions",
+            files={"file": ("a.wav", float_wav(sine(440, 1.0, 16_000), 16_000), "audio/wav")},
+            data={
+                "model": MODEL,
+                "response_format": "verbose_json",
+                "timestamp_granularities[]": "word",
+                "language": language,
+            },
+            timeout=30,
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "word_timestamps_unsupported_language" and error["param"] == "language"
+        assert "English" in error["message"] and "segment" in error["message"]

@@ -97,13 +97,14 @@ def test_long_audio_is_split_and_merged_in_order(client: openai.OpenAI) -> None:
         timestamp_granularities=["segment"],
     )
     segments = result.segments or []
-    assert len(segments) == 3
-    assert segments[0].start == 0.0
+    assert len(segments) == 4  # cut in the silent second before 20, 40 and 60 s (the search reaches 10 s back)
+    # Segments bound the sound of their chunks: in order, apart, within the recording.
+    assert segments[0].start >= 0.0
     for before, after in itertools.pairwise(segments):
-        assert before.end == pytest.approx(after.start, abs=1e-3)
-    assert segments[-1].end == pytest.approx(75.0, abs=0.01)
-    assert all(s.end - s.start <= 30.0 + 1e-6 for s in segments)
-    assert result.text.count("chunk of") == 3
+        assert before.end <= after.start + 1e-3
+    assert segments[-1].end <= 75.0 + 0.01
+    assert all(0 < s.end - s.start <= 30.0 + 1e-6 for s in segments)
+    assert result.text.count("chunk of") == 4
 
 
 def test_subtitle_formats(double_server: ServerProcess) -> None:
@@ -254,8 +255,8 @@ def test_a_long_mp3_is_decoded_in_pieces_and_transcribed_whole(double_server: Se
     body = response.json()
     assert body["duration"] == pytest.approx(75.0, abs=0.05)
     segments = body["segments"]
-    assert len(segments) == 3 and segments[-1]["end"] == pytest.approx(75.0, abs=0.05)
-    assert all(later["start"] == pytest.approx(earlier["end"]) for earlier, later in itertools.pairwise(segments))
+    assert len(segments) == 3 and segments[-1]["end"] <= 75.0 + 0.05
+    assert all(later["start"] >= earlier["end"] - 1e-3 for earlier, later in itertools.pairwise(segments))
     line = access_log_line(double_server, response.headers["x-request-id"])
     assert line["decode_pieces"] == 2  # DECODE_WORKERS=2
 

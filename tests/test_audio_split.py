@@ -84,7 +84,7 @@ def test_digital_silence_is_cut_in_its_middle() -> None:
     samples = np.zeros(50 * RATE, dtype=np.float32)
     chunks = split_at_quiet_points(samples)
     assert_exact_cover(chunks, samples, 30.0)
-    assert chunks[1].start_sample / RATE == pytest.approx(27.5, abs=0.01)  # middle of [25 s, 30 s]
+    assert chunks[1].start_sample / RATE == pytest.approx(25.0, abs=0.01)  # middle of the window [20 s, 30 s]
 
 
 def test_two_hours_split_with_bounded_work() -> None:
@@ -92,7 +92,7 @@ def test_two_hours_split_with_bounded_work() -> None:
     samples = np.resize(minute, 2 * 3600 * RATE)  # repeats the minute; an array of its own
     chunks = split_at_quiet_points(samples)
     assert_exact_cover(chunks, samples, 30.0)
-    assert 2 * 3600 / 30 <= len(chunks) <= 2 * 3600 / 25 + 1
+    assert 2 * 3600 / 30 <= len(chunks) <= 2 * 3600 / 20 + 1  # each cut within 10 s before the limit
     assert is_silent(samples[: 10 * RATE]) is False
 
 
@@ -156,3 +156,16 @@ def test_is_silent() -> None:
     long_quiet = np.zeros(RATE * 120, dtype=np.float32)
     long_quiet[RATE * 60 : RATE * 60 + 1600] = sine(300, 0.1, RATE, amplitude=0.05)
     assert not is_silent(long_quiet)
+
+
+def test_a_pause_up_to_ten_seconds_before_the_limit_is_found() -> None:
+    """The search window is as wide as qwen-asr's (5 s on both sides of its target: 10 s), all of it
+    below the hard limit: a pause 8 s before the limit is where the cut goes, not into a word."""
+    rng = np.random.default_rng(7)
+    samples = (0.3 * rng.standard_normal(50 * RATE)).astype(np.float32)  # loud throughout ...
+    samples[int(21.8 * RATE) : int(22.2 * RATE)] *= 0.001  # ... but for one pause, 8 s before 30 s
+    (first, second) = split_at_quiet_points(samples)
+    assert 21.8 * RATE <= first.end_sample <= 22.2 * RATE
+    assert second.start_sample == first.end_sample and second.end_sample == samples.shape[0]
+    narrow = split_at_quiet_points(samples, search_seconds=5.0)  # the old window misses it
+    assert narrow[0].end_sample > 25 * RATE

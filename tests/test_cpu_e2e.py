@@ -58,7 +58,9 @@ def test_text_format_language_and_prompt(client: openai.OpenAI, samples_dir: Pat
         )
     assert verbose.language == "english"
     assert verbose.duration == pytest.approx(2.92, abs=0.01)
-    assert verbose.segments and verbose.segments[0].end == pytest.approx(verbose.duration, abs=0.01)
+    # The segment bounds the sound in the clip (2.92 s, speech nearly all through).
+    assert verbose.segments and 0.0 <= verbose.segments[0].start < verbose.segments[0].end <= verbose.duration + 0.01
+    assert verbose.segments[0].end - verbose.segments[0].start >= 2.0
 
 
 def test_streaming_from_the_real_engine(client: openai.OpenAI, samples_dir: Path) -> None:

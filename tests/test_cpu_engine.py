@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+from qwenasr_appliance.audio.features import LogMelExtractor
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
     Engine,
@@ -308,3 +309,33 @@ class HFValidationError(ValueError):
 )
 def test_load_failure_kinds(exc: BaseException, kind: Any) -> None:
     assert load_failure_kind(exc) == kind
+
+
+@pytest.mark.parametrize("samples", [32_037, 16_000 * 3 + 159, 48_000, 8_001])
+def test_the_cpu_engine_sees_the_feature_frames_vllms_renderer_makes(
+    engine: CPUEngine, samples: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM pads each chunk to whole hops before its Whisper feature extractor (ceil(n / 160) frames,
+    which `LogMelExtractor` reproduces for the GPU path); qwen-asr's processor alone gives floor(n / 160).
+    The CPU engine pads the same way, so both engines see the same frames with the same values."""
+    seen: list[Any] = []
+    processor = engine._asr.processor
+
+    class Spy:
+        def __call__(self, **kwargs: Any) -> Any:
+            out = processor(**kwargs)
+            seen.append(out)
+            return out
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(processor, name)
+
+    monkeypatch.setattr(engine._asr, "processor", Spy())
+    rng = np.random.default_rng(samples)
+    audio = (0.1 * rng.standard_normal(samples)).astype(np.float32)
+    run(run_to_completion(engine, audio, TranscribeOptions(max_new_tokens=1), f"frames-{samples}"))
+    (inputs,) = seen
+    ours = LogMelExtractor()(audio)
+    frames = int(inputs["feature_attention_mask"][0].sum())
+    assert frames == ours.shape[1] == -(-samples // 160)
+    np.testing.assert_allclose(inputs["input_features"][0][:, :frames].float().numpy(), ours, atol=5e-5)

@@ -10,23 +10,23 @@ TRANSCRIPT = Transcript(
     language="English",
     duration=3725.5,
     segments=[
-        TranscriptSegment(0.0, 29.87, "Hello there."),
+        TranscriptSegment(0.5, 1.87, "Hello there.", speech=((0.5, 1.87),)),
         TranscriptSegment(29.87, 31.0, "   "),
-        TranscriptSegment(3700.25, 3725.5, "General Kenobi."),
+        TranscriptSegment(3700.25, 3702.5, "General Kenobi.", speech=((3700.25, 3702.5),)),
     ],
 )
 
 
 def test_srt_counts_cues_and_formats_hours() -> None:
     srt = to_srt(TRANSCRIPT)
-    assert srt.startswith("1\n00:00:00,000 --> 00:00:29,870\nHello there.\n")
-    assert "2\n01:01:40,250 --> 01:02:05,500\nGeneral Kenobi.\n" in srt
+    assert srt.startswith("1\n00:00:00,500 --> 00:00:01,870\nHello there.\n")
+    assert "2\n01:01:40,250 --> 01:01:42,500\nGeneral Kenobi.\n" in srt
 
 
 def test_vtt_header_and_dot_separator() -> None:
     vtt = to_vtt(TRANSCRIPT)
-    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:29.870\nHello there.\n")
-    assert "01:01:40.250 --> 01:02:05.500" in vtt
+    assert vtt.startswith("WEBVTT\n\n00:00:00.500 --> 00:00:01.870\nHello there.\n")
+    assert "01:01:40.250 --> 01:01:42.500" in vtt
 
 
 def test_json_text_and_verbose_json_shapes() -> None:

@@ -19,6 +19,30 @@ from typing import Literal, Protocol, runtime_checkable
 from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 from qwenasr_appliance.config import MAX_ALIGN_SECONDS
 
+# The languages Qwen3-ForcedAligner-0.6B is trained for (its model card; qwen-asr reads them from the
+# model's config through `get_supported_languages`), as the model's canonical names (`languages.py`).
+# Text in any other language is not aligned: the pipeline leaves its words out (`aligner_supports`).
+ALIGNER_LANGUAGES: frozenset[str] = frozenset(
+    {
+        "Chinese",
+        "English",
+        "Cantonese",
+        "French",
+        "German",
+        "Italian",
+        "Japanese",
+        "Korean",
+        "Portuguese",
+        "Russian",
+        "Spanish",
+    }
+)
+
+
+def aligner_supports(language: str) -> bool:
+    """True when the forced aligner is trained for `language` (a canonical model name)."""
+    return language in ALIGNER_LANGUAGES
+
 
 @dataclass(frozen=True)
 class AlignedUnit:
@@ -97,12 +121,14 @@ def merge_chunks(chunks: Sequence[AlignedChunk], duration: float) -> list[Aligne
     """The units of every chunk on the recording's time line, in order, and always well-formed.
 
     Each unit is moved by its chunk's offset and kept inside its chunk and inside [0, `duration`];
-    then starts and ends are made non-decreasing over the whole list, and every end is at least its
-    start. The aligner's own times are monotonic already (it repairs them), but padding, rounding
+    then no unit starts before the one before it ends, and every end is at least its start. The aligner's own times are monotonic already (it repairs them), but padding, rounding
     and chunk edges can still nudge a time outside its chunk or behind its predecessor.
+
+    Finally no unit keeps zero length (`end == start`, which the aligner gives when it puts several
+    units at one instant): see `spread_instants`.
     """
     merged: list[AlignedUnit] = []
-    last_start = last_end = 0.0
+    last_end = 0.0
     total = max(0.0, duration)
     for chunk in sorted(chunks, key=lambda c: c.offset):
         low = min(max(0.0, chunk.offset), total)
@@ -110,14 +136,64 @@ def merge_chunks(chunks: Sequence[AlignedChunk], duration: float) -> list[Aligne
         for unit in chunk.units:
             start = min(max(chunk.offset + unit.start, low), high)
             end = min(max(chunk.offset + unit.end, low), high)
-            start = max(start, last_start)
-            end = max(end, start, last_end)
+            start = max(start, last_end)  # units never overlap
+            end = max(end, start)
             merged.append(AlignedUnit(unit.text, start, end))
-            last_start, last_end = start, end
-    return merged
+            last_end = end
+    return spread_instants(merged, total)
+
+
+MAX_SPREAD_SECONDS = 0.3  # a zero-length unit gets at most this much time (about one short word)
+
+
+def spread_instants(units: Sequence[AlignedUnit], duration: float) -> list[AlignedUnit]:
+    """Give every zero-length unit of a well-formed list (non-decreasing, within [0, `duration`]) a
+    share of time, keeping the list well-formed and every other unit's times unless stated.
+
+    A run of consecutive zero-length units at one instant takes equal shares, of at most
+    `MAX_SPREAD_SECONDS` each, of the room after that instant up to the next unit's start (`duration`
+    at the end), or when there is none, of the room before it back to the previous unit's end (0 at the
+    start), ending at the instant. Without room on either side (the run touches both neighbours), the unit before gives up the second half of its span, or when
+    there is none, the unit after its first half. Only when every unit has zero length and there is no
+    room around them (a recording of zero duration) do they stay as they are.
+    """
+    out = list(units)
+    index = 0
+    while index < len(out):
+        if out[index].end > out[index].start:
+            index += 1
+            continue
+        stop = index
+        while stop < len(out) and out[stop].end <= out[stop].start == out[index].start:
+            stop += 1
+        count = stop - index
+        instant = out[index].start
+        after = out[stop].start if stop < len(out) else max(duration, instant)
+        before = out[index - 1].end if index else 0.0
+        if after > instant:  # room after the instant: the run starts there
+            low, high = instant, min(after, instant + MAX_SPREAD_SECONDS * count)
+        elif instant > before:  # room before it: the run ends there
+            low, high = max(before, instant - MAX_SPREAD_SECONDS * count), instant
+        elif index and out[index - 1].end > out[index - 1].start:  # the unit before gives up half its span
+            previous = out[index - 1]
+            low, high = max((previous.start + previous.end) / 2, instant - MAX_SPREAD_SECONDS * count), instant
+            out[index - 1] = AlignedUnit(previous.text, previous.start, low)
+        elif stop < len(out) and out[stop].end > out[stop].start:  # ... or the unit after, half of its own
+            following = out[stop]
+            low, high = instant, min((following.start + following.end) / 2, instant + MAX_SPREAD_SECONDS * count)
+            out[stop] = AlignedUnit(following.text, high, following.end)
+        else:
+            low = high = instant
+        bounds = [low + (high - low) * k / count for k in range(count)] + [high]
+        for offset in range(count):
+            unit = out[index + offset]
+            out[index + offset] = AlignedUnit(unit.text, bounds[offset], bounds[offset + 1])
+        index = stop
+    return out
 
 
 __all__ = [
+    "ALIGNER_LANGUAGES",
     "MAX_ALIGN_SECONDS",
     "AlignedChunk",
     "AlignedUnit",
@@ -126,6 +202,8 @@ __all__ = [
     "AlignerDescription",
     "AlignerError",
     "AlignerRequestError",
+    "aligner_supports",
     "check_align_input",
     "merge_chunks",
+    "spread_instants",
 ]

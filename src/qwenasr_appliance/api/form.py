@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Final
 
+from qwenasr_appliance.aligner.base import ALIGNER_LANGUAGES, aligner_supports
 from qwenasr_appliance.api.errors import bad_request, clip, model_not_found
 from qwenasr_appliance.api.schemas import RESPONSE_FORMATS, TIMESTAMP_GRANULARITIES, ResponseFormat, TranscriptionForm
 from qwenasr_appliance.config import Settings
@@ -32,6 +33,7 @@ class TranscriptionParams:
     temperature: float
     stream: bool
     word_timestamps: bool
+    subtitles: bool = False  # srt or vtt
 
     def to_request(self, audio: bytes, filename: str | None) -> TranscriptionRequest:
         return TranscriptionRequest(
@@ -42,6 +44,7 @@ class TranscriptionParams:
             temperature=self.temperature,
             stream=self.stream,
             word_timestamps=self.word_timestamps,
+            subtitles=self.subtitles,
         )
 
 
@@ -121,6 +124,14 @@ def parse_form(form: TranscriptionForm, settings: Settings) -> TranscriptionPara
             param="timestamp_granularities[]",
             code="word_timestamps_unavailable",
         )
+    if "word" in granularities and language is not None and not aligner_supports(language):
+        raise bad_request(
+            f"Word timestamps are not available for {language}: the forced aligner supports "
+            f"{', '.join(sorted(ALIGNER_LANGUAGES))}. Segment timestamps are available "
+            "('timestamp_granularities[]=segment').",
+            param="language",
+            code="word_timestamps_unsupported_language",
+        )
     # OpenAI ignores `stream` where it cannot stream (whisper-1): the formats that have no streamed form
     # here (srt, vtt, verbose_json) get their usual answer. LiteLLM sends verbose_json on every call.
     stream = _parse_bool(form.stream, "stream") and response_format in STREAMABLE_FORMATS
@@ -131,4 +142,5 @@ def parse_form(form: TranscriptionForm, settings: Settings) -> TranscriptionPara
         temperature=temperature,
         stream=stream,
         word_timestamps="word" in granularities,
+        subtitles=response_format in {"srt", "vtt"},
     )

@@ -12,6 +12,8 @@ from qwenasr_appliance.api.schemas import (
     TranscriptionVerboseJSON,
     Word,
 )
+from qwenasr_appliance.languages import iso_code
+from qwenasr_appliance.transcription.subtitles import build_cues
 from qwenasr_appliance.transcription.types import Transcript, TranscriptSegment
 
 # Litestar appends `; charset=utf-8` to every `text/*` media type itself: written here too, the header
@@ -37,16 +39,23 @@ def _cues(transcript: Transcript) -> list[TranscriptSegment]:
     return [s for s in transcript.segments if s.text.strip()]
 
 
+def _vtt_text(text: str) -> str:
+    """WebVTT cue text: `&`, `<` and `>` as character references (the `-->` arrow cannot occur then)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def to_srt(transcript: Transcript) -> str:
+    """SubRip: numbered cues from `transcription.subtitles.build_cues`, times as HH:MM:SS,mmm."""
     blocks = [
-        f"{i}\n{_clock(s.start, ',')} --> {_clock(s.end, ',')}\n{s.text.strip()}\n"
-        for i, s in enumerate(_cues(transcript), start=1)
+        f"{i}\n{_clock(c.start, ',')} --> {_clock(c.end, ',')}\n{c.text.replace('-->', '->')}\n"
+        for i, c in enumerate(build_cues(transcript), start=1)
     ]
     return "\n".join(blocks)
 
 
 def to_vtt(transcript: Transcript) -> str:
-    blocks = [f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{s.text.strip()}\n" for s in _cues(transcript)]
+    """WebVTT: the same cues as `to_srt`, times as HH:MM:SS.mmm."""
+    blocks = [f"{_clock(c.start, '.')} --> {_clock(c.end, '.')}\n{_vtt_text(c.text)}\n" for c in build_cues(transcript)]
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
@@ -96,3 +105,27 @@ def render(transcript: Transcript, response_format: ResponseFormat) -> tuple[byt
         payload = TranscriptionJSON(text=transcript.text, usage=DurationUsage(seconds=round(transcript.duration, 3)))
         body = msgspec.json.encode(payload)
     return body, CONTENT_TYPES[response_format]
+
+
+def _language_tags(languages: tuple[str, ...]) -> str:
+    return ", ".join(dict.fromkeys(tag for tag in (iso_code(name) for name in languages) if tag))
+
+
+def transcript_headers(transcript: Transcript) -> dict[str, str]:
+    """Response headers describing a finished transcript.
+
+    * `X-Audio-Duration`: seconds of decoded audio.
+    * `Content-Language`: every language spoken, as ISO 639 primary tags (RFC 9110 8.5 allows a list),
+      the one spoken longest first (`en, de`); absent when nothing was recognised. verbose_json's
+      `language` carries only the first, as OpenAI's one-string field.
+    * `X-Unaligned-Languages`: the tags of languages whose chunks got no word timestamps because the
+      forced aligner does not support them (`words` then holds the other chunks' words, or is left out
+      when no chunk was aligned); absent when every chunk was aligned.
+    """
+    headers = {"X-Audio-Duration": f"{transcript.duration:.3f}"}
+    languages = transcript.languages or ((transcript.language,) if transcript.language else ())
+    if tags := _language_tags(languages):
+        headers["Content-Language"] = tags
+    if transcript.unaligned_languages and (tags := _language_tags(transcript.unaligned_languages)):
+        headers["X-Unaligned-Languages"] = tags
+    return headers

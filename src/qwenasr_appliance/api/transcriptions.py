@@ -20,10 +20,9 @@ from qwenasr_appliance.api.errors import ErrorResponse, bad_request, clip, error
 from qwenasr_appliance.api.form import parse_form
 from qwenasr_appliance.api.multipart import FormRequest
 from qwenasr_appliance.api.observer import REQUEST_ID, REQUEST_STATS
-from qwenasr_appliance.api.render import render
+from qwenasr_appliance.api.render import render, transcript_headers
 from qwenasr_appliance.api.schemas import TranscriptionForm
 from qwenasr_appliance.api.streaming import sse_events
-from qwenasr_appliance.languages import iso_code
 from qwenasr_appliance.metrics import METRICS
 from qwenasr_appliance.transcription.types import RequestStats
 
@@ -113,11 +112,7 @@ class TranscriptionController(Controller):
         body, content_type = render(transcript, params.response_format)
         METRICS.stage_duration.labels(stage="response").observe(time.perf_counter() - started)
         METRICS.transcriptions.labels(outcome="ok").inc()
-        headers = {"X-Audio-Duration": f"{transcript.duration:.3f}", **_truncation_header(stats)}
-        # A language tag (RFC 9110: "en"), where verbose_json.language holds OpenAI's lower-case name.
-        tag = iso_code(transcript.language) if transcript.language else None
-        if tag:
-            headers["Content-Language"] = tag
+        headers = {**transcript_headers(transcript), **_truncation_header(stats)}
         return Response(body, media_type=content_type, headers=headers)
 
     @post(

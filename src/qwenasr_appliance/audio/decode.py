@@ -10,10 +10,15 @@ Two decoders, tried in an order picked from the file's first bytes (and its name
   chained Ogg: it silently drops the rest. FFmpeg reads to the end and decodes these as fast or
   faster.
 
-Decoding is incremental: blocks are downmixed, cleaned (NaN/Inf -> 0, clipped to [-1, 1]) and
-resampled by a streaming soxr resampler into one growing buffer, so no full-length copy of the
-source signal ever exists, and decoding stops as soon as the decoded duration passes the limit
-(a decompression bomb or a header that lies costs at most `max_seconds` of work).
+Decoding is incremental: blocks are downmixed, cleaned (NaN/Inf -> 0) and resampled by a streaming
+soxr resampler into one growing buffer, so no full-length copy of the source signal ever exists, and
+decoding stops as soon as the decoded duration passes the limit (a decompression bomb or a header that
+lies costs at most `max_seconds` of work).
+
+Loud input is scaled, not clipped: a signal whose peak passes full scale (float WAV/FLAC over 1.0, a
+codec's decoded overs, the resampler's overshoot) is divided by its peak once it is complete
+(`peak_normalize`), as qwen-asr's `float_range_normalize` does, so its waveform keeps its shape
+instead of being flattened at +-1.
 
 Everything here is synchronous, allocation-bounded CPU work with no shared state: the server runs
 it in decode worker processes (`workers.py`); `segmented.py` splits one long file across them.
@@ -652,9 +657,26 @@ def average_channels(planes: npt.NDArray[Any]) -> AudioArray:
 
 
 def clean_in_place(block: AudioArray) -> None:
-    """NaN and infinities become silence; everything is clipped to full scale."""
+    """NaN and infinities become silence. Levels are left alone: `peak_normalize` scales the whole signal."""
     np.nan_to_num(block, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    np.clip(block, -1.0, 1.0, out=block)
+
+
+def peak(samples: AudioArray) -> float:
+    """The largest absolute sample value (0.0 for no samples)."""
+    return float(np.max(np.abs(samples))) if samples.size else 0.0
+
+
+def peak_normalize(samples: AudioArray, peak_value: float | None = None) -> None:
+    """Scale `samples` in place into [-1, 1] when their peak (`peak_value`, or measured) passes 1.0.
+
+    qwen-asr's `float_range_normalize` (`qwen_asr/inference/utils.py`): a signal over full scale is
+    divided by its peak, then clipped to [-1, 1] (which then only catches float rounding); a signal
+    within full scale is left exactly as it is.
+    """
+    top = peak(samples) if peak_value is None else peak_value
+    if top > 1.0:
+        np.multiply(samples, np.float32(1.0 / top), out=samples)
+        np.clip(samples, -1.0, 1.0, out=samples)
 
 
 def check_sample_rate(rate: int) -> None:
@@ -682,6 +704,7 @@ def _finish(
     samples = pipeline.finish()
     if samples.shape[0] == 0:
         raise _empty_audio()
+    peak_normalize(samples)
     if truncated:
         logger.info("audio data broke off after %.2f s; decoded what was there", pipeline.source_seconds)
     return DecodedAudio(
@@ -788,6 +811,5 @@ class _Pipeline:
         self._pending = []
         self._pending_frames = 0
         if self._resampler is not None:
-            block = self._resampler.resample_chunk(block, last=last)
-            np.clip(block, -1.0, 1.0, out=block)  # the resampling filter can overshoot full scale
+            block = self._resampler.resample_chunk(block, last=last)  # may overshoot: see peak_normalize
         self._output.append(block)

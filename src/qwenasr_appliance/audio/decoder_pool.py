@@ -23,7 +23,9 @@ from qwenasr_appliance.audio.transfer import (
     decode_or_plan,
     decode_piece,
     discard,
+    normalize_pieces,
     receive,
+    scale_piece,
     sweep_orphaned_files,
 )
 from qwenasr_appliance.metrics import METRICS
@@ -125,7 +127,20 @@ class AudioDecoder:
     async def _decode_pieces(self, job: SegmentJob) -> DecodedAudio:
         tasks = [asyncio.ensure_future(self._pool.run(decode_piece, job, i)) for i in range(job.plan.segments)]
         try:
-            return assemble(job, await asyncio.gather(*tasks))
+            pieces = await asyncio.gather(*tasks)
+            top, to_scale = normalize_pieces(pieces)
+            if to_scale:  # louder than full scale: every piece by the whole signal's peak
+                lengths = {piece.segment.index: piece.length for piece in pieces}
+                scaling: list[asyncio.Future[None]] = [
+                    asyncio.ensure_future(self._pool.run(scale_piece, job, i, lengths[i], top)) for i in to_scale
+                ]
+                try:
+                    await asyncio.gather(*scaling)
+                finally:
+                    for pending in scaling:
+                        pending.cancel()
+                    await asyncio.gather(*scaling, return_exceptions=True)
+            return assemble(job, pieces)
         finally:
             for task in tasks:
                 task.cancel()

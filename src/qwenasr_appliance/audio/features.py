@@ -52,6 +52,20 @@ def mel_filter_bank(
     return filters
 
 
+def pad_to_hop(samples: FloatArray, hop_length: int = 160) -> FloatArray:
+    """`samples` zero-padded at the end to a whole number of hops (a new array; as is when already whole).
+
+    vLLM's Qwen3-ASR renderer does this before its Whisper feature extractor
+    (`Qwen3OmniMoeThinkerMultiModalProcessor._call_hf_processor`, `pad_to_hop_length`), so the GPU
+    path sees ceil(n / hop) frames where the processor alone (qwen-asr's CPU path) gives floor(n / hop):
+    the CPU engine pads the same way, so both paths see the same frames for the same audio.
+    """
+    short = samples.shape[0] % hop_length
+    if not short:
+        return samples
+    return np.pad(np.asarray(samples, dtype=np.float32), (0, hop_length - short))
+
+
 @dataclass(frozen=True)
 class LogMelExtractor:
     n_fft: int = 400
@@ -80,9 +94,7 @@ class LogMelExtractor:
         `frames == len(padded) // hop_length`.
         """
         hop = self.hop_length
-        audio = np.asarray(samples, dtype=np.float32)
-        if audio.size % hop:
-            audio = np.pad(audio, (0, hop - audio.size % hop))
+        audio = pad_to_hop(np.asarray(samples, dtype=np.float32), hop)
         half = self.n_fft // 2
         padded = np.pad(audio, (half, half), mode="reflect")
         count = 1 + (padded.size - self.n_fft) // hop

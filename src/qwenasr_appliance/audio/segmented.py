@@ -48,6 +48,7 @@ from qwenasr_appliance.audio.decode import (
     known_frames,
     open_pyav,
     open_soundfile,
+    peak,
     prefers_ffmpeg,
     pyav_duration,
 )
@@ -111,6 +112,7 @@ class DecodedSegment:
     samples: AudioArray
     source_end: int  # where this piece's audio ends on the time line
     reached_end: bool  # the stream ends inside (or before) this piece: later pieces are empty
+    peak: float = 0.0  # largest absolute sample value of `samples`: the whole signal is scaled by the largest
 
 
 def rate_period(rate: int) -> int:
@@ -284,12 +286,11 @@ def decode_segment(data: bytes, plan: SegmentPlan, index: int) -> DecodedSegment
     signal = np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
     if plan.rate != SAMPLE_RATE:
         signal = soxr.resample(signal, plan.rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
-        np.clip(signal, -1.0, 1.0, out=signal)
     ratio = Fraction(SAMPLE_RATE, plan.rate)
     begin = int((start - first) * ratio)
     finish = signal.shape[0] if source_end == end else int((source_end - first) * ratio)
     samples = np.ascontiguousarray(signal[begin:finish], dtype=np.float32)
-    return DecodedSegment(index, samples, source_end, reached_end)
+    return DecodedSegment(index, samples, source_end, reached_end, peak(samples))
 
 
 def _read_soundfile(data: bytes, plan: SegmentPlan, first: int, until: int | None) -> Iterator[AudioArray]:

@@ -3,6 +3,12 @@
 Each cut is searched only in the last `search_seconds` before the chunk limit, so the work is
 proportional to the number of chunks, not to the length of the audio (a 2-hour file costs a few
 hundred small vectorised searches, no full-length temporary array).
+
+qwen-asr (`split_audio_into_chunks`) searches 5 s on both sides of its target length, so its chunks
+can run 5 s over it. Here the limit is a hard ceiling (the engine's token budget, `MAX_MODEL_LEN`, and
+the forced aligner's 180 s are sized from `CHUNK_SECONDS`), so the search window has the same 10 s
+width but lies wholly before the limit: a pause 5-10 s before it is found too, where a 5 s search
+would cut through a word.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 
 from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 
-__all__ = ["AudioChunk", "is_silent", "pad_to_min", "split_at_quiet_points"]
+__all__ = ["AudioChunk", "is_silent", "pad_to_min", "speech_spans", "split_at_quiet_points"]
 
 
 # Energies within this fraction of the loudest candidate window count as equally quiet, so a cut
@@ -38,7 +44,7 @@ def split_at_quiet_points(
     *,
     sample_rate: int = SAMPLE_RATE,
     max_chunk_seconds: float = 30.0,
-    search_seconds: float = 5.0,
+    search_seconds: float = 10.0,
     min_chunk_seconds: float = 0.5,
     window_seconds: float = 0.1,
 ) -> list[AudioChunk]:
@@ -146,3 +152,43 @@ def is_silent(
         if float((sums / counts).max()) >= threshold:
             return False
     return True
+
+
+def speech_spans(
+    samples: AudioArray,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    window_seconds: float = 0.025,
+    relative_db: float = 30.0,
+    floor_dbfs: float = -60.0,
+    min_gap_seconds: float = 0.3,
+) -> list[tuple[int, int]]:
+    """Where the signal is sound rather than pause: [start, end) sample ranges, in order.
+
+    An energy gate, not a voice detector: a `window_seconds` window (mean square) is sound when it is
+    within `relative_db` of the loudest window and above `floor_dbfs` (full scale = 1.0); pauses shorter
+    than `min_gap_seconds` (stops, short breaths) are filled. Used to place segment times and to time
+    subtitle words without the forced aligner. Silence gives no spans.
+    """
+    total = int(samples.shape[0])
+    window = max(1, round(window_seconds * sample_rate))
+    if total == 0:
+        return []
+    starts = np.arange(0, total, window)
+    squared = samples.astype(np.float64)
+    squared *= squared
+    energy = np.add.reduceat(squared, starts) / np.diff(np.append(starts, total))
+    threshold = max(10.0 ** (floor_dbfs / 10.0), float(energy.max()) * 10.0 ** (-relative_db / 10.0))
+    loud = energy >= threshold
+    if not loud.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], loud, [False])).astype(np.int8)))
+    spans: list[tuple[int, int]] = []
+    max_gap = round(min_gap_seconds * sample_rate)
+    for first, last in zip(edges[0::2], edges[1::2], strict=True):
+        begin, end = int(starts[first]), min(total, int(last) * window)
+        if spans and begin - spans[-1][1] < max_gap:
+            spans[-1] = (spans[-1][0], end)
+        else:
+            spans.append((begin, end))
+    return spans

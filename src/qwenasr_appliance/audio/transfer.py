@@ -30,7 +30,7 @@ from typing import Final
 
 import numpy as np
 
-from qwenasr_appliance.audio.decode import DecodedAudio, decode_audio
+from qwenasr_appliance.audio.decode import DecodedAudio, decode_audio, peak_normalize
 from qwenasr_appliance.audio.samples import AudioArray
 from qwenasr_appliance.audio.segmented import DecodedSegment, NotSplittable, SegmentPlan, decode_segment, plan_segments
 
@@ -241,6 +241,27 @@ def decode_piece(job: SegmentJob, index: int) -> PieceResult:
         return PieceResult(segment, length, written=False)
     empty = np.zeros(0, dtype=np.float32)
     return PieceResult(dataclasses.replace(segment, samples=empty), length, written=True)
+
+
+def scale_piece(job: SegmentJob, index: int, length: int, peak: float) -> None:
+    """Runs in a worker: scale piece `index` (`length` samples, written to the output file) by the whole
+    signal's `peak` (`decode.peak_normalize`), in place in the shared file."""
+    offset = job.plan.output_offset(index) * np.dtype(np.float32).itemsize
+    view = np.memmap(job.files.output_path, dtype=np.float32, mode="r+", offset=offset, shape=(length,))
+    peak_normalize(view, peak)
+    view.flush()
+
+
+def normalize_pieces(pieces: list[PieceResult]) -> tuple[float, list[int]]:
+    """The whole signal's peak and, when it passes full scale, the indexes of the written pieces a worker
+    must scale (`scale_piece`); pieces that came pickled are scaled here, in place."""
+    top = max((piece.segment.peak for piece in pieces), default=0.0)
+    if top <= 1.0:
+        return top, []
+    for piece in pieces:
+        if not piece.written and piece.length:
+            peak_normalize(piece.segment.samples, top)
+    return top, [piece.segment.index for piece in pieces if piece.written and piece.length]
 
 
 def assemble(job: SegmentJob, pieces: list[PieceResult]) -> DecodedAudio:

@@ -15,11 +15,18 @@ from collections.abc import AsyncIterator
 
 import structlog
 
-from qwenasr_appliance.aligner.base import AlignedChunk, Aligner, AlignerDeadError, merge_chunks
+from qwenasr_appliance.aligner.base import (
+    AlignedChunk,
+    Aligner,
+    AlignerDeadError,
+    AlignerError,
+    aligner_supports,
+    merge_chunks,
+)
 from qwenasr_appliance.audio.decode import DecodedAudio
 from qwenasr_appliance.audio.decoder_pool import AudioDecoder
 from qwenasr_appliance.audio.samples import SAMPLE_RATE
-from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, split_at_quiet_points
+from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, speech_spans, split_at_quiet_points
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
     Engine,
@@ -30,6 +37,7 @@ from qwenasr_appliance.engines.base import (
 )
 from qwenasr_appliance.engines.prompt import ParsedTranscript, parse_output, parse_partial
 from qwenasr_appliance.metrics import METRICS, Metrics
+from qwenasr_appliance.supervisor.aligner_supervisor import AlignerUnavailable
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
 from qwenasr_appliance.transcription.admission import AdmissionController
 from qwenasr_appliance.transcription.text import join_texts
@@ -60,14 +68,29 @@ def first_error(group: BaseExceptionGroup[BaseException], *, prefer: type[BaseEx
     return next((leaf for leaf in leaves if isinstance(leaf, prefer)), leaves[0])
 
 
-def _merged_language(parsed: list[ParsedTranscript], chunks: list[AudioChunk], forced: str | None) -> str:
+def spoken_languages(parsed: list[ParsedTranscript], chunks: list[AudioChunk], forced: str | None) -> tuple[str, ...]:
+    """Every language detected in chunks with text, the one spoken longest first, then by decreasing
+    share of the recording's duration (ties: in order of appearance). A forced language is the only one.
+
+    qwen-asr reports the chunks' languages in order of appearance (`merge_languages`:
+    "Chinese,English"); here the order is by share, so that the first is the transcript's one language
+    (`Transcript.language`, verbose_json's `language`) and the rest are the others spoken."""
     if forced:
-        return forced
+        return (forced,)
     weights: Counter[str] = Counter()
     for result, chunk in zip(parsed, chunks, strict=True):
         if result.language and result.text.strip():
             weights[result.language] += chunk.end_sample - chunk.start_sample
-    return weights.most_common(1)[0][0] if weights else ""
+    return tuple(language for language, _ in weights.most_common())
+
+
+def _segment(chunk: AudioChunk, text: str) -> TranscriptSegment:
+    """A chunk's segment: its times bound the sound in it (`speech_spans`), the whole chunk if none."""
+    offset = chunk.offset_seconds
+    spans = tuple((offset + a / SAMPLE_RATE, offset + b / SAMPLE_RATE) for a, b in speech_spans(chunk.samples))
+    if not spans or not text:
+        return TranscriptSegment(start=offset, end=offset + chunk.samples.shape[0] / SAMPLE_RATE, text=text)
+    return TranscriptSegment(start=spans[0][0], end=spans[-1][1], text=text, speech=spans)
 
 
 class TranscriptionService:
@@ -145,15 +168,9 @@ class TranscriptionService:
         request: TranscriptionRequest,
         stats: RequestStats,
     ) -> Transcript:
-        segments = [
-            TranscriptSegment(
-                start=chunk.offset_seconds,
-                end=chunk.offset_seconds + (chunk.end_sample - chunk.start_sample) / SAMPLE_RATE,
-                text=result.text.strip(),
-            )
-            for chunk, result in zip(chunks, parsed, strict=True)
-        ]
-        language = _merged_language(parsed, chunks, request.language)
+        segments = [_segment(chunk, result.text.strip()) for chunk, result in zip(chunks, parsed, strict=True)]
+        languages = spoken_languages(parsed, chunks, request.language)
+        language = languages[0] if languages else ""
         stats.chunks = len(chunks)
         stats.language = language
         return Transcript(
@@ -161,6 +178,7 @@ class TranscriptionService:
             language=language,
             duration=decoded.duration_seconds,
             segments=segments,
+            languages=languages,
         )
 
     def _observe_success(self, stats: RequestStats, started: float) -> None:
@@ -173,8 +191,7 @@ class TranscriptionService:
     async def transcribe(self, request: TranscriptionRequest, request_id: str, stats: RequestStats) -> Transcript:
         """Transcribe a whole file. Raises EngineUnavailable, Overloaded, AudioError, EngineError, TimeoutError."""
         self._supervisor.require_engine()
-        # Word timestamps need the forced aligner: AlignerUnavailable (503) before any work when it is not up.
-        aligner = self._supervisor.aligner.require() if request.word_timestamps else None
+        aligner = self._aligner_for(request)
         started = time.perf_counter()
         async with self._admitted(request, stats) as (engine, decoded, chunks, options):
             engine_started = time.perf_counter()
@@ -189,23 +206,60 @@ class TranscriptionService:
             parsed = [parse_output(o.raw_text, request.language) for o in outputs]
             transcript = self._finish(decoded, chunks, parsed, request, stats)
             if aligner is not None:
-                words = await self._align(aligner, chunks, parsed, transcript)
-                transcript = dataclasses.replace(transcript, words=words)
+                transcript = await self._with_words(aligner, chunks, parsed, transcript, required=not request.subtitles)
         self._observe_success(stats, started)
         return transcript
 
+    def _aligner_for(self, request: TranscriptionRequest) -> Aligner | None:
+        """The aligner this request uses. Word timestamps need it: AlignerUnavailable (503) before any
+        work when it is not up. Subtitles use it when it is serving, and are timed without it otherwise."""
+        if request.word_timestamps:
+            return self._supervisor.aligner.require()
+        if request.subtitles and self._supervisor.aligner.ready:
+            with contextlib.suppress(AlignerUnavailable):
+                return self._supervisor.aligner.require()
+        return None
+
+    async def _with_words(
+        self,
+        aligner: Aligner,
+        chunks: list[AudioChunk],
+        parsed: list[ParsedTranscript],
+        transcript: Transcript,
+        *,
+        required: bool,
+    ) -> Transcript:
+        """The transcript with its word timestamps. When they are only wanted for subtitle timing
+        (`required` false), an alignment failure leaves the transcript without them (logged)."""
+        try:
+            words, skipped = await self._align(aligner, chunks, parsed, transcript)
+        except AlignerError as exc:
+            if required:
+                raise
+            log.warning("subtitles.align_failed", error=str(exc))
+            return transcript
+        return dataclasses.replace(transcript, words=words, unaligned_languages=skipped)
+
     async def _align(
         self, aligner: Aligner, chunks: list[AudioChunk], parsed: list[ParsedTranscript], transcript: Transcript
-    ) -> list[TranscriptWord]:
+    ) -> tuple[list[TranscriptWord] | None, tuple[str, ...]]:
         """Word (CJK: character) timestamps: every chunk's text aligned against its audio, all chunks at once
-        (off the event loop in the aligner), then placed on the recording's time line, inside its duration
-        and non-decreasing (`aligner.base.merge_chunks`)."""
+        (off the event loop in the aligner), then placed on the recording's time line, inside its duration,
+        non-decreasing and none of zero length (`aligner.base.merge_chunks`).
+
+        A chunk whose language the aligner does not support (`aligner.base.ALIGNER_LANGUAGES`) is not
+        aligned: its words are left out and its language is returned in the second value. The words are
+        None when no chunk with text could be aligned."""
         started = time.perf_counter()
+        skipped: list[str] = []
 
         async def align_chunk(chunk: AudioChunk, result: ParsedTranscript) -> AlignedChunk:
             seconds = (chunk.end_sample - chunk.start_sample) / SAMPLE_RATE
             text = result.text.strip()
             language = result.language or transcript.language
+            if text and not aligner_supports(language):
+                skipped.append(language or "unknown")
+                text = ""
             units = await aligner.align(pad_to_min(chunk.samples), text, language) if text else []
             return AlignedChunk(chunk.offset_seconds, seconds, units)
 
@@ -221,8 +275,13 @@ class TranscriptionService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         self._metrics.stage_duration.labels(stage="align").observe(time.perf_counter() - started)
+        unaligned = tuple(dict.fromkeys(skipped))
+        with_text = sum(1 for result in parsed if result.text.strip())
+        if unaligned and len(skipped) == with_text:
+            log.info("align.unsupported_language", languages=list(unaligned))
+            return None, unaligned
         units = merge_chunks(aligned, transcript.duration)
-        return [TranscriptWord(word=unit.text, start=unit.start, end=unit.end) for unit in units]
+        return [TranscriptWord(word=unit.text, start=unit.start, end=unit.end) for unit in units], unaligned
 
     async def _transcribe_chunks(
         self, engine: Engine, chunks: list[AudioChunk], options: TranscribeOptions, request_id: str

@@ -6,7 +6,8 @@ from qwenasr_appliance.writing import joins_without_space
 
 
 def join_texts(parts: list[str]) -> str:
-    """Join chunk texts: a space between words, none around characters of unspaced scripts (CJK)."""
+    """Join chunk texts: a space between them, none where either side is Chinese or Japanese writing
+    (`writing.joins_without_space`); Korean, Thai and every other script get the space."""
     out = ""
     for part in (p.strip() for p in parts):
         if not part:

@@ -21,11 +21,16 @@ class TranscriptWord:
 
 @dataclass(frozen=True)
 class TranscriptSegment:
-    """The text of one piece of the recording (a chunk cut at a quiet point)."""
+    """The text of one piece of the recording (a chunk cut at a quiet point).
+
+    `start` and `end` bound the sound in the chunk (`audio.split.speech_spans`), or the whole chunk when
+    it has none; `speech` lists the sound's stretches between pauses (seconds, in order, within
+    [start, end]), empty when unknown."""
 
     start: float  # seconds
     end: float  # seconds
     text: str
+    speech: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,11 @@ class Transcript:
     duration: float  # seconds of decoded audio
     segments: list[TranscriptSegment] = field(default_factory=list)
     words: list[TranscriptWord] | None = None
+    # Languages of the chunks left without word timestamps because the forced aligner does not support
+    # them (`aligner.base.ALIGNER_LANGUAGES`); `words` holds the other chunks' words, None if none had any.
+    unaligned_languages: tuple[str, ...] = ()
+    # Every language spoken, longest first (`languages[0] == language`); empty when nothing was recognised.
+    languages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class TranscriptionRequest:
     temperature: float
     stream: bool
     word_timestamps: bool = False  # timestamp_granularities[]=word: align with the forced aligner
+    subtitles: bool = False  # SRT/VTT: cue times from the forced aligner when it is loaded, else by proportion
 
 
 @dataclass(frozen=True)

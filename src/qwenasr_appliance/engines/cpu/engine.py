@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from qwenasr_appliance.audio.features import pad_to_hop
 from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 from qwenasr_appliance.audio.split import pad_to_min
 from qwenasr_appliance.config import Settings
@@ -270,7 +271,8 @@ class CPUEngine:
         torch, asr = self._torch, self._asr
         model = asr.model
         prompt = build_prompt(options.context, options.language)
-        audio = pad_to_min(audio, _MIN_AUDIO_SECONDS)
+        # Whole hops, as vLLM's renderer pads: both engines see ceil(n / 160) feature frames.
+        audio = pad_to_hop(pad_to_min(audio, _MIN_AUDIO_SECONDS))
         inputs = asr.processor(text=[prompt], audio=[audio], return_tensors="pt", padding=True)
         inputs = inputs.to(model.device).to(model.dtype)
         prompt_length = int(inputs["input_ids"].shape[1])
