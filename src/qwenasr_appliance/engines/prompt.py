@@ -8,25 +8,22 @@ compare the two), and `parse_output` follows `qwen_asr.inference.utils.parse_asr
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
+from qwenasr_appliance.engines.repetition import collapse_loops, unsettled_tail_start
 from qwenasr_appliance.languages import UnsupportedLanguageError, resolve_language
 
 ASR_TEXT_TAG = "<asr_text>"
 AUDIO_PLACEHOLDER = "<|audio_start|><|audio_pad|><|audio_end|>"
-REPETITION_THRESHOLD = 20
-MAX_REPEATED_PATTERN = 20
+# A transcript of at least this many characters (case-folded, without punctuation) found in the context
+# is the context written back, not speech.
+ECHO_MIN_CHARS = 12
 
 _LANGUAGE_PREFIX = "language "
 # Control tokens of the Qwen3 vocabulary. In the context they would open turns or add audio placeholders
 # (more `<|audio_pad|>` than audios makes the processor fail), so they are removed; vLLM does the same.
 _CONTROL_TOKEN = re.compile(r"<\|[^|<>]*\|>|</?(?:asr_text|timestamp|think|tool_call|tool_response|tts_[a-z_]+)>")
-
-
-@dataclass(frozen=True)
-class ParsedTranscript:
-    language: str  # canonical name when the model named a supported one; "" when unknown or silent
-    text: str
 
 
 def sanitize_context(context: str) -> str:
@@ -54,21 +51,9 @@ def build_prompt(context: str, language: str | None) -> str:
     return prompt
 
 
-_REPEATED_CHAR = re.compile(rf"(.)\1{{{REPETITION_THRESHOLD},}}", re.DOTALL)
-# Lazy: at each position the shortest pattern is tried first, as qwen-asr's loop over lengths does.
-_REPEATED_PATTERN = re.compile(rf"(.{{1,{MAX_REPEATED_PATTERN}}}?)\1{{{REPETITION_THRESHOLD - 1},}}", re.DOTALL)
-
-
 def fix_repetitions(text: str) -> str:
-    """Collapse the runaway loops Qwen3-ASR can fall into on long audio.
-
-    A character repeated more than `REPETITION_THRESHOLD` times, then a pattern of up to
-    `MAX_REPEATED_PATTERN` characters repeated at least `REPETITION_THRESHOLD` times, becomes one
-    occurrence: the idea of qwen-asr's `detect_and_fix_repetitions`, in two linear regex passes.
-    Unlike it, a loop in the last 40 characters is collapsed too.
-    """
-    text = _REPEATED_CHAR.sub(r"\1", text)
-    return _REPEATED_PATTERN.sub(r"\1", text)
+    """Collapse the runaway loops Qwen3-ASR can fall into to two copies (`engines.repetition`)."""
+    return collapse_loops(text)[0]
 
 
 def _canonical_language(named: str) -> str:
@@ -88,35 +73,148 @@ def _language_in(meta: str) -> str:
     return ""
 
 
-def parse_output(raw: str, forced_language: str | None) -> ParsedTranscript:
+# `language X` written again right before a tag (a second header inside the text, or the header the
+# prompt already holds when the language was forced), and a header line that opens forced output.
+_HEADER_BEFORE_TAG = re.compile(r"(?:^|(?<=\s))language[ \t]*[^\s<>]{0,40}\s*(?=<asr_text>)", re.IGNORECASE)
+_HEADER_LINE = re.compile(r"\A\s*language[ \t]+([^\s<>]{1,40})[ \t]*(?:\n|\Z)", re.IGNORECASE)
+_CONTROL_IN_TEXT = re.compile(rf"(\s*)(?:{_CONTROL_TOKEN.pattern})(\s*)")
+_TAG_NAMES = ("asr_text", "timestamp", "think", "tool_call", "tool_response", "tts_")
+_HEADER_BEING_WRITTEN = re.compile(
+    r"(?:^|(?<=\s))l(?:a(?:n(?:g(?:u(?:a(?:g(?:e(?:[ \t]+[^\s<>]{0,40})?)?)?)?)?)?)?)?\s*\Z", re.IGNORECASE
+)
+
+
+def _is_header_name(named: str) -> bool:
+    if named.lower() == "none":
+        return True
+    try:
+        resolve_language(named)
+    except UnsupportedLanguageError:
+        return False
+    return True
+
+
+def _drop_control(match: re.Match[str]) -> str:
+    return " " if match.group(1) or match.group(match.lastindex or 1) else ""
+
+
+def _clean_text(text: str) -> str:
+    """The transcript part of an output without any control token or repeated `language X` header."""
+    text = _HEADER_BEFORE_TAG.sub("", text)
+    header = _HEADER_LINE.match(text)
+    if header and _is_header_name(header.group(1)):
+        text = text[header.end() :]
+    previous = None
+    while previous != text:  # `<as<asr_text>r_text>` must not leave `<asr_text>` behind
+        previous = text
+        text = _CONTROL_IN_TEXT.sub(_drop_control, text)
+    return text
+
+
+def dangling_tag_start(text: str) -> int | None:
+    """Where `text` ends in the beginning of a control token (`<asr_te`, `<|im_`, `<`), else None."""
+    start = text.rfind("<")
+    if start < 0 or len(text) - start > 32:
+        return None
+    tail = text[start + 1 :]
+    if re.fullmatch(r"\|[^|<>\s]*\|?", tail):
+        return start
+    name = tail.removeprefix("/")
+    if re.fullmatch(r"[a-z_]*", name) and any(tag.startswith(name) or name.startswith(tag) for tag in _TAG_NAMES):
+        return start
+    return None
+
+
+def _header_prefix_start(text: str) -> int | None:
+    """Where `text` ends in what may become a `language X` header before a tag (`lang`, `language Eng`)."""
+    match = _HEADER_BEING_WRITTEN.search(text)
+    return match.start() if match else None
+
+
+def _normalized(text: str) -> str:
+    kept = "".join(ch for ch in text.casefold() if not unicodedata.category(ch).startswith(("P", "S")))
+    return " ".join(kept.split())
+
+
+def is_context_echo(text: str, context: str, *, min_chars: int = ECHO_MIN_CHARS) -> bool:
+    """Whether `text` is only words of the context written back (Qwen3-ASR#106: on quiet or noisy
+    audio the model may return the prompt or its hotwords as the transcript).
+
+    True when the text, case-folded without punctuation, is a run of at least `min_chars` characters
+    found in the context so normalised. Shorter text (a single hotword that was really said) is kept.
+    """
+    said = _normalized(text)
+    return len(said) >= min_chars and said in _normalized(sanitize_context(context))
+
+
+def _may_become_echo(text: str, context: str) -> bool:
+    said = _normalized(text)
+    return bool(said) and said in _normalized(sanitize_context(context))
+
+
+@dataclass(frozen=True)
+class ParsedTranscript:
+    language: str  # canonical name when the model named a supported one; "" when unknown or silent
+    text: str
+    loops: int = 0  # loops collapsed by the repetition fix
+    echo: bool = False  # the text was the context written back, and was dropped
+
+
+def _split_header(raw: str, forced_language: str | None) -> tuple[str, str] | None:
+    """(language, text part) of an output; None while the `<asr_text>` tag has not appeared yet."""
+    if forced_language:
+        return forced_language, raw
+    meta, tag, body = raw.partition(ASR_TEXT_TAG)
+    if not tag:
+        return None
+    if "language none" in meta.lower():
+        return "", body
+    return _language_in(meta), body
+
+
+def parse_output(raw: str, forced_language: str | None, context: str = "") -> ParsedTranscript:
     """Split a finished output into language and text.
 
     Forms: `language English<asr_text>text`, metadata on several lines before the tag, no tag at all (all
     text, language unknown), and `language None<asr_text>` (silence: empty unless text follows anyway).
     With `forced_language` the prompt already ended in the tag, so the whole output is text.
+    The text never holds a control token (`<asr_text>`, `<|...|>`, a cut-off one at the end) nor a
+    repeated `language X` header; loops are collapsed (`fix_repetitions`), and a text that is only the
+    `context` written back is dropped (`is_context_echo`).
     """
-    text = fix_repetitions(raw.strip())
-    if forced_language:
-        return ParsedTranscript(forced_language, text)
-    if ASR_TEXT_TAG not in text:
-        return ParsedTranscript("", text)
-    meta, _, body = text.partition(ASR_TEXT_TAG)
-    if "language none" in meta.lower():
-        return ParsedTranscript("", body.strip())
-    return ParsedTranscript(_language_in(meta), body.strip())
+    split = _split_header(raw.strip(), forced_language)
+    language, body = split if split is not None else ("", raw.strip())
+    text = _clean_text(body)
+    dangling = dangling_tag_start(text)
+    if dangling is not None:
+        text = text[:dangling]
+    text, loops = collapse_loops(text)
+    text = text.strip()
+    if context and is_context_echo(text, context):
+        return ParsedTranscript(language, "", loops, echo=True)
+    return ParsedTranscript(language, text, loops)
 
 
-def parse_partial(raw: str, forced_language: str | None = None) -> ParsedTranscript:
-    """The transcript so far of an output still being generated.
+def parse_partial(raw: str, forced_language: str | None = None, context: str = "") -> ParsedTranscript:
+    """The settled transcript so far of an output still being generated: a prefix of what
+    `parse_output` will return for the finished output, whatever is generated next.
 
-    Empty until `<asr_text>` has appeared (unless the language was forced, when everything is text).
-    No repetition fix and no trailing strip, so the text only grows as tokens arrive.
+    Held back, until more text settles them: everything before `<asr_text>` (unless the language was
+    forced), a control token still being written (`<asr_te`), what may become a `language X` header,
+    a repetition that may become a loop beyond its second copy (`repetition.unsettled_tail_start`),
+    trailing whitespace, and text that so far is only words of the context (it may become an echo).
     """
-    if forced_language:
-        return ParsedTranscript(forced_language, raw.lstrip())
-    meta, tag, body = raw.partition(ASR_TEXT_TAG)
-    if not tag:
+    split = _split_header(raw, forced_language)
+    if split is None:
         return ParsedTranscript("", "")
-    if "language none" in meta.lower():
-        return ParsedTranscript("", body.lstrip())
-    return ParsedTranscript(_language_in(meta), body.lstrip())
+    language, body = split
+    text = _clean_text(body.lstrip())
+    cuts = [len(text), unsettled_tail_start(text)]
+    for cut in (dangling_tag_start(text), _header_prefix_start(text)):
+        if cut is not None:
+            cuts.append(cut)
+    text, loops = collapse_loops(text[: min(cuts)])
+    text = text.rstrip()
+    if context and _may_become_echo(text, context):
+        return ParsedTranscript(language, "", loops)
+    return ParsedTranscript(language, text, loops)

@@ -25,6 +25,7 @@ from qwenasr_appliance.engines.base import (
     Engine,
     EngineDeadError,
     EngineOutput,
+    TokenLogprob,
     TranscribeOptions,
     run_to_completion,
 )
@@ -32,12 +33,19 @@ from qwenasr_appliance.engines.prompt import ParsedTranscript, parse_output, par
 from qwenasr_appliance.metrics import METRICS, Metrics
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
 from qwenasr_appliance.transcription.admission import AdmissionController
+from qwenasr_appliance.transcription.confidence import (
+    avg_logprob,
+    compression_ratio,
+    transcript_tokens,
+    visible_tokens,
+)
 from qwenasr_appliance.transcription.text import join_texts
 from qwenasr_appliance.transcription.types import (
     RequestStats,
     StreamDelta,
     StreamDone,
     StreamEvent,
+    TokenConfidence,
     Transcript,
     TranscriptionRequest,
     TranscriptSegment,
@@ -98,6 +106,7 @@ class TranscriptionService:
             temperature=request.temperature,
             max_new_tokens=self._settings.max_new_tokens,
             incremental=request.stream,
+            logprobs=request.confidence,
         )
 
     async def _decode(self, request: TranscriptionRequest, stats: RequestStats) -> DecodedAudio:
@@ -132,21 +141,59 @@ class TranscriptionService:
         self._metrics.engine_errors.labels(kind="dead").inc()
         await self._supervisor.report_dead(engine, error)
 
+    def _parse(self, output: EngineOutput, request: TranscriptionRequest) -> ParsedTranscript:
+        return parse_output(output.raw_text, request.language, request.prompt)
+
+    def _segment(
+        self, chunk: AudioChunk, output: EngineOutput, result: ParsedTranscript, request: TranscriptionRequest
+    ) -> TranscriptSegment:
+        """One chunk's segment with its confidence; counts and logs what went wrong in the chunk."""
+        start = chunk.offset_seconds
+        end = start + (chunk.end_sample - chunk.start_sample) / SAMPLE_RATE
+        text = result.text.strip()
+        truncated = output.finish_reason == "length"
+        loop_stopped = output.finish_reason == "repetition"
+        if truncated:
+            self._metrics.truncated_chunks.inc()
+            log.warning("transcription.chunk_truncated", start=round(start, 3), end=round(end, 3),
+                        output_tokens=output.output_tokens)  # fmt: skip
+        if loop_stopped:
+            self._metrics.repetition_loops.labels(action="stopped").inc()
+            log.warning("transcription.loop_stopped", start=round(start, 3), end=round(end, 3),
+                        output_tokens=output.output_tokens)  # fmt: skip
+        if result.loops:
+            self._metrics.repetition_loops.labels(action="collapsed").inc(result.loops)
+            log.info("transcription.loop_collapsed", start=round(start, 3), end=round(end, 3), loops=result.loops)
+        if result.echo:
+            self._metrics.context_echoes.inc()
+            log.warning("transcription.context_echo_dropped", start=round(start, 3), end=round(end, 3))
+        tokens: list[TokenLogprob] = []
+        if output.logprobs is not None and not result.echo:
+            tokens = transcript_tokens(output.logprobs, request.language)
+        return TranscriptSegment(
+            start=start,
+            end=end,
+            text=text,
+            avg_logprob=avg_logprob(tokens) if text else None,
+            compression_ratio=compression_ratio(text),
+            no_speech_prob=output.no_speech_prob,
+            truncated=truncated,
+            loop_stopped=loop_stopped,
+            tokens=tuple(TokenConfidence(t.token, t.logprob) for t in visible_tokens(tokens)) if text else (),
+        )
+
     def _finish(
         self,
         decoded: DecodedAudio,
         chunks: list[AudioChunk],
+        outputs: list[EngineOutput],
         parsed: list[ParsedTranscript],
         request: TranscriptionRequest,
         stats: RequestStats,
     ) -> Transcript:
         segments = [
-            TranscriptSegment(
-                start=chunk.offset_seconds,
-                end=chunk.offset_seconds + (chunk.end_sample - chunk.start_sample) / SAMPLE_RATE,
-                text=result.text.strip(),
-            )
-            for chunk, result in zip(chunks, parsed, strict=True)
+            self._segment(chunk, output, result, request)
+            for chunk, output, result in zip(chunks, outputs, parsed, strict=True)
         ]
         language = _merged_language(parsed, chunks, request.language)
         stats.chunks = len(chunks)
@@ -181,8 +228,8 @@ class TranscriptionService:
                 raise
             stats.engine_seconds = time.perf_counter() - engine_started
             self._metrics.stage_duration.labels(stage="engine").observe(stats.engine_seconds)
-            parsed = [parse_output(o.raw_text, request.language) for o in outputs]
-            transcript = self._finish(decoded, chunks, parsed, request, stats)
+            parsed = [self._parse(o, request) for o in outputs]
+            transcript = self._finish(decoded, chunks, outputs, parsed, request, stats)
             if aligner is not None:
                 words = await self._align(aligner, chunks, parsed, transcript)
                 transcript = dataclasses.replace(transcript, words=words)
@@ -241,7 +288,9 @@ class TranscriptionService:
         """Transcribe, yielding text deltas in audio order as the engine produces them, then the result.
 
         All chunks run at once (so the engine batches them); deltas of a later chunk are held back
-        until every earlier chunk has finished.
+        until every earlier chunk has finished. Deltas carry settled text only (`parse_partial`: text
+        that no later token can change, since the repetition fix, control-token removal and context-echo
+        guard apply as the text streams), so the joined deltas equal the final `transcript.text`.
         """
         self._supervisor.require_engine()
         started = time.perf_counter()
@@ -260,6 +309,7 @@ class TranscriptionService:
                     await stream.aclose()  # type: ignore[attr-defined]
 
             tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(chunks)]
+            outputs: list[EngineOutput] = []
             parsed: list[ParsedTranscript] = []
             emitted = ""
             try:
@@ -272,15 +322,16 @@ class TranscriptionService:
                                     await self._guard_engine(engine, item)
                                 raise item
                             partial = (
-                                parse_output(item.raw_text, request.language)
+                                self._parse(item, request)
                                 if item.finished
-                                else parse_partial(item.raw_text, request.language)
+                                else parse_partial(item.raw_text, request.language, request.prompt)
                             )
                             text = join_texts([*(p.text for p in parsed), partial.text])
                             if text.startswith(emitted) and len(text) > len(emitted):
                                 yield StreamDelta(text[len(emitted) :])
                                 emitted = text
                             if item.finished:
+                                outputs.append(item)
                                 parsed.append(partial)
                                 break
             finally:
@@ -289,8 +340,10 @@ class TranscriptionService:
                 await asyncio.gather(*tasks, return_exceptions=True)
             stats.engine_seconds = time.perf_counter() - engine_started
             self._metrics.stage_duration.labels(stage="engine").observe(stats.engine_seconds)
-            transcript = self._finish(decoded, chunks, parsed, request, stats)
-            if transcript.text != emitted and transcript.text.startswith(emitted):
-                yield StreamDelta(transcript.text[len(emitted) :])
+            transcript = self._finish(decoded, chunks, outputs, parsed, request, stats)
+            if transcript.text != emitted:
+                # `parse_partial` only returns settled text, so this cannot happen; if it ever does, the
+                # final text is the truth and the log says so.
+                log.error("stream.deltas_differ_from_text", emitted_chars=len(emitted), text_chars=len(transcript.text))
         self._observe_success(stats, started)
         yield StreamDone(transcript)
