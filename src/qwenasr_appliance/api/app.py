@@ -21,7 +21,7 @@ from qwenasr_appliance.api.ops import OpsController
 from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
-from qwenasr_appliance.config import Settings, load_settings
+from qwenasr_appliance.config import Settings, load_settings, truncation_risk
 from qwenasr_appliance.logs import configure_logging
 from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
@@ -50,6 +50,9 @@ def _lifespan(context: AppContext) -> object:
             engine=context.settings.engine,
             quant_mode=context.settings.quant_mode,
         )
+        risk = truncation_risk(context.settings)
+        if risk:
+            log.warning("config.truncation_risk", reason=risk)
         await context.supervisor.start()
         context.shutdown.install_signal_handlers()
         # Start the decode workers in the background: the server answers at once.

@@ -30,6 +30,8 @@ class TranscriptionParams:
     temperature: float
     stream: bool
     word_timestamps: bool
+    logprobs: bool = False  # include[]=logprobs
+    confidence: bool = False  # ask the engine for token log-probabilities
 
     def to_request(self, audio: bytes, filename: str | None) -> TranscriptionRequest:
         return TranscriptionRequest(
@@ -40,6 +42,7 @@ class TranscriptionParams:
             temperature=self.temperature,
             stream=self.stream,
             word_timestamps=self.word_timestamps,
+            confidence=self.confidence,
         )
 
 
@@ -74,6 +77,15 @@ def _granularities(value: list[str] | str | None) -> set[str]:
             param="timestamp_granularities[]",
         )
     return granularities
+
+
+def _include(value: list[str] | str | None) -> set[str]:
+    items = [value] if isinstance(value, str) else list(value or [])
+    included = {item.strip().lower() for item in items if item.strip()}
+    unknown = included - {"logprobs"}
+    if unknown:
+        raise bad_request(f"Unsupported include value {clip(sorted(unknown)[0])!r}; use 'logprobs'.", param="include[]")
+    return included
 
 
 def _response_format(value: str) -> ResponseFormat:
@@ -125,7 +137,12 @@ def parse_form(form: TranscriptionForm, settings: Settings) -> TranscriptionPara
             f"stream=true is available with response_format 'json' or 'text', not {response_format!r}.",
             param="stream",
         )
+    logprobs = "logprobs" in _include(form.include)
+    if logprobs and response_format != "json":  # OpenAI's rule; with stream=true the done event has them
+        raise bad_request("'include[]=logprobs' requires response_format 'json'.", param="include[]")
     return TranscriptionParams(
+        logprobs=logprobs,
+        confidence=logprobs or (response_format == "verbose_json" and settings.verbose_json_confidence),
         response_format=response_format,
         language=language,
         prompt=prompt,
