@@ -208,12 +208,13 @@ def parse_partial(raw: str, forced_language: str | None = None, context: str = "
     if split is None:
         return ParsedTranscript("", "")
     language, body = split
-    text = _clean_text(body.lstrip())
-    cuts = [len(text), unsettled_tail_start(text)]
-    for cut in (dangling_tag_start(text), _header_prefix_start(text)):
-        if cut is not None:
-            cuts.append(cut)
-    text, loops = collapse_loops(text[: min(cuts)])
+    text = _clean_text(body.lstrip()).lstrip()
+    dangling = dangling_tag_start(text)
+    if dangling is not None:
+        text = text[:dangling]  # a tag being written; what precedes it may be a header being written
+    header = _header_prefix_start(text)
+    cut = min(unsettled_tail_start(text), len(text) if header is None else header)
+    text, loops = collapse_loops(text[:cut])
     text = text.rstrip()
     if context and _may_become_echo(text, context):
         return ParsedTranscript(language, "", loops)
