@@ -36,10 +36,8 @@ from qwenasr_appliance.engines.base import (
 from qwenasr_appliance.engines.prompt import build_prompt
 from qwenasr_appliance.engines.vllm.common import OutputTap, audio_tokens
 from qwenasr_appliance.engines.vllm.engine import (
-    NO_SPEECH_TOP_LOGPROBS,
-    finish_reason,
-    top_probability,
     BENCH_IGNORE_EOS_ENV,
+    NO_SPEECH_TOP_LOGPROBS,
     REPETITION_GUARD,
     VLLMEngine,
     bench_fixed_length,
@@ -48,7 +46,9 @@ from qwenasr_appliance.engines.vllm.engine import (
     build_sampling_kwargs,
     check_clip,
     derive_max_model_len,
+    finish_reason,
     renderer_workers,
+    top_probability,
 )
 from qwenasr_appliance.engines.vllm.errors import (
     classify_load_failure,

@@ -125,6 +125,13 @@ def dangling_tag_start(text: str) -> int | None:
     return None
 
 
+def _without_dangling_tags(text: str) -> str:
+    """`text` without the control-token beginnings at its end (`a<<asr_te` ends in two)."""
+    while (start := dangling_tag_start(text)) is not None:
+        text = text[:start]
+    return text
+
+
 def _header_prefix_start(text: str) -> int | None:
     """Where `text` ends in what may become a `language X` header before a tag (`lang`, `language Eng`)."""
     match = _HEADER_BEING_WRITTEN.search(text)
@@ -185,10 +192,7 @@ def parse_output(raw: str, forced_language: str | None, context: str = "") -> Pa
     split = _split_header(raw.strip(), forced_language)
     language, body = split if split is not None else ("", raw.strip())
     text = _clean_text(body)
-    dangling = dangling_tag_start(text)
-    if dangling is not None:
-        text = text[:dangling]
-    text, loops = collapse_loops(text)
+    text, loops = collapse_loops(_without_dangling_tags(text))
     text = text.strip()
     if context and is_context_echo(text, context):
         return ParsedTranscript(language, "", loops, echo=True)
@@ -209,9 +213,7 @@ def parse_partial(raw: str, forced_language: str | None = None, context: str = "
         return ParsedTranscript("", "")
     language, body = split
     text = _clean_text(body.lstrip()).lstrip()
-    dangling = dangling_tag_start(text)
-    if dangling is not None:
-        text = text[:dangling]  # a tag being written; what precedes it may be a header being written
+    text = _without_dangling_tags(text)  # a tag being written; what precedes it may be a header being written
     header = _header_prefix_start(text)
     cut = min(unsettled_tail_start(text), len(text) if header is None else header)
     text, loops = collapse_loops(text[:cut])
