@@ -1,5 +1,5 @@
-"""Runaway loops in decoded text: find them, collapse them to two copies, and know where a loop may
-still be forming at the end of text that is still being generated.
+"""Runaway loops in decoded text: collapse them to two copies, also while the text is still being
+generated, and find them (for tests and analysis).
 
 A *loop* is a pattern of `L` characters (1 ≤ L ≤ `MAX_PATTERN_CHARS`) written `k` times in a row with
 `k ≥ min_copies(L)`: 20 copies for patterns of one or two characters ("hahaha...", "0000..." stay
@@ -13,13 +13,15 @@ Differences from the reference (`qwen_asr.inference.utils.detect_and_fix_repetit
 copy of patterns up to 20 characters repeated 20 times): longer patterns are caught, two copies stay
 (a genuine "no, no" is not lost), and a loop at the very end is collapsed too.
 
-Everything is computed on code points with numpy (`eq[L, i] = text[i] == text[i + L]`), so a chunk's
-text costs well under a millisecond and long text stays linear in its length times `MAX_PATTERN_CHARS`.
+The collapse is one online algorithm (`LoopCollapser`), read one character at a time, so text that is
+still being generated and the finished text go through the same steps: what it has released (`push`)
+is never taken back, and `finish` only adds to it. `collapse_loops` runs it over a whole text.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -32,6 +34,7 @@ MAX_MIN_COPIES: Final = 20
 KEPT_COPIES: Final = 2
 # Above this many characters the (positions x pattern lengths) table is built one length at a time.
 _TABLE_MAX_CHARS: Final = 8192
+_RING: Final = MAX_PATTERN_CHARS + 1  # the last characters a pattern length can look back to
 
 
 def min_copies(length: int) -> int:
@@ -66,8 +69,10 @@ def _runs(eq: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int64], npt.NDArray
     return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
 
 
-def _candidate_lengths(codes: npt.NDArray[np.uint32]) -> list[int]:
-    """Pattern lengths that have enough equal pairs anywhere to hold a loop (a cheap necessary test)."""
+def candidate_lengths(text: str) -> list[int]:
+    """Pattern lengths with enough equal character pairs in all of `text` to hold a loop anywhere in it
+    (a cheap necessary test: a loop of length L needs `(min_copies(L) - 1) * L` pairs at distance L)."""
+    codes = _codes(text)
     n = codes.size
     top = min(MAX_PATTERN_CHARS, n // (KEPT_COPIES + 1))
     if top < 1:
@@ -86,7 +91,7 @@ def find_loops(text: str) -> list[Loop]:
     """Every maximal loop in `text`, ordered by start, then by pattern length (overlapping ones included)."""
     codes = _codes(text)
     loops: list[Loop] = []
-    for length in _candidate_lengths(codes):
+    for length in candidate_lengths(text):
         starts, ends = _runs(codes[length:] == codes[:-length])
         # A run of r equal pairs at distance L is a periodic stretch of r + L characters.
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
@@ -97,50 +102,111 @@ def find_loops(text: str) -> list[Loop]:
     return loops
 
 
+class LoopCollapser:
+    """Collapses loops in text that arrives a piece at a time; releases only text no later piece can change.
+
+    Per character, for every tracked pattern length L, it keeps the length of the periodic stretch with
+    period L that ends at that character. A stretch of more than two copies *may* become a loop, so its
+    third copy on is held back; when a stretch reaches `min_copies(L)` copies it is a loop: its first two
+    copies are released, the rest dropped, and further characters that continue the pattern are dropped a
+    whole copy at a time (a partial copy followed by other text is released: it is ordinary text). Held-back
+    text is always after the first two copies of every stretch that may still become a loop, so nothing
+    released is ever dropped later.
+
+    `release(text)` receives the released text in order; `loops` counts the loops collapsed.
+    `lengths` restricts the pattern lengths tracked (`candidate_lengths` of the whole text gives the same
+    result for that text, faster); None tracks every length up to `MAX_PATTERN_CHARS`.
+    """
+
+    def __init__(self, release: Callable[[str], None], lengths: Sequence[int] | None = None) -> None:
+        self._release = release
+        tracked = range(1, MAX_PATTERN_CHARS + 1) if lengths is None else sorted(set(lengths))
+        self._lengths = np.array(list(tracked), dtype=np.int64)
+        self._min_copies = _MIN_COPIES[self._lengths] if self._lengths.size else self._lengths
+        self.loops = 0
+        self._reset()
+        self._pattern = ""  # the loop being dropped ("" when none)
+        self._phase = 0  # characters of the current copy of `_pattern` seen so far
+
+    def _reset(self) -> None:
+        self._ring = np.zeros(_RING, dtype=np.int64)  # last characters as code points, at index n % _RING
+        self._runs = np.zeros(self._lengths.size, dtype=np.int64)  # trailing equal pairs per length
+        self._text: list[str] = []  # characters since the last loop
+        self._released = 0  # characters of `_text` released
+
+    def push(self, text: str) -> None:
+        """Read more text."""
+        for char in text:
+            if self._pattern:
+                self._push_in_loop(char)
+            else:
+                self._push(char)
+
+    def _push_in_loop(self, char: str) -> None:
+        if char == self._pattern[self._phase]:
+            self._phase = (self._phase + 1) % len(self._pattern)
+            return
+        partial = self._pattern[: self._phase]  # not a whole copy: ordinary text
+        self._pattern, self._phase = "", 0
+        self._reset()
+        if partial:
+            self._release(partial)
+        self._push(char)
+
+    def _push(self, char: str) -> None:
+        n = len(self._text)  # index of `char`
+        code = ord(char)
+        self._text.append(char)
+        self._ring[n % _RING] = code
+        if not self._lengths.size:
+            self._flush(n + 1)
+            return
+        lengths = self._lengths
+        back = self._ring[(n - lengths) % _RING]
+        equal = (back == code) & (lengths <= n)
+        self._runs = np.where(equal, self._runs + 1, 0)
+        stretch = self._runs + lengths  # periodic characters ending at `char`, per length
+        loops = stretch >= self._min_copies * lengths
+        if loops.any():
+            cuts = (n + 1 - stretch + KEPT_COPIES * lengths)[loops]
+            best = int(np.lexsort((lengths[loops], cuts))[0])
+            cut, length = int(cuts[best]), int(lengths[loops][best])
+            self._flush(cut)
+            self._pattern = "".join(self._text[n + 1 - length :])
+            self._phase = 0
+            self.loops += 1
+            self._reset()
+            return
+        forming = stretch > KEPT_COPIES * lengths
+        settled = int((n + 1 - stretch + KEPT_COPIES * lengths)[forming].min()) if forming.any() else n + 1
+        self._flush(settled)
+
+    def _flush(self, end: int) -> None:
+        if end > self._released:
+            self._release("".join(self._text[self._released : end]))
+            self._released = end
+
+    def finish(self) -> None:
+        """No more text: release what was held back (a loop's partial last copy stays dropped only if whole)."""
+        if self._pattern:
+            partial = self._pattern[: self._phase]
+            self._pattern, self._phase = "", 0
+            if partial:
+                self._release(partial)
+        else:
+            self._flush(len(self._text))
+        self._reset()
+
+
 def collapse_loops(text: str) -> tuple[str, int]:
-    """`text` with every loop replaced by its first `KEPT_COPIES` copies, and how many were collapsed.
-
-    Loops are taken left to right (the shortest pattern first at one start); one that starts inside a
-    collapsed loop is part of it. A partial copy after the last whole one stays as ordinary text.
-    """
-    pieces: list[str] = []
-    position = 0
-    collapsed = 0
-    for loop in find_loops(text):
-        if loop.start < position:
-            continue
-        pieces.append(text[position : loop.start + loop.length * KEPT_COPIES])
-        position = loop.end
-        collapsed += 1
-    if not collapsed:
+    """`text` with every loop replaced by its first `KEPT_COPIES` copies, and how many were collapsed
+    (`LoopCollapser` over the whole text, tracking only the lengths of the loops `find_loops` sees in it:
+    the collapser only ever stops at a loop of the text, so the result is the same, faster)."""
+    lengths = {loop.length for loop in find_loops(text)}
+    if not lengths:
         return text, 0
-    pieces.append(text[position:])
-    return "".join(pieces), collapsed
-
-
-def unsettled_tail_start(text: str) -> int:
-    """Where a loop may still be forming at the end of `text` (text still being generated): the start
-    of the third copy of the earliest periodic stretch at the end; `len(text)` when there is none.
-
-    Whatever more is generated, `collapse_loops` keeps the first two copies of a stretch that becomes a
-    loop, and text before it: so `text[:unsettled_tail_start(text)]` is settled.
-    """
-    window = MAX_PATTERN_CHARS * (KEPT_COPIES + 2)
-    offset = max(0, len(text) - window)
-    reversed_codes = _codes(text[offset:])[::-1]
-    n = reversed_codes.size
-    top = min(MAX_PATTERN_CHARS, n // KEPT_COPIES)
-    if top < 1:
-        return len(text)
-    # Row j, column L-1: the j-th character from the end equals the one L before it. The padding never
-    # equals a character, so every column has a False where its pairs run out.
-    padded = np.concatenate((reversed_codes, np.full(top, np.iinfo(np.uint32).max, dtype=np.uint32)))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, top + 1)[:n]
-    runs = np.argmin(windows[:, 1:] == windows[:, :1], axis=0)  # trailing equal pairs per length
-    lengths = np.arange(1, top + 1)
-    stretch = runs + lengths  # trailing periodic characters
-    forming = stretch > KEPT_COPIES * lengths
-    if not forming.any():
-        return len(text)
-    cuts = n - stretch[forming] + KEPT_COPIES * lengths[forming]
-    return offset + int(cuts.min())
+    pieces: list[str] = []
+    collapser = LoopCollapser(pieces.append, sorted(lengths))
+    collapser.push(text)
+    collapser.finish()
+    return "".join(pieces), collapser.loops

@@ -29,7 +29,7 @@ from qwenasr_appliance.engines.base import (
     TranscribeOptions,
     run_to_completion,
 )
-from qwenasr_appliance.engines.prompt import ParsedTranscript, parse_output, parse_partial
+from qwenasr_appliance.engines.prompt import OutputParser, ParsedTranscript, parse_output
 from qwenasr_appliance.metrics import METRICS, Metrics
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
 from qwenasr_appliance.transcription.admission import AdmissionController
@@ -190,7 +190,10 @@ class TranscriptionService:
         parsed: list[ParsedTranscript],
         request: TranscriptionRequest,
         stats: RequestStats,
+        text: str | None = None,
     ) -> Transcript:
+        """The transcript of the chunks' outputs; `text` (the streamed text, when streamed) replaces the
+        joined chunk texts, which it equals (see `stream`)."""
         segments = [
             self._segment(chunk, output, result, request)
             for chunk, output, result in zip(chunks, outputs, parsed, strict=True)
@@ -199,7 +202,7 @@ class TranscriptionService:
         stats.chunks = len(chunks)
         stats.language = language
         return Transcript(
-            text=join_texts([r.text for r in parsed]),
+            text=join_texts([r.text for r in parsed]) if text is None else text,
             language=language,
             duration=decoded.duration_seconds,
             segments=segments,
@@ -288,9 +291,11 @@ class TranscriptionService:
         """Transcribe, yielding text deltas in audio order as the engine produces them, then the result.
 
         All chunks run at once (so the engine batches them); deltas of a later chunk are held back
-        until every earlier chunk has finished. Deltas carry settled text only (`parse_partial`: text
-        that no later token can change, since the repetition fix, control-token removal and context-echo
-        guard apply as the text streams), so the joined deltas equal the final `transcript.text`.
+        until every earlier chunk has finished. Each chunk's output goes through one `OutputParser`, which
+        releases only text no later token can change (control tokens, headers, loops and context echoes
+        are handled as the text streams) and, when the chunk finishes, the held-back tail: the text
+        `parse_output` gives for the same output. The transcript's text in `StreamDone` is the joined
+        deltas themselves, so a client that shows deltas and one that reads the final text see the same.
         """
         self._supervisor.require_engine()
         started = time.perf_counter()
@@ -315,22 +320,21 @@ class TranscriptionService:
             try:
                 async with asyncio.timeout(self._settings.request_timeout_seconds):
                     for index in range(len(chunks)):
+                        parser = OutputParser(request.language, request.prompt)
                         while True:
                             item = await queues[index].get()
                             if isinstance(item, BaseException):
                                 if isinstance(item, EngineDeadError):
                                     await self._guard_engine(engine, item)
                                 raise item
-                            partial = (
-                                self._parse(item, request)
-                                if item.finished
-                                else parse_partial(item.raw_text, request.language, request.prompt)
-                            )
+                            partial = parser.finish(item.raw_text) if item.finished else parser.feed(item.raw_text)
                             text = join_texts([*(p.text for p in parsed), partial.text])
                             if text.startswith(emitted) and len(text) > len(emitted):
                                 yield StreamDelta(text[len(emitted) :])
                                 emitted = text
                             if item.finished:
+                                if parser.diverged:
+                                    log.warning("stream.output_not_cumulative", chunk=index)
                                 outputs.append(item)
                                 parsed.append(partial)
                                 break
@@ -340,10 +344,10 @@ class TranscriptionService:
                 await asyncio.gather(*tasks, return_exceptions=True)
             stats.engine_seconds = time.perf_counter() - engine_started
             self._metrics.stage_duration.labels(stage="engine").observe(stats.engine_seconds)
-            transcript = self._finish(decoded, chunks, outputs, parsed, request, stats)
-            if transcript.text != emitted:
-                # `parse_partial` only returns settled text, so this cannot happen; if it ever does, the
-                # final text is the truth and the log says so.
-                log.error("stream.deltas_differ_from_text", emitted_chars=len(emitted), text_chars=len(transcript.text))
+            if join_texts([p.text for p in parsed]) != emitted:
+                # Each chunk's text only grows and the join only appends, so this cannot happen; if a change
+                # to either ever breaks that, the deltas the client has shown stay the transcript.
+                log.error("stream.deltas_differ_from_text", emitted_chars=len(emitted))
+            transcript = self._finish(decoded, chunks, outputs, parsed, request, stats, text=emitted)
         self._observe_success(stats, started)
         yield StreamDone(transcript)
