@@ -999,7 +999,13 @@ def test_logprobs_are_asked_only_when_confidence_is_wanted() -> None:
 
 @pytest.mark.parametrize(
     ("reason", "tokens", "expected"),
-    [("stop", 3, "stop"), ("length", 8, "length"), ("repetition", 5, "repetition"), (None, 8, "length")],
+    [
+        ("stop", 3, "stop"),
+        ("length", 8, "length"),
+        ("repetition", 5, "repetition"),  # vLLM 0.26: str(FinishReason.REPETITION)
+        ("repetition_detected", 5, "stop"),  # that is vLLM's `stop_reason`, never its finish reason
+        (None, 8, "length"),
+    ],
 )
 def test_finish_reasons(reason: str | None, tokens: int, expected: str) -> None:
     assert finish_reason(reason, tokens, 8) == expected

@@ -83,8 +83,10 @@ PROMPT_OVERHEAD_TOKENS: Final = 64
 DEFAULT_CONTEXT_TOKENS: Final = 2000
 MAX_MODEL_LEN_STEP: Final = 1024
 MODEL_MAX_POSITIONS: Final = 65536
-# Stop a runaway loop: a pattern of 1-10 tokens repeated 20 times in a row. `prompt.fix_repetitions`
-# collapses such loops to one occurrence anyway, so stopping early changes nothing but the time spent.
+# Stop a runaway loop: a pattern of 1-10 tokens repeated 20 times in a row (vLLM 0.26
+# `RepetitionDetectionParams`, checked after every step in `vllm/v1/core/sched/utils.py: check_stop`, after
+# the end-token and `max_tokens` checks). `prompt.fix_repetitions` collapses such loops to two copies anyway,
+# so stopping early saves the time the loop would take; the text after the loop is lost (logged and counted).
 REPETITION_GUARD: Final[Mapping[str, int]] = {"min_pattern_size": 1, "max_pattern_size": 10, "min_count": 20}
 # Stream every 8th token (and always the first and the last): vLLM's output processor then builds a
 # tenth of the per-token `RequestOutput`s this process has to handle under load; at 2-10 ms per decode
@@ -187,12 +189,20 @@ def build_request_input(audio: AudioArray, options: TranscribeOptions) -> dict[s
     }
 
 
+# vLLM 0.26's `CompletionOutput.finish_reason` for a stop by the repetition guard: `check_stop` sets
+# `RequestStatus.FINISHED_REPETITION` (and `stop_reason="repetition_detected"`), `vllm/v1/request.py` maps
+# it to `FinishReason.REPETITION`, whose string (`FINISH_REASON_STRINGS`, `vllm/v1/engine/__init__.py`) the
+# output processor reports (`str(finish_reason)`, `vllm/v1/engine/output_processor.py`).
+VLLM_REPETITION_REASON: Final = "repetition"
+
+
 def finish_reason(vllm_reason: str | None, output_tokens: int, max_new_tokens: int) -> FinishReason:
-    """Our finish reason from vLLM's: `length` stays, a stop on the repetition guard is `repetition`
-    (vLLM 0.26 reports it as `repetition`/`stop` with fewer tokens than the limit), the rest is `stop`."""
+    """Our finish reason from vLLM's `CompletionOutput.finish_reason`: `length` stays (also when vLLM gave
+    none and the limit was reached), `repetition` is the repetition guard's stop (`VLLM_REPETITION_REASON`),
+    anything else that finished (`stop`: end token) is `stop`."""
     if vllm_reason == "length" or (vllm_reason is None and output_tokens >= max_new_tokens):
         return "length"
-    if vllm_reason is not None and "repetition" in vllm_reason:
+    if vllm_reason == VLLM_REPETITION_REASON:
         return "repetition"
     return "stop"
 
