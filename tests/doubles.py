@@ -114,6 +114,10 @@ class TestDoubleEngine:
                     await asyncio.sleep(self.behaviour.token_delay)
                 self._check_alive()
                 raw += token
+                if index == 0 and header and token.startswith(header) and token != header:
+                    # The header and the first word arrive in one step, but are tokens of their own.
+                    logprobs.append(TokenLogprob(header, self.behaviour.token_logprob))
+                    token = token[len(header) :]
                 logprobs.append(TokenLogprob(token, self.behaviour.token_logprob))
                 if index < len(tokens) - 1:
                     yield EngineOutput(raw_text=raw, output_tokens=index + 1, finished=False)

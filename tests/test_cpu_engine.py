@@ -349,3 +349,26 @@ class HFValidationError(ValueError):
 )
 def test_load_failure_kinds(exc: BaseException, kind: Any) -> None:
     assert load_failure_kind(exc) == kind
+
+
+def test_the_context_reaches_the_model_in_the_prompt(engine: CPUEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `prompt` field is the system turn of what the model reads: checked at the engine's boundary,
+    on the token ids handed to `generate()` (the tiny model's words carry no meaning to show it otherwise)."""
+    asr = engine._asr
+    seen: dict[str, Any] = {}
+    generate = asr.model.generate
+
+    def spy(**inputs: Any) -> Any:
+        seen["input_ids"] = inputs["input_ids"][0].tolist()
+        return generate(**inputs)
+
+    monkeypatch.setattr(asr.model, "generate", spy)
+    context = "Speakers: Alice, Bob. Terms: Kubernetes."
+    options = TranscribeOptions(language="German", context=context, max_new_tokens=2)
+    run(run_to_completion(engine, tone(1.0), options, "context"))
+    tokenizer = asr.processor.tokenizer
+    prompt = tokenizer.decode(seen["input_ids"], skip_special_tokens=False)
+    expected = build_prompt(context, "German")
+    head, tail = expected.split("<|audio_pad|>")
+    assert prompt.startswith(head) and prompt.endswith(tail)  # the audio placeholder is expanded in between
+    assert f"<|im_start|>system\n{context}<|im_end|>" in prompt
