@@ -9,8 +9,8 @@ returns the plans with the reason each one is in the list. Rules:
   process holds some); the utilization is then lowered to what is free, and the plan says so.
 - `QUANT_MODE=auto` estimates the model's weights and picks bf16 first when they fit comfortably in
   the memory vLLM may use, bitsandbytes 4-bit first otherwise.
-- `DTYPE=auto` on a GPU without bf16 (before Ampere) takes float32 when it fits comfortably, float16 only
-  when it does not; a float16 plan says in its reason that Qwen3's decoder is reported to fail in float16.
+- `DTYPE=auto` on a GPU without bf16 (before Ampere) takes float32 when it fits, float16 only when it
+  does not; a float16 plan says in its reason that Qwen3's decoder is reported to fail in float16.
 - The last GPU plan repeats the lightest allowed variant at 80% of that utilization: it leaves room
   for memory vLLM does not account for (CUDA context, graph capture, other processes growing).
 - With a forced aligner (`ALIGNER_MODEL_ID`), the aligner's share (`ALIGNER_GPU_MEMORY_UTILIZATION` of
@@ -265,7 +265,8 @@ def _gpu_dtype(settings: Settings, gpu: GpuInfo, weights: WeightEstimate, budget
 
     Before Ampere there is no bf16. Qwen3 decoders are reported to produce garbage in float16 (FunASR's
     port, a GGUF port: activations overflow float16's range), so `DTYPE=auto` takes float32 there when its
-    weights (twice bf16's) fit comfortably, and float16 with a warning in the reason only when they do not.
+    weights (twice bf16's) and the working margin fit, and float16 with a warning in the reason only when
+    they do not (a smaller KV cache costs an ASR model little: its sequences are short).
     """
     if settings.dtype == "float16":
         return "float16", f"warning: DTYPE=float16 was asked for; {FLOAT16_RISK}"
@@ -275,7 +276,7 @@ def _gpu_dtype(settings: Settings, gpu: GpuInfo, weights: WeightEstimate, budget
         return "bfloat16", ""
     no_bf16 = f"GPU {gpu.index} ({gpu.name}, compute capability {_capability(gpu)}) has no bfloat16"
     need = 2 * weights.bf16_bytes + WORKING_MARGIN_BYTES
-    if budget >= need * HEADROOM:
+    if budget >= need:
         return "float32", f"float32: {no_bf16}, and {FLOAT16_RISK}"
     return "float16", (
         f"warning: float16: {no_bf16} and float32 does not fit ({_gib(need)} needed, {_gib(budget)} usable); "
