@@ -197,7 +197,7 @@ def test_auto_dtype_falls_back_to_float16_with_a_warning_when_float32_does_not_f
     assert all(plan.reason.count("warning: float16") == 1 for plan in plans[:-1])
     assert "float32 does not fit" in plans[0].reason and "garbage in float16" in plans[0].reason
     # The small model fits in float32 on the same card.
-    assert chain(gpu_probe(10, capability=(7, 5)), model_id=SMALL, quant_mode="none")[0].name == "vllm-fp32"
+    assert chain(gpu_probe(10, capability=(7, 5)), model_id=SMALL, quant_mode="none")[0].dtype == "float32"
     # 1.7B in float32 (8.8 GiB of weights plus 2 GiB of working room) fits a 15 GiB T4 at the default 0.90.
     assert chain(gpu_probe(15, capability=(7, 5)), model_id=LARGE, quant_mode="none")[0].name == "vllm-fp32"
 
