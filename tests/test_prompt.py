@@ -279,6 +279,7 @@ def test_every_partial_is_a_prefix_of_the_final_text(raw: str, forced: str | Non
 _VOCABULARY = [
     "a", "b", " ", "ab", "no, ", "<asr_text>", "<asr_", "text>", "<|im_end|>", "<|", "|>", "<", ">", "/",
     "language", " English", "language None", "\n", "\t", "l", "哈", ".", "Alice", " Bob", "tts_", "<think>",
+    "Language", "language German\n", "</asr_text>", "<|im_start|>", "L", "  ",
 ]  # fmt: skip
 _CONTEXT = "Speakers: Alice and Bob. a b ab"
 

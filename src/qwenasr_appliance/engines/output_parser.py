@@ -47,6 +47,7 @@ _HEADER_AT_END: Final = re.compile(r"(?i:language)[ \t]{0,4}[^\s<>]{0,40}\s{0,4}
 _HEADER_SPACES: Final = 4
 _HEADER_NAME_CHARS: Final = 40
 _HOLD_CHARS: Final = 80  # longer than any header plus tag
+_OPENERS: Final = re.compile(r"[<lL]")  # characters a token or a header can start with
 # A `language X` line that opens the text, and what may still become one.
 _OPENING_HEADER: Final = re.compile(r"\s*language[ \t]+([^\s<>]{1,40})[ \t]*\n", re.IGNORECASE)
 _OPENING_HEADER_AT_END: Final = re.compile(r"\s*language[ \t]+([^\s<>]{1,40})[ \t]*", re.IGNORECASE)
@@ -219,7 +220,10 @@ class _ControlTokens:
         start = 0
         while start < len(text):
             if not self._pending:
-                opening = next((i for i in range(start, len(text)) if self._opens_at_free(text, i, start)), len(text))
+                opening = next(
+                    (m.start() for m in _OPENERS.finditer(text, start) if self._opens_at_free(text, m.start(), start)),
+                    len(text),
+                )
                 self._emit(text[start:opening])
                 start = opening
                 if start == len(text):
@@ -229,12 +233,10 @@ class _ControlTokens:
             self._settle()
 
     def _opens_at_free(self, text: str, index: int, start: int) -> bool:
-        """`_opens_at` for `text[index]` when nothing is pending and `text[start:index]` will be released."""
-        char = text[index]
-        if char == "<":
+        """`_opens_at` for `text[index]` (one of `_OPENERS`) when nothing is pending and `text[start:index]`
+        will be released first."""
+        if text[index] == "<":
             return True
-        if char not in "lL":
-            return False
         return text[index - 1].isspace() if index > start else self._after_space
 
     def _header_start(self, pending: str, end: int) -> int | None:
