@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from qwenasr_appliance.cli import main
-from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, load_settings
+from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, Settings, load_settings, truncation_risk
 
 
 def test_defaults_keep_the_original_server_names_and_port() -> None:
@@ -93,3 +93,11 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_.value.code == 0
     assert "serve" in capsys.readouterr().out
+
+
+def test_truncation_risk_is_none_with_the_defaults_and_named_when_chunks_outgrow_the_token_limit() -> None:
+    assert truncation_risk(Settings()) is None  # 30 s chunks: 248 tokens needed, 512 allowed
+    risk = truncation_risk(Settings(chunk_seconds=1200.0, max_new_tokens=512))
+    assert risk is not None
+    assert "MAX_NEW_TOKENS=512" in risk and "1200 s" in risk and "9608" in risk
+    assert truncation_risk(Settings(chunk_seconds=1200.0, max_new_tokens=9608)) is None
