@@ -187,7 +187,8 @@ class LoopCollapser:
             self._released = end
 
     def finish(self) -> None:
-        """No more text: release what was held back (a loop's partial last copy stays dropped only if whole)."""
+        """No more text: release what was held back, including the partial copy of a loop being dropped (not a
+        whole copy, so ordinary text, as in `collapse_loops`)."""
         if self._pattern:
             partial = self._pattern[: self._phase]
             self._pattern, self._phase = "", 0
