@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from qwenasr_appliance.engines.base import (
     EngineDescription,
     EngineLoadError,
     EngineOutput,
+    FinishReason,
+    TokenLogprob,
     TranscribeOptions,
 )
 from qwenasr_appliance.supervisor.plans import Plan
@@ -37,6 +40,13 @@ class DoubleBehaviour:
     # The Nth stream() call of the process (counted over every engine made) kills its engine: that call
     # and every other stream on the engine raise EngineDeadError, as a crashed engine core does. Once.
     die_on_call: int = 0
+    # Raw output tokens to write for every chunk instead of the words (verbatim: no header is added), to
+    # play what a real model does (control tokens, loops, an echoed context).
+    script: tuple[str, ...] = ()
+    finish_reason: FinishReason = "stop"
+    # Log-probability of every written token, and the `no_speech_prob` reported, when options.logprobs.
+    token_logprob: float = -0.25
+    no_speech_prob: float = 0.125
 
     @classmethod
     def from_env(cls, engine_index: int = 0) -> DoubleBehaviour:
@@ -49,6 +59,8 @@ class DoubleBehaviour:
             language=os.environ.get("DOUBLE_LANGUAGE", "English"),
             max_concurrency=int(capacities[min(engine_index, len(capacities) - 1)]),
             die_on_call=int(os.environ.get("DOUBLE_DIE_ON_CALL", "0")),
+            script=tuple(json.loads(os.environ.get("DOUBLE_SCRIPT", "[]"))),
+            finish_reason=os.environ.get("DOUBLE_FINISH_REASON", "stop"),  # type: ignore[arg-type]
         )
 
 
@@ -91,15 +103,38 @@ class TestDoubleEngine:
             self.dead = True
         self._check_alive()
         # With a forced language the prompt already ends in `language X<asr_text>`: the model only writes text.
-        raw = "" if options.language else f"language {self.behaviour.language}<asr_text>"
-        words = self.words_for(audio, options)
+        header = "" if options.language else f"language {self.behaviour.language}<asr_text>"
+        if self.behaviour.script:
+            tokens = list(self.behaviour.script)
+        else:
+            words = self.words_for(audio, options)
+            tokens = [header + words[0], *(f" {word}" for word in words[1:])]
+        raw = ""
+        logprobs: list[TokenLogprob] = []
         try:
-            for index, word in enumerate(words):
+            for index, token in enumerate(tokens):
                 if self.behaviour.token_delay:
                     await asyncio.sleep(self.behaviour.token_delay)
                 self._check_alive()
-                raw += word if index == 0 else f" {word}"
-                yield EngineOutput(raw_text=raw, output_tokens=index + 1, finished=index == len(words) - 1)
+                raw += token
+                if index == 0 and header and token.startswith(header) and token != header:
+                    # The header and the first word arrive in one step, but are tokens of their own.
+                    logprobs.append(TokenLogprob(header, self.behaviour.token_logprob))
+                    token = token[len(header) :]
+                logprobs.append(TokenLogprob(token, self.behaviour.token_logprob))
+                if index < len(tokens) - 1:
+                    yield EngineOutput(raw_text=raw, output_tokens=index + 1, finished=False)
+            if self.behaviour.finish_reason == "stop":
+                logprobs.append(TokenLogprob("", -0.05))  # the end token
+            wanted = options.logprobs
+            yield EngineOutput(
+                raw_text=raw,
+                output_tokens=len(tokens),
+                finished=True,
+                finish_reason=self.behaviour.finish_reason,
+                logprobs=tuple(logprobs) if wanted else None,
+                no_speech_prob=self.behaviour.no_speech_prob if wanted else None,
+            )
             self.finished.append(request_id)
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request_id)

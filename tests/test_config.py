@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from qwenasr_appliance.cli import main
-from qwenasr_appliance.config import ENV_VARIABLES, ConfigError, load_settings, read_environment
+from qwenasr_appliance.config import (
+    ENV_VARIABLES,
+    ConfigError,
+    Settings,
+    load_settings,
+    read_environment,
+    truncation_risk,
+)
 
 
 def test_defaults_keep_the_original_server_names_and_port() -> None:
@@ -199,3 +206,11 @@ def test_check_config_reports_sources_and_every_error(
 def test_dot_env_is_git_ignored() -> None:
     ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
     assert ".env" in ignored
+
+
+def test_truncation_risk_is_none_with_the_defaults_and_named_when_chunks_outgrow_the_token_limit() -> None:
+    assert truncation_risk(Settings()) is None  # 30 s chunks: 248 tokens needed, 512 allowed
+    risk = truncation_risk(Settings(chunk_seconds=1200.0, max_new_tokens=512))
+    assert risk is not None
+    assert "MAX_NEW_TOKENS=512" in risk and "1200 s" in risk and "9608" in risk
+    assert truncation_risk(Settings(chunk_seconds=1200.0, max_new_tokens=9608)) is None

@@ -3,7 +3,9 @@ Qwen3-ASR checkpoint through qwen-asr, and the official OpenAI client transcribe
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -81,3 +83,31 @@ def test_errors_with_the_real_engine(tiny_server: ServerProcess) -> None:
     assert response.status_code in (400, 415)
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(tiny_server.url + "/ready").status_code == 200
+
+
+CONTROL = re.compile(r"<\|[^|<>\s]*\|>|</?asr_text>|<asr_|\blanguage (?:English|Chinese|None)\b")
+
+
+@pytest.mark.parametrize("language", [None, "en"])
+@pytest.mark.parametrize("sample", ["sb_spk1_snt1.wav", "ds_LDC93S1.wav", "wcpp_jfk.wav", "sr_chinese.flac"])
+def test_streamed_text_is_the_transcript_and_no_control_token_gets_out(
+    client: openai.OpenAI, samples_dir: Path, sample: str, language: str | None
+) -> None:
+    """Greedy decoding of the same audio: the joined deltas are `done.text`, which is the non-streamed
+    transcript; no format ever shows a control token (random weights write them freely)."""
+    audio = (samples_dir / sample).read_bytes()
+    extra: dict[str, Any] = {"language": language} if language else {}
+    events = list(client.audio.transcriptions.create(model=MODEL, file=(sample, audio), stream=True, **extra))
+    deltas = "".join(e.delta for e in events if e.type == "transcript.text.delta")
+    done = events[-1]
+    assert done.type == "transcript.text.done" and deltas == done.text
+    whole = client.audio.transcriptions.create(model=MODEL, file=(sample, audio), **extra)
+    assert whole.text == done.text
+    outputs = [whole.text, done.text]
+    for response_format in ("text", "srt", "vtt", "verbose_json"):
+        rendered = client.audio.transcriptions.create(
+            model=MODEL, file=(sample, audio), response_format=response_format, **extra
+        )
+        outputs.append(rendered if isinstance(rendered, str) else rendered.model_dump_json())
+    for output in outputs:
+        assert CONTROL.search(output) is None, output

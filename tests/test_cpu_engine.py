@@ -33,7 +33,8 @@ from qwenasr_appliance.engines.base import (
 from qwenasr_appliance.engines.cpu import engine as cpu_engine
 from qwenasr_appliance.engines.cpu.engine import CPUEngine
 from qwenasr_appliance.engines.cpu.loading import load_failure_kind
-from qwenasr_appliance.engines.prompt import REPETITION_THRESHOLD, parse_output
+from qwenasr_appliance.engines.prompt import build_prompt, parse_output
+from qwenasr_appliance.engines.repetition import find_loops
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
@@ -117,12 +118,52 @@ def test_a_runaway_loop_is_stopped_and_collapsed(engine: CPUEngine) -> None:
     output = run(run_to_completion(engine, tone(1.5), TranscribeOptions(max_new_tokens=LONG), "loop"))
     assert output.finished
     assert output.output_tokens < LONG  # the loop guard ended it
+    assert output.finish_reason == "repetition"
     text = parse_output(output.raw_text, None).text
     assert len(text) < len(output.raw_text)
-    for size in range(1, 21):
-        for start in range(len(text) - size * REPETITION_THRESHOLD + 1):
-            pattern = text[start : start + size]
-            assert text[start : start + size * REPETITION_THRESHOLD] != pattern * REPETITION_THRESHOLD
+    assert find_loops(text) == []
+
+
+def test_the_token_limit_is_reported_as_length(engine: CPUEngine) -> None:
+    output = run(run_to_completion(engine, tone(1.5), TranscribeOptions(max_new_tokens=3), "limit"))
+    assert output.output_tokens == 3
+    assert output.finish_reason == "length"
+
+
+@pytest.mark.parametrize("language", [None, "English"])
+def test_confidence_is_computed_from_the_model_only_when_asked(engine: CPUEngine, language: str | None) -> None:
+    import torch
+
+    plain = run(run_to_completion(engine, tone(1.0), TranscribeOptions(max_new_tokens=6, language=language), "p"))
+    assert plain.logprobs is None
+    assert plain.no_speech_prob is None
+    options = TranscribeOptions(max_new_tokens=6, language=language, logprobs=True)
+    output = run(run_to_completion(engine, tone(1.0), options, "c"))
+    assert output.raw_text == plain.raw_text  # asking for confidence changes nothing in the text
+    assert output.logprobs is not None
+    assert len(output.logprobs) == output.output_tokens
+    assert all(item.logprob <= 0.0 for item in output.logprobs)
+    assert "".join(item.token for item in output.logprobs) == output.raw_text
+    # The same numbers straight from the model: a forward pass over prompt + output.
+    asr = engine._asr
+    inputs = asr.processor(text=[build_prompt("", language)], audio=[tone(1.0)], return_tensors="pt", padding=True)
+    prompt_length = int(inputs["input_ids"].shape[1])
+    ids = asr.processor.tokenizer.encode(output.raw_text, add_special_tokens=False)
+    generated = run(run_to_completion(engine, tone(1.0), options, "c2"))
+    assert generated == output  # deterministic
+    assert len(ids) == output.output_tokens  # the tiny tokenizer re-encodes this output to the same ids
+    full = torch.cat([inputs["input_ids"], torch.tensor([ids])], dim=1)
+    with torch.inference_mode():
+        logits = asr.model.thinker(
+            input_ids=full,
+            input_features=inputs["input_features"],
+            feature_attention_mask=inputs["feature_attention_mask"],
+        ).logits
+    expected = torch.log_softmax(logits[0, prompt_length - 1 : -1].float(), dim=-1)
+    expected_chosen = expected[torch.arange(len(ids)), torch.tensor(ids)].tolist()
+    assert [item.logprob for item in output.logprobs] == pytest.approx(expected_chosen, abs=1e-3)
+    if output.no_speech_prob is not None:
+        assert 0.0 <= output.no_speech_prob <= 1.0
 
 
 @pytest.mark.usefixtures("no_loop_guard")
@@ -339,3 +380,26 @@ def test_the_cpu_engine_sees_the_feature_frames_vllms_renderer_makes(
     frames = int(inputs["feature_attention_mask"][0].sum())
     assert frames == ours.shape[1] == -(-samples // 160)
     np.testing.assert_allclose(inputs["input_features"][0][:, :frames].float().numpy(), ours, atol=5e-5)
+
+
+def test_the_context_reaches_the_model_in_the_prompt(engine: CPUEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `prompt` field is the system turn of what the model reads: checked at the engine's boundary,
+    on the token ids handed to `generate()` (the tiny model's words carry no meaning to show it otherwise)."""
+    asr = engine._asr
+    seen: dict[str, Any] = {}
+    generate = asr.model.generate
+
+    def spy(**inputs: Any) -> Any:
+        seen["input_ids"] = inputs["input_ids"][0].tolist()
+        return generate(**inputs)
+
+    monkeypatch.setattr(asr.model, "generate", spy)
+    context = "Speakers: Alice, Bob. Terms: Kubernetes."
+    options = TranscribeOptions(language="German", context=context, max_new_tokens=2)
+    run(run_to_completion(engine, tone(1.0), options, "context"))
+    tokenizer = asr.processor.tokenizer
+    prompt = tokenizer.decode(seen["input_ids"], skip_special_tokens=False)
+    expected = build_prompt(context, "German")
+    head, tail = expected.split("<|audio_pad|>")
+    assert prompt.startswith(head) and prompt.endswith(tail)  # the audio placeholder is expanded in between
+    assert f"<|im_start|>system\n{context}<|im_end|>" in prompt

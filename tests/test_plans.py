@@ -182,10 +182,30 @@ def test_only_the_first_gpu_is_planned_for() -> None:
 # -- dtype -----------------------------------------------------------------------------------------
 
 
-def test_auto_dtype_is_float16_before_ampere() -> None:
+def test_auto_dtype_is_float32_before_ampere_when_it_fits() -> None:
+    """No bf16 before Ampere, and float16 is reported to break Qwen3's decoder: float32 when it fits."""
     plans = chain(gpu_probe(16, capability=(7, 5)), quant_mode="bnb-4bit")
-    assert names(plans) == ["vllm-bnb-4bit-fp16", "vllm-fp16", "vllm-bnb-4bit-fp16-util0.72", "cpu-float32"]
-    assert {plan.dtype for plan in plans[:-1]} == {"float16"}
+    assert names(plans) == ["vllm-bnb-4bit-fp32", "vllm-fp32", "vllm-bnb-4bit-fp32-util0.72", "cpu-float32"]
+    assert {plan.dtype for plan in plans[:-1]} == {"float32"}
+    assert all("has no bfloat16" in plan.reason and "float16" in plan.reason for plan in plans[:-1])
+    assert "compute capability 7.5" in plans[0].reason
+
+
+def test_auto_dtype_falls_back_to_float16_with_a_warning_when_float32_does_not_fit() -> None:
+    plans = chain(gpu_probe(10, capability=(7, 5)), model_id=LARGE, quant_mode="none")
+    assert [plan.dtype for plan in plans] == ["float16", "float16", "float32"]
+    assert all(plan.reason.count("warning: float16") == 1 for plan in plans[:-1])
+    assert "float32 does not fit" in plans[0].reason and "garbage in float16" in plans[0].reason
+    # The small model fits in float32 on the same card.
+    assert chain(gpu_probe(10, capability=(7, 5)), model_id=SMALL, quant_mode="none")[0].dtype == "float32"
+    # 1.7B in float32 (8.8 GiB of weights plus 2 GiB of working room) fits a 15 GiB T4 at the default 0.90.
+    assert chain(gpu_probe(15, capability=(7, 5)), model_id=LARGE, quant_mode="none")[0].name == "vllm-fp32"
+
+
+def test_asking_for_float16_is_honoured_with_the_warning() -> None:
+    plans = chain(gpu_probe(80), dtype="float16", quant_mode="none")
+    assert plans[0].name == "vllm-fp16" and "warning: DTYPE=float16" in plans[0].reason
+    assert "float16" not in chain(gpu_probe(80), quant_mode="none")[0].reason  # bf16: nothing to say
 
 
 def test_explicit_dtype_is_honoured_on_gpu_and_cpu() -> None:

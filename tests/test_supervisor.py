@@ -207,6 +207,40 @@ def test_states_in_order_to_ready(logs: RecordingLogger) -> None:
     run(main)
 
 
+T4 = VramProbe(gpus=(GpuInfo(0, "Tesla T4", 15 * GIB, 14 * GIB, 1 * GIB, "GPU-t4", (7, 5)),))
+
+
+def test_a_float16_plan_is_a_warning_in_the_log_and_in_status(logs: RecordingLogger) -> None:
+    """No bf16 on a T4 and float32 of the 1.7B model does not fit there: float16, flagged."""
+
+    async def main() -> None:
+        supervisor, _factory, _metrics = make(probe=T4, quant_mode="none", gpu_memory_utilization=0.6)
+        await supervisor.start()
+        assert await supervisor.wait_ready(5)
+        assert supervisor.plan is not None and supervisor.plan.dtype == "float16"
+        [warning] = [fields for level, name, fields in logs.events if name == "engine.plan.float16"]
+        assert [level for level, name, _ in logs.events if name == "engine.plan.float16"] == ["warning"]
+        assert warning["plan"] == supervisor.plan.name and "garbage in float16" in warning["reason"]
+        status = msgspec.to_builtins(supervisor.snapshot())
+        assert "warning: float16" in status["chain"][0]["reason"]
+        await supervisor.stop()
+
+    run(main)
+
+
+def test_float32_on_a_gpu_without_bf16_logs_no_float16_warning(logs: RecordingLogger) -> None:
+    async def main() -> None:
+        supervisor, _factory, _metrics = make(probe=T4, quant_mode="none")
+        await supervisor.start()
+        assert await supervisor.wait_ready(5)
+        assert supervisor.plan is not None and supervisor.plan.dtype == "float32"
+        assert "has no bfloat16" in supervisor.plan.reason
+        assert logs.named("engine.plan.float16") == []
+        await supervisor.stop()
+
+    run(main)
+
+
 def test_snapshot_and_metrics_when_ready() -> None:
     async def main() -> None:
         supervisor, _factory, metrics = make()

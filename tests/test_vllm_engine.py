@@ -9,6 +9,7 @@ and the identity function. The GPU behaviour is checked by `gpu/smoke_engine.py`
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from qwenasr_appliance.engines.prompt import build_prompt
 from qwenasr_appliance.engines.vllm.common import OutputTap, audio_tokens
 from qwenasr_appliance.engines.vllm.engine import (
     BENCH_IGNORE_EOS_ENV,
+    NO_SPEECH_TOP_LOGPROBS,
     REPETITION_GUARD,
     VLLMEngine,
     bench_fixed_length,
@@ -44,7 +46,9 @@ from qwenasr_appliance.engines.vllm.engine import (
     build_sampling_kwargs,
     check_clip,
     derive_max_model_len,
+    finish_reason,
     renderer_workers,
+    top_probability,
 )
 from qwenasr_appliance.engines.vllm.errors import (
     classify_load_failure,
@@ -268,7 +272,7 @@ def test_a_non_streaming_request_gets_one_output_decoded_once() -> None:
         engine, fake = await loaded(FakeLLM(tokens=3))
         options = TranscribeOptions(language="English", max_new_tokens=3)
         outputs = [out async for out in engine.stream(AUDIO, options, "final")]
-        assert outputs == [EngineOutput("w0 w1 w2 ", 3, True)]
+        assert outputs == [EngineOutput("w0 w1 w2 ", 3, True, "length")]
         assert fake.generated[-1][1]["output_kind"] == "FINAL_ONLY"
 
     run(main())
@@ -462,7 +466,7 @@ def test_stream_yields_cumulative_text_and_ends_finished() -> None:
         assert outputs == [
             EngineOutput("w0 ", 1, False),
             EngineOutput("w0 w1 ", 2, False),
-            EngineOutput("w0 w1 w2 ", 3, True),
+            EngineOutput("w0 w1 w2 ", 3, True, "length"),
         ]
         prompt, params, request_id = fake.generated[-1]
         assert request_id == "req-1"
@@ -472,7 +476,7 @@ def test_stream_yields_cumulative_text_and_ends_finished() -> None:
         assert fake.aborts == []  # a finished request is not aborted
         assert engine.active_requests == frozenset()
         result = await run_to_completion(engine, AUDIO, options, "req-2")
-        assert result == EngineOutput("w0 w1 w2 ", 3, True)
+        assert result == EngineOutput("w0 w1 w2 ", 3, True, "length")
 
     run(main())
 
@@ -953,3 +957,114 @@ def test_a_feature_worker_death_is_retried_once_then_reaches_the_client_as_retry
             await engine.close()
 
     run(main(), timeout=60)
+
+
+# ------------------------------------------------------------------------------------- confidence
+
+
+@dataclass
+class StepLogprob:
+    logprob: float
+
+
+class LogprobLLM(FakeLLM):
+    """Finishes with ids 0..n-1 and, when asked, vLLM's per-step logprobs: {token id: Logprob}."""
+
+    def __init__(self, steps: list[dict[int, float]], reason: str = "stop") -> None:
+        super().__init__(tokens=len(steps))
+        self.steps = steps
+        self.reason = reason
+
+    async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Output]:
+        self.generated.append((prompt, params, request_id))
+        ids = [min(step, key=lambda token: -step[token]) for step in self.steps]
+        completion = Completion("", ids, self.reason)
+        if params.get("logprobs") is not None:
+            completion.logprobs = [  # type: ignore[attr-defined]
+                {token: StepLogprob(lp) for token, lp in step.items()} for step in self.steps
+            ]
+        yield Output([completion], True)
+
+
+class WordTokenizer:
+    """Ids 0..: `language`, ` English`, `<asr_text>`, ` hi`, end, ` None`."""
+
+    words = ["language", " English", "<asr_text>", " hi", "", " None"]
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.words[i] for i in token_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [self.words.index(text)]
+
+    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
+        return [4 if token == "<|im_end|>" else 99 for token in tokens]
+
+    unk_token_id = 99
+
+
+def test_logprobs_are_asked_only_when_confidence_is_wanted() -> None:
+    assert "logprobs" not in build_sampling_kwargs(TranscribeOptions())
+    assert "logprobs" not in build_sampling_kwargs(TranscribeOptions(incremental=True))
+    assert build_sampling_kwargs(TranscribeOptions(logprobs=True))["logprobs"] == NO_SPEECH_TOP_LOGPROBS
+
+
+@pytest.mark.parametrize(
+    ("reason", "tokens", "expected"),
+    [
+        ("stop", 3, "stop"),
+        ("length", 8, "length"),
+        ("repetition", 5, "repetition"),  # vLLM 0.26: str(FinishReason.REPETITION)
+        ("repetition_detected", 5, "stop"),  # that is vLLM's `stop_reason`, never its finish reason
+        (None, 8, "length"),
+    ],
+)
+def test_finish_reasons(reason: str | None, tokens: int, expected: str) -> None:
+    assert finish_reason(reason, tokens, 8) == expected
+
+
+def test_token_logprobs_and_no_speech_prob_come_from_vllm() -> None:
+    steps = [
+        {0: -0.01},
+        {1: -0.2, 5: math.log(0.15)},  # the language step: " None" had probability 0.15
+        {2: -0.001},
+        {3: -0.5},
+        {4: -0.05},
+    ]
+
+    async def main() -> None:
+        fake = LogprobLLM(steps)
+        fake.tokenizer = WordTokenizer()  # type: ignore[assignment]
+        engine, _ = await loaded(fake)
+        plain = await run_to_completion(engine, AUDIO, TranscribeOptions(), "plain")
+        assert plain.logprobs is None and plain.no_speech_prob is None
+        assert "logprobs" not in fake.generated[-1][1]
+        output = await run_to_completion(engine, AUDIO, TranscribeOptions(logprobs=True), "conf")
+        assert output.raw_text == "language English<asr_text> hi"
+        assert output.finish_reason == "stop"
+        assert output.logprobs is not None
+        assert [(t.token, t.logprob) for t in output.logprobs] == [
+            ("language", -0.01), (" English", -0.2), ("<asr_text>", -0.001), (" hi", -0.5), ("", -0.05)
+        ]  # fmt: skip
+        assert output.no_speech_prob == pytest.approx(0.15)
+
+    run(main())
+
+
+def test_no_speech_prob_is_an_upper_bound_when_the_token_is_not_in_the_top() -> None:
+    step = {1: math.log(0.9), 7: math.log(0.04), 8: math.log(0.01)}
+    assert top_probability({k: StepLogprob(v) for k, v in step.items()}, [5]) == pytest.approx(0.01)
+    assert top_probability({k: StepLogprob(v) for k, v in step.items()}, [7, 8]) == pytest.approx(0.05)
+
+
+def test_the_context_reaches_vllm_in_the_prompt() -> None:
+    async def main() -> None:
+        engine, fake = await loaded(FakeLLM(tokens=2))
+        options = TranscribeOptions(context="Speakers: Alice, Bob. Terms: Kubernetes.", language="German")
+        await run_to_completion(engine, AUDIO, options, "ctx")
+        prompt = fake.renderer.rendered[-1]["prompt"]
+        assert prompt == build_prompt(options.context, "German")
+        assert "<|im_start|>system\nSpeakers: Alice, Bob. Terms: Kubernetes.<|im_end|>" in prompt
+        assert prompt.endswith("language German<asr_text>")
+
+    run(main())

@@ -62,6 +62,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     enforce_eager: bool = False
     max_new_tokens: int = 512
     chunk_seconds: float = 30.0
+    # verbose_json segments get avg_logprob and no_speech_prob from the model's log-probabilities (costs
+    # engine time); false: null there unless the request sends include[]=logprobs.
+    verbose_json_confidence: bool = True
     host: str = "0.0.0.0"  # noqa: S104 - a server in a container listens on all interfaces
     port: int = 8001
     max_upload_bytes: int = 25 * 1024 * 1024
@@ -194,6 +197,7 @@ _VARS: dict[str, _Var] = {
     "ENFORCE_EAGER": _Var("enforce_eager", _parse_bool),
     "MAX_NEW_TOKENS": _Var("max_new_tokens", _parse_int, _range(1, 32_768)),
     "CHUNK_SECONDS": _Var("chunk_seconds", _parse_float, _range(5.0, 1200.0)),
+    "VERBOSE_JSON_CONFIDENCE": _Var("verbose_json_confidence", _parse_bool),
     "HOST": _Var("host", _text),
     "PORT": _Var("port", _parse_int, _range(1, 65_535)),
     "MAX_UPLOAD_BYTES": _Var("max_upload_bytes", _parse_int, _range(1024, 2**34)),
@@ -350,6 +354,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "(the forced aligner handles at most that much audio at once)",
         )
     return settings
+
+
+# Fast speech is about 4 words (6 Chinese characters) a second; Qwen's tokenizer spends at most about one
+# token per Chinese character and 1.3 per English word: 8 tokens per audio second covers it with room.
+MAX_TOKENS_PER_AUDIO_SECOND = 8
+HEADER_TOKENS = 8  # `language English<asr_text>` and the end token
+
+
+def truncation_risk(settings: Settings) -> str | None:
+    """Why `MAX_NEW_TOKENS` may cut the transcript of a full `CHUNK_SECONDS` chunk; None when it fits."""
+    needed = math.ceil(settings.chunk_seconds * MAX_TOKENS_PER_AUDIO_SECOND) + HEADER_TOKENS
+    if settings.max_new_tokens >= needed:
+        return None
+    return (
+        f"MAX_NEW_TOKENS={settings.max_new_tokens} cannot hold the transcript of a {settings.chunk_seconds:g} s chunk "
+        f"of fast speech ({MAX_TOKENS_PER_AUDIO_SECOND} tokens per second plus {HEADER_TOKENS}: {needed}); such "
+        "chunks are cut off (flagged as truncated). Raise MAX_NEW_TOKENS or lower CHUNK_SECONDS."
+    )
 
 
 def replace(settings: Settings, **changes: Any) -> Settings:

@@ -148,6 +148,23 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.repetition_loops = Counter(
+            "qwenasr_repetition_loops_total",
+            "Runaway loops in chunk transcripts, by action: collapsed (to two copies by the text fix) or "
+            "stopped (generation ended early by the engine's loop guard; text after the loop is lost).",
+            ["action"],
+            registry=registry,
+        )
+        self.truncated_chunks = Counter(
+            "qwenasr_truncated_chunks_total",
+            "Chunks whose generation ended on the MAX_NEW_TOKENS limit (their text may be cut off).",
+            registry=registry,
+        )
+        self.context_echoes = Counter(
+            "qwenasr_context_echoes_total",
+            "Chunk transcripts dropped because they were only the request's prompt written back.",
+            registry=registry,
+        )
         self.model_load_duration = Gauge(
             "qwenasr_model_load_duration_seconds",
             "Wall time of the last successful model load.",

@@ -20,7 +20,7 @@ from qwenasr_appliance.api.ops import OpsController
 from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
-from qwenasr_appliance.config import Settings, apply_env_file, load_settings, read_environment
+from qwenasr_appliance.config import Settings, apply_env_file, load_settings, read_environment, truncation_risk
 from qwenasr_appliance.cpus import process_cpu_budget
 from qwenasr_appliance.logs import configure_logging
 from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
@@ -56,6 +56,9 @@ def _lifespan(context: AppContext) -> object:
             max_concurrent_requests=context.settings.max_concurrent_requests or "engine capacity",
             shutdown_grace_seconds=context.settings.shutdown_grace_seconds,
         )
+        risk = truncation_risk(context.settings)
+        if risk:
+            log.warning("config.truncation_risk", reason=risk)
         await context.supervisor.start()
         context.shutdown.install_signal_handlers()
         # Start the decode workers in the background: the server answers at once.

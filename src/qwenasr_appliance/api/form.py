@@ -34,6 +34,8 @@ class TranscriptionParams:
     stream: bool
     word_timestamps: bool
     subtitles: bool = False  # srt or vtt
+    logprobs: bool = False  # include[]=logprobs
+    confidence: bool = False  # ask the engine for token log-probabilities
 
     def to_request(self, audio: bytes, filename: str | None) -> TranscriptionRequest:
         return TranscriptionRequest(
@@ -45,6 +47,7 @@ class TranscriptionParams:
             stream=self.stream,
             word_timestamps=self.word_timestamps,
             subtitles=self.subtitles,
+            confidence=self.confidence,
         )
 
 
@@ -79,6 +82,15 @@ def _granularities(value: list[str] | str | None) -> set[str]:
             param="timestamp_granularities[]",
         )
     return granularities
+
+
+def _include(value: list[str] | str | None) -> set[str]:
+    items = [value] if isinstance(value, str) else list(value or [])
+    included = {item.strip().lower() for item in items if item.strip()}
+    unknown = included - {"logprobs"}
+    if unknown:
+        raise bad_request(f"Unsupported include value {clip(sorted(unknown)[0])!r}; use 'logprobs'.", param="include[]")
+    return included
 
 
 def _response_format(value: str) -> ResponseFormat:
@@ -135,7 +147,12 @@ def parse_form(form: TranscriptionForm, settings: Settings) -> TranscriptionPara
     # OpenAI ignores `stream` where it cannot stream (whisper-1): the formats that have no streamed form
     # here (srt, vtt, verbose_json) get their usual answer. LiteLLM sends verbose_json on every call.
     stream = _parse_bool(form.stream, "stream") and response_format in STREAMABLE_FORMATS
+    logprobs = "logprobs" in _include(form.include)
+    if logprobs and response_format != "json":  # OpenAI's rule; with stream=true the done event has them
+        raise bad_request("'include[]=logprobs' requires response_format 'json'.", param="include[]")
     return TranscriptionParams(
+        logprobs=logprobs,
+        confidence=logprobs or (response_format == "verbose_json" and settings.verbose_json_confidence),
         response_format=response_format,
         language=language,
         prompt=prompt,

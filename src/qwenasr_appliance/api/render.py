@@ -6,6 +6,7 @@ import msgspec
 
 from qwenasr_appliance.api.schemas import (
     DurationUsage,
+    Logprob,
     ResponseFormat,
     Segment,
     TranscriptionJSON,
@@ -69,9 +70,10 @@ def to_verbose_json(transcript: Transcript) -> TranscriptionVerboseJSON:
             text=s.text,
             tokens=[],
             temperature=0.0,
-            avg_logprob=0.0,
-            compression_ratio=0.0,
-            no_speech_prob=0.0,
+            avg_logprob=None if s.avg_logprob is None else round(s.avg_logprob, 6),
+            compression_ratio=round(s.compression_ratio, 6),
+            no_speech_prob=None if s.no_speech_prob is None else round(s.no_speech_prob, 6),
+            truncated=True if s.truncated else msgspec.UNSET,
         )
         for i, s in enumerate(_cues(transcript))
     ]
@@ -90,8 +92,16 @@ def to_verbose_json(transcript: Transcript) -> TranscriptionVerboseJSON:
     )
 
 
-def render(transcript: Transcript, response_format: ResponseFormat) -> tuple[bytes, str]:
-    """The response body and its content type."""
+def to_logprobs(transcript: Transcript) -> list[Logprob]:
+    """The transcript's tokens in OpenAI's `logprobs` shape."""
+    return [
+        Logprob(token=t.token, logprob=round(t.logprob, 6), bytes=list(t.token.encode("utf-8")))
+        for t in transcript.logprobs
+    ]
+
+
+def render(transcript: Transcript, response_format: ResponseFormat, *, logprobs: bool = False) -> tuple[bytes, str]:
+    """The response body and its content type; `logprobs` adds them to `json` (include[]=logprobs)."""
     body: bytes
     if response_format == "text":
         body = (transcript.text + "\n").encode()
@@ -102,7 +112,11 @@ def render(transcript: Transcript, response_format: ResponseFormat) -> tuple[byt
     elif response_format == "verbose_json":
         body = msgspec.json.encode(to_verbose_json(transcript))
     else:
-        payload = TranscriptionJSON(text=transcript.text, usage=DurationUsage(seconds=round(transcript.duration, 3)))
+        payload = TranscriptionJSON(
+            text=transcript.text,
+            logprobs=to_logprobs(transcript) if logprobs else msgspec.UNSET,
+            usage=DurationUsage(seconds=round(transcript.duration, 3)),
+        )
         body = msgspec.json.encode(payload)
     return body, CONTENT_TYPES[response_format]
 

@@ -28,6 +28,7 @@ class TranscriptionForm(msgspec.Struct, kw_only=True):
     temperature: str | None = None
     timestamp_granularities: list[str] | str | None = msgspec.field(default=None, name="timestamp_granularities[]")
     stream: str | None = None
+    include: list[str] | str | None = msgspec.field(default=None, name="include[]")
 
 
 class DurationUsage(msgspec.Struct, kw_only=True):
@@ -35,8 +36,17 @@ class DurationUsage(msgspec.Struct, kw_only=True):
     seconds: float
 
 
+class Logprob(msgspec.Struct, kw_only=True):
+    """OpenAI's `logprobs` item: a token, its log-probability and its UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
 class TranscriptionJSON(msgspec.Struct, kw_only=True):
     text: str
+    logprobs: list[Logprob] | msgspec.UnsetType = msgspec.UNSET  # only with include[]=logprobs
     usage: DurationUsage
 
 
@@ -48,9 +58,10 @@ class Segment(msgspec.Struct, kw_only=True):
     text: str
     tokens: list[int]
     temperature: float
-    avg_logprob: float
+    avg_logprob: float | None  # null: not computed (see docs/accuracy.md, Confidence)
     compression_ratio: float
-    no_speech_prob: float
+    no_speech_prob: float | None  # null: the engine could not tell
+    truncated: bool | msgspec.UnsetType = msgspec.UNSET  # present (true) when the chunk hit MAX_NEW_TOKENS
 
 
 class Word(msgspec.Struct, kw_only=True):

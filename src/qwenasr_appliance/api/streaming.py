@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from qwenasr_appliance.api.error_mapping import outcome, to_api_error
+from qwenasr_appliance.api.render import to_logprobs
 from qwenasr_appliance.api.shutdown import ServerStopping
 from qwenasr_appliance.metrics import METRICS
 from qwenasr_appliance.transcription.types import StreamDelta, StreamDone, StreamEvent
@@ -37,9 +38,12 @@ async def _next_event(rest: AsyncIterator[StreamEvent], stop: asyncio.Event) -> 
     return following.result()
 
 
-async def sse_events(first: StreamEvent, rest: AsyncIterator[StreamEvent], stop: asyncio.Event) -> AsyncIterator[bytes]:
+async def sse_events(
+    first: StreamEvent, rest: AsyncIterator[StreamEvent], stop: asyncio.Event, *, logprobs: bool = False
+) -> AsyncIterator[bytes]:
     """The response body: `first`, then the rest of the events until done, the grace period ends (`stop`)
-    or the pipeline fails; counts the request's outcome."""
+    or the pipeline fails; counts the request's outcome. `logprobs` (include[]=logprobs) adds the
+    transcript's token log-probabilities to `transcript.text.done`."""
     event: StreamEvent | None = first
     try:
         while event is not None:
@@ -47,13 +51,11 @@ async def sse_events(first: StreamEvent, rest: AsyncIterator[StreamEvent], stop:
                 yield _sse({"type": "transcript.text.delta", "delta": event.text})
             elif isinstance(event, StreamDone):
                 transcript = event.transcript
-                yield _sse(
-                    {
-                        "type": "transcript.text.done",
-                        "text": transcript.text,
-                        "usage": {"type": "duration", "seconds": round(transcript.duration, 3)},
-                    }
-                )
+                done: dict[str, Any] = {"type": "transcript.text.done", "text": transcript.text}
+                if logprobs:
+                    done["logprobs"] = msgspec.to_builtins(to_logprobs(transcript))
+                done["usage"] = {"type": "duration", "seconds": round(transcript.duration, 3)}
+                yield _sse(done)
             event = await _next_event(rest, stop)
         METRICS.transcriptions.labels(outcome="ok").inc()
     except Exception as exc:

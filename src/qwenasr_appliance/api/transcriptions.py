@@ -99,7 +99,7 @@ class TranscriptionController(Controller):
             stop = context.shutdown.expired
             first = await cancel_on_disconnect(request.receive, anext(events), stop=stop)
             return Stream(
-                sse_events(first, events, stop),
+                sse_events(first, events, stop, logprobs=params.logprobs),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_truncation_header(stats)},
             )
@@ -109,10 +109,12 @@ class TranscriptionController(Controller):
             stop=context.shutdown.expired,
         )
         started = time.perf_counter()
-        body, content_type = render(transcript, params.response_format)
+        body, content_type = render(transcript, params.response_format, logprobs=params.logprobs)
         METRICS.stage_duration.labels(stage="response").observe(time.perf_counter() - started)
         METRICS.transcriptions.labels(outcome="ok").inc()
         headers = {**transcript_headers(transcript), **_truncation_header(stats)}
+        if transcript.truncated:
+            headers["X-Transcript-Truncated"] = "true"  # a chunk hit MAX_NEW_TOKENS: text may be missing
         return Response(body, media_type=content_type, headers=headers)
 
     @post(

@@ -14,6 +14,9 @@ from typing import Literal, Protocol, runtime_checkable
 from qwenasr_appliance.audio.samples import AudioArray
 
 LoadFailureKind = Literal["import", "unsupported", "out_of_memory", "model_not_found", "other"]
+# Why generation ended: the model's end token ("stop"), the `max_new_tokens` limit ("length": the chunk
+# may be cut off), or the early stop of a runaway loop ("repetition").
+FinishReason = Literal["stop", "length", "repetition"]
 
 
 @dataclass(frozen=True)
@@ -27,15 +30,36 @@ class TranscribeOptions:
     # True when the caller streams text to its client: the engine then reports partial output as it
     # goes. False lets an engine skip per-token work and report once, at the end.
     incremental: bool = False
+    # True when the caller wants confidence (per-token log-probabilities and `no_speech_prob`): the
+    # engine then asks the model for them. False keeps that work off the hot path.
+    logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text (as decoded alone; a piece of a multi-byte character decodes to
+    U+FFFD) and the natural-log probability the model gave it, before temperature."""
+
+    token: str
+    logprob: float
 
 
 @dataclass(frozen=True)
 class EngineOutput:
-    """Raw model output for one chunk, cumulative when streamed."""
+    """Raw model output for one chunk, cumulative when streamed.
+
+    The finished output (`finished=True`) also says why generation ended and, when
+    `TranscribeOptions.logprobs` was set, carries every generated token with its log-probability (the
+    end token included) and `no_speech_prob`: the probability of the model's "no speech" path at its
+    first decision (see `docs/accuracy.md`, Confidence); None when the engine could not tell.
+    """
 
     raw_text: str
     output_tokens: int = 0
     finished: bool = True
+    finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    no_speech_prob: float | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ returns the plans with the reason each one is in the list. Rules:
   process holds some); the utilization is then lowered to what is free, and the plan says so.
 - `QUANT_MODE=auto` estimates the model's weights and picks bf16 first when they fit comfortably in
   the memory vLLM may use, bitsandbytes 4-bit first otherwise.
+- `DTYPE=auto` on a GPU without bf16 (before Ampere) takes float32 when it fits, float16 only when it
+  does not; a float16 plan says in its reason that Qwen3's decoder is reported to fail in float16.
 - The last GPU plan repeats the lightest allowed variant at 80% of that utilization: it leaves room
   for memory vLLM does not account for (CUDA context, graph capture, other processes growing).
 - With a forced aligner (`ALIGNER_MODEL_ID`), the aligner's share (`ALIGNER_GPU_MEMORY_UTILIZATION` of
@@ -41,6 +43,8 @@ CONTEXT_RESERVE_BYTES = 768 * 1024**2  # the CUDA context vLLM's worker creates 
 LOWER_UTIL_FACTOR = 0.8
 MIN_UTIL = 0.05
 
+# Why float16 is avoided for Qwen3-ASR on the GPU (docs/accuracy.md, float16).
+FLOAT16_RISK = "the Qwen3 decoder is reported to produce garbage in float16 (FunASR, a GGUF port)"
 _DTYPE_TAGS: dict[str, str] = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _SIZE_PATTERN = re.compile(r"(?<![\d.])(0\.6|1\.7)\s*b(?![a-z])", re.IGNORECASE)
 
@@ -143,10 +147,10 @@ def _gpu_plans(settings: Settings, probe: VramProbe, vllm_available: bool) -> tu
     util, util_reason = _usable_util(settings.gpu_memory_utilization, gpu, _aligner_reserve(settings, gpu))
     if util < MIN_UTIL:
         return [], (f"GPU {gpu.index} ({gpu.name}) has only {_gib(gpu.free_bytes)} free of {_gib(gpu.total_bytes)}")
-    dtype = _gpu_dtype(settings, gpu)
     weights = estimate_weights(settings.model_id)
-    need = weights.bf16_bytes * (2 if dtype == "float32" else 1) + WORKING_MARGIN_BYTES
     budget = util * gpu.total_bytes
+    dtype, dtype_reason = _gpu_dtype(settings, gpu, weights, budget)
+    need = weights.bf16_bytes * (2 if dtype == "float32" else 1) + WORKING_MARGIN_BYTES
     fits = f"{_gib(need)} needed (weights: {weights.source}), {_gib(budget)} usable at utilization {util:.2f}"
 
     # (4-bit?, why) in the order to try at `util`.
@@ -163,7 +167,8 @@ def _gpu_plans(settings: Settings, probe: VramProbe, vllm_available: bool) -> tu
     else:
         variants = [(True, f"QUANT_MODE=auto, tight memory: {fits}"), (False, "fallback when 4-bit fails")]
     plans = [
-        _vllm_plan(settings, dtype, bnb, util, f"{why}; {util_reason}" if util_reason else why) for bnb, why in variants
+        _vllm_plan(settings, dtype, bnb, util, "; ".join(r for r in (why, util_reason, dtype_reason) if r))
+        for bnb, why in variants
     ]
     lower = _floor_util(util * LOWER_UTIL_FACTOR)
     if lower >= MIN_UTIL:
@@ -174,7 +179,14 @@ def _gpu_plans(settings: Settings, probe: VramProbe, vllm_available: bool) -> tu
                 dtype,
                 lightest_is_4bit,
                 lower,
-                f"last GPU fallback: utilization lowered to {lower:.2f} to leave room outside vLLM's budget",
+                "; ".join(
+                    r
+                    for r in (
+                        f"last GPU fallback: utilization lowered to {lower:.2f} to leave room outside vLLM's budget",
+                        dtype_reason,
+                    )
+                    if r
+                ),
             )
         )
     return plans, ""
@@ -248,10 +260,32 @@ def _floor_util(value: float) -> float:
     return math.floor(value * 100 + 1e-6) / 100
 
 
-def _gpu_dtype(settings: Settings, gpu: GpuInfo) -> PlanDType:
+def _gpu_dtype(settings: Settings, gpu: GpuInfo, weights: WeightEstimate, budget: float) -> tuple[PlanDType, str]:
+    """The GPU plans' dtype, and why when it is not the plain choice (bf16, or what `DTYPE` says).
+
+    Before Ampere there is no bf16. Qwen3 decoders are reported to produce garbage in float16 (FunASR's
+    port, a GGUF port: activations overflow float16's range), so `DTYPE=auto` takes float32 there when its
+    weights (twice bf16's) and the working margin fit, and float16 with a warning in the reason only when
+    they do not (a smaller KV cache costs an ASR model little: its sequences are short).
+    """
+    if settings.dtype == "float16":
+        return "float16", f"warning: DTYPE=float16 was asked for; {FLOAT16_RISK}"
     if settings.dtype != "auto":
-        return settings.dtype
-    return "bfloat16" if gpu.supports_bfloat16 else "float16"
+        return settings.dtype, ""
+    if gpu.supports_bfloat16:
+        return "bfloat16", ""
+    no_bf16 = f"GPU {gpu.index} ({gpu.name}, compute capability {_capability(gpu)}) has no bfloat16"
+    need = 2 * weights.bf16_bytes + WORKING_MARGIN_BYTES
+    if budget >= need:
+        return "float32", f"float32: {no_bf16}, and {FLOAT16_RISK}"
+    return "float16", (
+        f"warning: float16: {no_bf16} and float32 does not fit ({_gib(need)} needed, {_gib(budget)} usable); "
+        f"{FLOAT16_RISK}"
+    )
+
+
+def _capability(gpu: GpuInfo) -> str:
+    return ".".join(map(str, gpu.compute_capability)) if gpu.compute_capability else "unknown"
 
 
 def _gib(value: float) -> str:

@@ -438,6 +438,8 @@ class EngineSupervisor:
     async def _attempt(self, plan: Plan) -> tuple[Engine | None, Attempt]:
         started_at, began = _now(), time.monotonic()
         logger.info("engine.plan.start", plan=plan.name, reason=plan.reason)
+        if plan.engine == "vllm" and plan.dtype == "float16":
+            logger.warning("engine.plan.float16", plan=plan.name, reason=plan.reason)
         engine: Engine | None = None
         try:
             if self._factory is default_engine_factory:

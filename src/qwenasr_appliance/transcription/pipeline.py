@@ -32,20 +32,28 @@ from qwenasr_appliance.engines.base import (
     Engine,
     EngineDeadError,
     EngineOutput,
+    TokenLogprob,
     TranscribeOptions,
     run_to_completion,
 )
-from qwenasr_appliance.engines.prompt import ParsedTranscript, parse_output, parse_partial
+from qwenasr_appliance.engines.prompt import OutputParser, ParsedTranscript, parse_output
 from qwenasr_appliance.metrics import METRICS, Metrics
 from qwenasr_appliance.supervisor.aligner_supervisor import AlignerUnavailable
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
 from qwenasr_appliance.transcription.admission import AdmissionController
+from qwenasr_appliance.transcription.confidence import (
+    avg_logprob,
+    compression_ratio,
+    transcript_tokens,
+    visible_tokens,
+)
 from qwenasr_appliance.transcription.text import join_texts
 from qwenasr_appliance.transcription.types import (
     RequestStats,
     StreamDelta,
     StreamDone,
     StreamEvent,
+    TokenConfidence,
     Transcript,
     TranscriptionRequest,
     TranscriptSegment,
@@ -84,7 +92,7 @@ def spoken_languages(parsed: list[ParsedTranscript], chunks: list[AudioChunk], f
     return tuple(language for language, _ in weights.most_common())
 
 
-def _segment(chunk: AudioChunk, text: str) -> TranscriptSegment:
+def _timed_segment(chunk: AudioChunk, text: str) -> TranscriptSegment:
     """A chunk's segment: its times bound the sound in it (`speech_spans`), the whole chunk if none."""
     offset = chunk.offset_seconds
     spans = tuple((offset + a / SAMPLE_RATE, offset + b / SAMPLE_RATE) for a, b in speech_spans(chunk.samples))
@@ -125,6 +133,7 @@ class TranscriptionService:
             temperature=request.temperature,
             max_new_tokens=self._settings.max_new_tokens,
             incremental=request.stream,
+            logprobs=request.confidence,
         )
 
     async def _decode(self, request: TranscriptionRequest, stats: RequestStats) -> DecodedAudio:
@@ -160,21 +169,67 @@ class TranscriptionService:
         self._metrics.engine_errors.labels(kind="dead").inc()
         await self._supervisor.report_dead(engine, error)
 
+    def _parse(self, output: EngineOutput, request: TranscriptionRequest) -> ParsedTranscript:
+        return parse_output(output.raw_text, request.language, request.prompt)
+
+    def _segment(
+        self, chunk: AudioChunk, output: EngineOutput, result: ParsedTranscript, request: TranscriptionRequest
+    ) -> TranscriptSegment:
+        """One chunk's segment with its confidence; counts and logs what went wrong in the chunk."""
+        start = chunk.offset_seconds
+        end = start + (chunk.end_sample - chunk.start_sample) / SAMPLE_RATE
+        text = result.text.strip()
+        truncated = output.finish_reason == "length"
+        loop_stopped = output.finish_reason == "repetition"
+        if truncated:
+            self._metrics.truncated_chunks.inc()
+            log.warning("transcription.chunk_truncated", start=round(start, 3), end=round(end, 3),
+                        output_tokens=output.output_tokens)  # fmt: skip
+        if loop_stopped:
+            self._metrics.repetition_loops.labels(action="stopped").inc()
+            log.warning("transcription.loop_stopped", start=round(start, 3), end=round(end, 3),
+                        output_tokens=output.output_tokens)  # fmt: skip
+        if result.loops:
+            self._metrics.repetition_loops.labels(action="collapsed").inc(result.loops)
+            log.info("transcription.loop_collapsed", start=round(start, 3), end=round(end, 3), loops=result.loops)
+        if result.echo:
+            self._metrics.context_echoes.inc()
+            log.warning("transcription.context_echo_dropped", start=round(start, 3), end=round(end, 3))
+        tokens: list[TokenLogprob] = []
+        if output.logprobs is not None and not result.echo:
+            tokens = transcript_tokens(output.logprobs, request.language)
+        return dataclasses.replace(
+            _timed_segment(chunk, text),
+            avg_logprob=avg_logprob(tokens) if text else None,
+            compression_ratio=compression_ratio(text),
+            no_speech_prob=output.no_speech_prob,
+            truncated=truncated,
+            loop_stopped=loop_stopped,
+            tokens=tuple(TokenConfidence(t.token, t.logprob) for t in visible_tokens(tokens)) if text else (),
+        )
+
     def _finish(
         self,
         decoded: DecodedAudio,
         chunks: list[AudioChunk],
+        outputs: list[EngineOutput],
         parsed: list[ParsedTranscript],
         request: TranscriptionRequest,
         stats: RequestStats,
+        text: str | None = None,
     ) -> Transcript:
-        segments = [_segment(chunk, result.text.strip()) for chunk, result in zip(chunks, parsed, strict=True)]
+        """The transcript of the chunks' outputs; `text` (the streamed text, when streamed) replaces the
+        joined chunk texts, which it equals (see `stream`)."""
+        segments = [
+            self._segment(chunk, output, result, request)
+            for chunk, output, result in zip(chunks, outputs, parsed, strict=True)
+        ]
         languages = spoken_languages(parsed, chunks, request.language)
         language = languages[0] if languages else ""
         stats.chunks = len(chunks)
         stats.language = language
         return Transcript(
-            text=join_texts([r.text for r in parsed]),
+            text=join_texts([r.text for r in parsed]) if text is None else text,
             language=language,
             duration=decoded.duration_seconds,
             segments=segments,
@@ -203,8 +258,8 @@ class TranscriptionService:
                 raise
             stats.engine_seconds = time.perf_counter() - engine_started
             self._metrics.stage_duration.labels(stage="engine").observe(stats.engine_seconds)
-            parsed = [parse_output(o.raw_text, request.language) for o in outputs]
-            transcript = self._finish(decoded, chunks, parsed, request, stats)
+            parsed = [self._parse(o, request) for o in outputs]
+            transcript = self._finish(decoded, chunks, outputs, parsed, request, stats)
             if aligner is not None:
                 transcript = await self._with_words(aligner, chunks, parsed, transcript, required=not request.subtitles)
         self._observe_success(stats, started)
@@ -305,7 +360,11 @@ class TranscriptionService:
         """Transcribe, yielding text deltas in audio order as the engine produces them, then the result.
 
         All chunks run at once (so the engine batches them); deltas of a later chunk are held back
-        until every earlier chunk has finished.
+        until every earlier chunk has finished. Each chunk's output goes through one `OutputParser`, which
+        releases only text no later token can change (control tokens, headers, loops and context echoes
+        are handled as the text streams) and, when the chunk finishes, the held-back tail: the text
+        `parse_output` gives for the same output. The transcript's text in `StreamDone` is the joined
+        deltas themselves, so a client that shows deltas and one that reads the final text see the same.
         """
         self._supervisor.require_engine()
         started = time.perf_counter()
@@ -324,27 +383,28 @@ class TranscriptionService:
                     await stream.aclose()  # type: ignore[attr-defined]
 
             tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(chunks)]
+            outputs: list[EngineOutput] = []
             parsed: list[ParsedTranscript] = []
             emitted = ""
             try:
                 async with asyncio.timeout(self._settings.request_timeout_seconds):
                     for index in range(len(chunks)):
+                        parser = OutputParser(request.language, request.prompt)
                         while True:
                             item = await queues[index].get()
                             if isinstance(item, BaseException):
                                 if isinstance(item, EngineDeadError):
                                     await self._guard_engine(engine, item)
                                 raise item
-                            partial = (
-                                parse_output(item.raw_text, request.language)
-                                if item.finished
-                                else parse_partial(item.raw_text, request.language)
-                            )
+                            partial = parser.finish(item.raw_text) if item.finished else parser.feed(item.raw_text)
                             text = join_texts([*(p.text for p in parsed), partial.text])
                             if text.startswith(emitted) and len(text) > len(emitted):
                                 yield StreamDelta(text[len(emitted) :])
                                 emitted = text
                             if item.finished:
+                                if parser.diverged:
+                                    log.warning("stream.output_not_cumulative", chunk=index)
+                                outputs.append(item)
                                 parsed.append(partial)
                                 break
             finally:
@@ -353,8 +413,10 @@ class TranscriptionService:
                 await asyncio.gather(*tasks, return_exceptions=True)
             stats.engine_seconds = time.perf_counter() - engine_started
             self._metrics.stage_duration.labels(stage="engine").observe(stats.engine_seconds)
-            transcript = self._finish(decoded, chunks, parsed, request, stats)
-            if transcript.text != emitted and transcript.text.startswith(emitted):
-                yield StreamDelta(transcript.text[len(emitted) :])
+            if join_texts([p.text for p in parsed]) != emitted:
+                # Each chunk's text only grows and the join only appends, so this cannot happen; if a change
+                # to either ever breaks that, the deltas the client has shown stay the transcript.
+                log.error("stream.deltas_differ_from_text", emitted_chars=len(emitted))
+            transcript = self._finish(decoded, chunks, outputs, parsed, request, stats, text=emitted)
         self._observe_success(stats, started)
         yield StreamDone(transcript)

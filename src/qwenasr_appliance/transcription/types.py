@@ -20,17 +20,37 @@ class TranscriptWord:
 
 
 @dataclass(frozen=True)
+class TokenConfidence:
+    """One transcript token and its natural-log probability (OpenAI's `logprobs` item)."""
+
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
 class TranscriptSegment:
-    """The text of one piece of the recording (a chunk cut at a quiet point).
+    """The text of one piece of the recording (a chunk cut at a quiet point), with its confidence.
 
     `start` and `end` bound the sound in the chunk (`audio.split.speech_spans`), or the whole chunk when
     it has none; `speech` lists the sound's stretches between pauses (seconds, in order, within
-    [start, end]), empty when unknown."""
+    [start, end]), empty when unknown.
+
+    `avg_logprob` and `no_speech_prob` are None when they were not computed (the request did not ask
+    for confidence) or the engine could not tell; `compression_ratio` is always computed from the text
+    (see `transcription.confidence`). `truncated`: generation hit `MAX_NEW_TOKENS`, the text may be cut.
+    `loop_stopped`: the engine stopped a runaway loop early, text after it is lost.
+    """
 
     start: float  # seconds
     end: float  # seconds
     text: str
     speech: tuple[tuple[float, float], ...] = ()
+    avg_logprob: float | None = None
+    compression_ratio: float = 0.0
+    no_speech_prob: float | None = None
+    truncated: bool = False
+    loop_stopped: bool = False
+    tokens: tuple[TokenConfidence, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,16 @@ class Transcript:
     # Every language spoken, longest first (`languages[0] == language`); empty when nothing was recognised.
     languages: tuple[str, ...] = ()
 
+    @property
+    def truncated(self) -> bool:
+        """Some chunk ended on the token limit: text may be missing."""
+        return any(segment.truncated for segment in self.segments)
+
+    @property
+    def logprobs(self) -> list[TokenConfidence]:
+        """The transcript's tokens in order, when confidence was computed."""
+        return [token for segment in self.segments for token in segment.tokens]
+
 
 @dataclass(frozen=True)
 class TranscriptionRequest:
@@ -61,6 +91,9 @@ class TranscriptionRequest:
     stream: bool
     word_timestamps: bool = False  # timestamp_granularities[]=word: align with the forced aligner
     subtitles: bool = False  # SRT/VTT: cue times from the forced aligner when it is loaded, else by proportion
+    # Ask the engine for token log-probabilities (include[]=logprobs, or verbose_json's avg_logprob and
+    # no_speech_prob). Off by default: it costs engine time.
+    confidence: bool = False
 
 
 @dataclass(frozen=True)

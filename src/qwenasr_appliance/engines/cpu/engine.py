@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import threading
@@ -30,9 +31,12 @@ from qwenasr_appliance.engines.base import (
     EngineLoadError,
     EngineOutput,
     EngineRequestError,
+    FinishReason,
+    TokenLogprob,
     TranscribeOptions,
 )
 from qwenasr_appliance.engines.cpu.loading import CPU_DTYPES, load_failure_kind, load_on_own_thread, model_location
+from qwenasr_appliance.engines.no_speech import decision_step, no_speech_token_ids
 from qwenasr_appliance.engines.progress import LoadProgress
 from qwenasr_appliance.engines.prompt import build_prompt
 from qwenasr_appliance.logs import adopt_library_loggers
@@ -131,6 +135,7 @@ class _LoopCriterion:
     def __init__(self, prompt_length: int, torch: Any) -> None:
         self._prompt_length = prompt_length
         self._torch = torch
+        self.fired = False
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         window = _LOOP_MAX_PATTERN * _LOOP_MIN_COUNT
@@ -139,6 +144,7 @@ class _LoopCriterion:
             len(tail) >= size * _LOOP_MIN_COUNT and tail[-size * _LOOP_MIN_COUNT :] == tail[-size:] * _LOOP_MIN_COUNT
             for size in range(1, _LOOP_MAX_PATTERN + 1)
         )
+        self.fired = self.fired or looping
         return self._torch.full((input_ids.shape[0],), looping, dtype=self._torch.bool)
 
 
@@ -276,19 +282,58 @@ class CPUEngine:
         inputs = asr.processor(text=[prompt], audio=[audio], return_tensors="pt", padding=True)
         inputs = inputs.to(model.device).to(model.dtype)
         prompt_length = int(inputs["input_ids"].shape[1])
+        loop_guard = _LoopCriterion(prompt_length, torch)
+        # Raw logits per step (before temperature), only when the caller wants confidence (qwen-asr's
+        # generate() already returns a dict).
+        confidence = {"output_logits": True} if options.logprobs else {}
         with torch.inference_mode():
             result = model.generate(
                 **inputs,
                 max_new_tokens=options.max_new_tokens,
                 eos_token_id=self._eos_ids,
                 pad_token_id=self._pad_id,
-                stopping_criteria=[_CancelCriterion(cancelled, torch), _LoopCriterion(prompt_length, torch)],
+                stopping_criteria=[_CancelCriterion(cancelled, torch), loop_guard],
                 streamer=streamer,
+                **confidence,
                 **_sampling_arguments(options.temperature),
             )
         generated = result.sequences[0, prompt_length:]
-        text: str = self._tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return EngineOutput(raw_text=text, output_tokens=int(generated.shape[0]), finished=True)
+        ids = [int(token) for token in generated.tolist()]
+        text: str = self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        output = EngineOutput(
+            raw_text=text,
+            output_tokens=len(ids),
+            finished=True,
+            finish_reason=self._finish_reason(ids, options, loop_guard),
+        )
+        if options.logprobs and getattr(result, "logits", None):
+            return self._with_confidence(output, ids, result.logits, options)
+        return output
+
+    def _finish_reason(self, ids: list[int], options: TranscribeOptions, loop_guard: _LoopCriterion) -> FinishReason:
+        if ids and ids[-1] in self._eos_ids:
+            return "stop"
+        if loop_guard.fired:
+            return "repetition"
+        return "length" if len(ids) >= options.max_new_tokens else "stop"
+
+    def _with_confidence(
+        self, output: EngineOutput, ids: list[int], logits: Any, options: TranscribeOptions
+    ) -> EngineOutput:
+        """`output` with each token's log-probability and `no_speech_prob` read from the raw logits."""
+        torch = self._torch
+        steps = torch.log_softmax(torch.stack([step[0] for step in logits[: len(ids)]]).float(), dim=-1)
+        chosen = steps[torch.arange(len(ids)), torch.tensor(ids)].tolist()
+        texts = [self._tokenizer.decode([token], skip_special_tokens=True) for token in ids]
+        tokens = tuple(TokenLogprob(token=t, logprob=float(lp)) for t, lp in zip(texts, chosen, strict=True))
+        forced = bool(options.language)
+        step = decision_step(texts, forced)
+        no_speech: float | None = None
+        if step is not None:
+            candidates = no_speech_token_ids(self._tokenizer, forced, self._eos_ids)
+            if candidates:
+                no_speech = float(steps[step, candidates].exp().sum().clamp(max=1.0))
+        return dataclasses.replace(output, logprobs=tokens, no_speech_prob=no_speech)
 
     async def abort(self, request_id: str) -> None:
         job = self._jobs.get(request_id)

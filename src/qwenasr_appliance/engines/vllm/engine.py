@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -47,8 +48,11 @@ from qwenasr_appliance.engines.base import (
     EngineLoadError,
     EngineOutput,
     EngineRequestError,
+    FinishReason,
+    TokenLogprob,
     TranscribeOptions,
 )
+from qwenasr_appliance.engines.no_speech import decision_step, no_speech_token_ids
 from qwenasr_appliance.engines.progress import LoadProgress
 from qwenasr_appliance.engines.prompt import build_prompt
 from qwenasr_appliance.engines.vllm.common import LLMFactory, OutputTap, ParamsFactory, PlanLike, audio_tokens
@@ -83,13 +87,18 @@ PROMPT_OVERHEAD_TOKENS: Final = 64
 DEFAULT_CONTEXT_TOKENS: Final = 2000
 MAX_MODEL_LEN_STEP: Final = 1024
 MODEL_MAX_POSITIONS: Final = 65536
-# Stop a runaway loop: a pattern of 1-10 tokens repeated 20 times in a row. `prompt.fix_repetitions`
-# collapses such loops to one occurrence anyway, so stopping early changes nothing but the time spent.
+# Stop a runaway loop: a pattern of 1-10 tokens repeated 20 times in a row (vLLM 0.26
+# `RepetitionDetectionParams`, checked after every step in `vllm/v1/core/sched/utils.py: check_stop`, after
+# the end-token and `max_tokens` checks). `prompt.fix_repetitions` collapses such loops to two copies anyway,
+# so stopping early saves the time the loop would take; the text after the loop is lost (logged and counted).
 REPETITION_GUARD: Final[Mapping[str, int]] = {"min_pattern_size": 1, "max_pattern_size": 10, "min_count": 20}
 # Stream every 8th token (and always the first and the last): vLLM's output processor then builds a
 # tenth of the per-token `RequestOutput`s this process has to handle under load; at 2-10 ms per decode
 # step a client still sees text every 20-80 ms.
 STREAM_INTERVAL_TOKENS: Final = 8
+# Top log-probabilities asked per step when confidence is wanted (only then: vLLM computes the
+# log-softmax over the vocabulary for every step of such requests).
+NO_SPEECH_TOP_LOGPROBS: Final = 5
 WARMUP_SECONDS: Final = 2.0
 WARMUP_TOKENS: Final = 4
 CHECK_SECONDS: Final = 2.37
@@ -163,6 +172,10 @@ def build_sampling_kwargs(options: TranscribeOptions, *, fixed_length: bool = Fa
         "output_kind": "DELTA" if options.incremental else "FINAL_ONLY",
         "detokenize": options.incremental,
     }
+    if options.logprobs:
+        # The sampled token's log-probability plus the top few at each step: `no_speech_prob` needs the
+        # probability of the "no speech" token at the decision step even when it was not sampled.
+        kwargs["logprobs"] = NO_SPEECH_TOP_LOGPROBS
     if fixed_length:
         kwargs.update(ignore_eos=True, min_tokens=options.max_new_tokens)
     else:
@@ -179,6 +192,41 @@ def build_request_input(audio: AudioArray, options: TranscribeOptions) -> dict[s
         "prompt": build_prompt(options.context, options.language),
         "multi_modal_data": {"audio": (samples, SAMPLE_RATE)},
     }
+
+
+# vLLM 0.26's `CompletionOutput.finish_reason` for a stop by the repetition guard: `check_stop` sets
+# `RequestStatus.FINISHED_REPETITION` (and `stop_reason="repetition_detected"`), `vllm/v1/request.py` maps
+# it to `FinishReason.REPETITION`, whose string (`FINISH_REASON_STRINGS`, `vllm/v1/engine/__init__.py`) the
+# output processor reports (`str(finish_reason)`, `vllm/v1/engine/output_processor.py`).
+VLLM_REPETITION_REASON: Final = "repetition"
+
+
+def finish_reason(vllm_reason: str | None, output_tokens: int, max_new_tokens: int) -> FinishReason:
+    """Our finish reason from vLLM's `CompletionOutput.finish_reason`: `length` stays (also when vLLM gave
+    none and the limit was reached), `repetition` is the repetition guard's stop (`VLLM_REPETITION_REASON`),
+    anything else that finished (`stop`: end token) is `stop`."""
+    if vllm_reason == "length" or (vllm_reason is None and output_tokens >= max_new_tokens):
+        return "length"
+    if vllm_reason == VLLM_REPETITION_REASON:
+        return "repetition"
+    return "stop"
+
+
+def end_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of `<|im_end|>` and `<|endoftext|>` in the tokenizer's vocabulary."""
+    ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    return [int(token) for token in ids if token is not None and token != unknown]
+
+
+def top_probability(step: Mapping[int, Any], candidates: Sequence[int]) -> float:
+    """The probability of `candidates` at one step from vLLM's logprobs of that step (the sampled
+    token and the top `NO_SPEECH_TOP_LOGPROBS`). When none of them is there, its probability is at most
+    the least likely listed one's: that upper bound is returned."""
+    found = [math.exp(step[token].logprob) for token in candidates if token in step]
+    if found:
+        return min(1.0, sum(found))
+    return min((math.exp(item.logprob) for item in step.values()), default=0.0)
 
 
 def check_clip() -> AudioArray:
@@ -482,27 +530,36 @@ class VLLMEngine:
         finished = False
         text = ""
         tokens = 0
+        token_ids: list[int] = []
+        step_logprobs: list[Any] = []
+        reason: str | None = None
         try:
             engine_input = await self._engine_input(llm, audio, options)
             self._check_aborted(request_id)
             params = params_factory(build_sampling_kwargs(options, fixed_length=self._fixed_length))
             generator = llm.generate(engine_input, params, request_id)
             async for output in generator:
-                reason: str | None = None
+                reason = None
                 for completion in output.outputs[:1]:
                     if options.incremental:
                         text += completion.text
-                        tokens += len(completion.token_ids)
+                        token_ids.extend(completion.token_ids)
+                        step_logprobs.extend(getattr(completion, "logprobs", None) or ())
                     else:
                         text = self._decode(completion.token_ids)
-                        tokens = len(completion.token_ids)
+                        token_ids = list(completion.token_ids)
+                        step_logprobs = list(getattr(completion, "logprobs", None) or ())
+                    tokens = len(token_ids)
                     reason = completion.finish_reason
                 finished = bool(output.finished)
                 if reason in ("abort", "error") or (not finished and request_id in self._abort_requested):
                     finished = False
                     self._check_aborted(request_id)
                     raise EngineRequestError(f"vLLM ended request {request_id!r} with finish reason {reason!r}")
-                yield EngineOutput(raw_text=text, output_tokens=tokens, finished=finished)
+                if finished:
+                    yield self._final_output(text, token_ids, step_logprobs, reason, options)
+                else:
+                    yield EngineOutput(raw_text=text, output_tokens=tokens, finished=False)
                 # No break on `finished`: vLLM's generator returns right after its final output, and
                 # leaving it suspended would make its finalizer send a (useless) abort.
             if not finished:
@@ -528,6 +585,30 @@ class VLLMEngine:
                     await generator.aclose()
                 with contextlib.suppress(Exception):
                     await llm.abort(request_id)
+
+    def _final_output(
+        self, text: str, token_ids: list[int], steps: list[Any], reason: str | None, options: TranscribeOptions
+    ) -> EngineOutput:
+        """The finished output: why it ended and, when asked, the confidence read from vLLM's logprobs."""
+        finish = finish_reason(reason, len(token_ids), options.max_new_tokens)
+        output = EngineOutput(raw_text=text, output_tokens=len(token_ids), finished=True, finish_reason=finish)
+        if not options.logprobs or len(steps) != len(token_ids):
+            return output
+        tokenizer = attr(self._llm, "tokenizer")
+        if tokenizer is None:
+            return output
+        texts = [str(tokenizer.decode([token], skip_special_tokens=True)) for token in token_ids]
+        tokens = tuple(
+            TokenLogprob(token=t, logprob=float(step[token].logprob))
+            for t, token, step in zip(texts, token_ids, steps, strict=True)
+        )
+        forced = bool(options.language)
+        decision = decision_step(texts, forced)
+        no_speech = None
+        if decision is not None:
+            candidates = no_speech_token_ids(tokenizer, forced, end_token_ids(tokenizer))
+            no_speech = top_probability(steps[decision], candidates)
+        return dataclasses.replace(output, logprobs=tokens, no_speech_prob=no_speech)
 
     def _decode(self, token_ids: Any) -> str:
         tokenizer = attr(self._llm, "tokenizer")
