@@ -27,6 +27,10 @@ class TranscribeOptions:
     # True when the caller streams text to its client: the engine then reports partial output as it
     # goes. False lets an engine skip per-token work and report once, at the end.
     incremental: bool = False
+    # Text the assistant turn already holds, continued by the model (live re-decoding: the stable text of
+    # the utterance so far, Qwen3-ASR's streaming method). The output's `raw_text` excludes it. Placed
+    # after `language X<asr_text>` when `language` is set; otherwise it carries its own metadata.
+    assistant_prefix: str = ""
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,7 @@ class CPUEngine:
     ) -> EngineOutput:
         torch, asr = self._torch, self._asr
         model = asr.model
-        prompt = build_prompt(options.context, options.language)
+        prompt = build_prompt(options.context, options.language, options.assistant_prefix)
         audio = pad_to_min(audio, _MIN_AUDIO_SECONDS)
         inputs = asr.processor(text=[prompt], audio=[audio], return_tensors="pt", padding=True)
         inputs = inputs.to(model.device).to(model.dtype)
