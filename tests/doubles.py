@@ -37,6 +37,9 @@ class DoubleBehaviour:
     # The Nth stream() call of the process (counted over every engine made) kills its engine: that call
     # and every other stream on the engine raise EngineDeadError, as a crashed engine core does. Once.
     die_on_call: int = 0
+    # Live sessions: with N > 0 the transcript of audio of S seconds is "w1 w2 ... wK", K = floor(S * N), so
+    # a growing utterance's transcripts extend each other, as a real model's do.
+    words_per_second: float = 0.0
 
     @classmethod
     def from_env(cls) -> DoubleBehaviour:
@@ -46,6 +49,7 @@ class DoubleBehaviour:
             language=os.environ.get("DOUBLE_LANGUAGE", "English"),
             max_concurrency=int(os.environ.get("DOUBLE_MAX_CONCURRENCY", "4")),
             die_on_call=int(os.environ.get("DOUBLE_DIE_ON_CALL", "0")),
+            words_per_second=float(os.environ.get("DOUBLE_WORDS_PER_SECOND", "0")),
         )
 
 
@@ -75,6 +79,8 @@ class TestDoubleEngine:
 
     def words_for(self, audio: AudioArray, options: TranscribeOptions) -> list[str]:
         seconds = len(audio) / 16_000
+        if self.behaviour.words_per_second:
+            return [f"w{i}" for i in range(1, int(seconds * self.behaviour.words_per_second) + 1)]
         words = ["chunk", "of", f"{seconds:.1f}", "seconds"]
         if options.context:
             words += ["context", options.context.split()[0]]
@@ -88,15 +94,24 @@ class TestDoubleEngine:
             self.dead = True
         self._check_alive()
         # With a forced language the prompt already ends in `language X<asr_text>`: the model only writes text.
-        raw = "" if options.language else f"language {self.behaviour.language}<asr_text>"
+        meta = "" if options.language else f"language {self.behaviour.language}<asr_text>"
         words = self.words_for(audio, options)
+        # Pieces of the output as a model emits them; with an assistant prefix only what continues it (a model
+        # continues its prompt), nothing if the prefix is not the start of this audio's transcript.
+        pieces = [meta + words[0], *(f" {word}" for word in words[1:])] if words else [meta]
+        prefix = options.assistant_prefix
+        if prefix:
+            whole = "".join(pieces)
+            rest = whole[len(prefix) :] if whole.startswith(prefix) else ""
+            pieces = [f" {word}" for word in rest.split()] or [""]
+        raw = ""
         try:
-            for index, word in enumerate(words):
+            for index, piece in enumerate(pieces):
                 if self.behaviour.token_delay:
                     await asyncio.sleep(self.behaviour.token_delay)
                 self._check_alive()
-                raw += word if index == 0 else f" {word}"
-                yield EngineOutput(raw_text=raw, output_tokens=index + 1, finished=index == len(words) - 1)
+                raw += piece
+                yield EngineOutput(raw_text=raw, output_tokens=index + 1, finished=index == len(pieces) - 1)
             self.finished.append(request_id)
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request_id)

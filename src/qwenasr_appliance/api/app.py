@@ -15,9 +15,11 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from qwenasr_appliance import __version__
 from qwenasr_appliance.api.context import AppContext, app_context
 from qwenasr_appliance.api.errors import EXCEPTION_HANDLERS, MULTIPART_PART_LIMIT
+from qwenasr_appliance.api.live_page import live_page_routes
 from qwenasr_appliance.api.models import ModelsController
 from qwenasr_appliance.api.observer import RequestObserver
 from qwenasr_appliance.api.ops import OpsController
+from qwenasr_appliance.api.realtime import live_sessions, realtime
 from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
@@ -26,6 +28,8 @@ from qwenasr_appliance.logs import configure_logging
 from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
 from qwenasr_appliance.transcription.admission import AdmissionController
+from qwenasr_appliance.transcription.live.decoder import LiveDecoder
+from qwenasr_appliance.transcription.live.registry import LiveSessions
 from qwenasr_appliance.transcription.pipeline import TranscriptionService
 
 log = structlog.get_logger(__name__)
@@ -63,6 +67,7 @@ def _lifespan(context: AppContext) -> object:
             # other servers may start the lifespan shutdown earlier.
             context.shutdown.begin("lifespan shutdown")
             await _drain(context.admission, context.settings.shutdown_grace_seconds + 1.0)
+            await live_sessions(app.state).close_all()
             context.shutdown.close()
             await context.supervisor.stop()
             context.service.close()
@@ -87,12 +92,19 @@ def build_litestar(settings: Settings, *, engine_factory: EngineFactory | None =
         service=service,
         shutdown=ShutdownGrace(settings.shutdown_grace_seconds),
     )
+    live = LiveSessions(settings, LiveDecoder(settings, service, supervisor, admission))
     return Litestar(
-        route_handlers=[TranscriptionController, ModelsController, OpsController],
+        route_handlers=[
+            TranscriptionController,
+            ModelsController,
+            OpsController,
+            realtime,
+            *live_page_routes(settings),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[BodyReadTimeout(settings.client_timeout_seconds)],
         lifespan=[_lifespan(context)],  # type: ignore[list-item]
-        state=State({"context": context}),
+        state=State({"context": context, "live": live}),
         request_max_body_size=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES,
         multipart_form_part_limit=MULTIPART_PART_LIMIT,
         openapi_config=OpenAPIConfig(
