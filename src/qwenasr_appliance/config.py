@@ -73,7 +73,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     live_max_append_bytes: int = 1024 * 1024  # decoded audio bytes in one input_audio_buffer.append
     live_max_turn_seconds: float = 30.0  # a longer turn is committed where it stands
     live_partial_interval_seconds: float = 0.8  # new audio between partial re-decodes; 0: no partials
-    live_send_queue_events: int = 256  # server events waiting for a slow reader before the session is closed
+    live_send_queue_events: int = 1024  # server events waiting for a slow reader before the session is closed
     live_send_timeout_seconds: float = 10.0  # longest a single send may block
     live_page: bool = False  # the built-in try-it page at /live
 

@@ -521,10 +521,18 @@ def test_statefulset_gives_each_replica_its_own_model_volume(rendered: dict[str,
     assert headless["spec"]["clusterIP"] == "None"
     # The ServiceMonitor selects the main Service only (each pod scraped once).
     monitor = one(objects, "ServiceMonitor")
-    selected = [n for n, svc in services.items() if subset(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])]
+    selected = [
+        n
+        for n, svc in services.items()
+        if subset(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+    ]
     assert selected == [sts["metadata"]["name"]]
     scaled = one(objects, "ScaledObject")
-    assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": sts["metadata"]["name"]}
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": sts["metadata"]["name"],
+    }
 
 
 def test_rollout_survives_a_first_start(rendered: dict[str, Rendered]) -> None:

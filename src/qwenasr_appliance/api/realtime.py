@@ -21,9 +21,8 @@ internal error; 1013 try again later (`session_limit_reached`, `engine_unavailab
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import structlog
@@ -105,15 +104,28 @@ class _Outbox:
             self.overflowed.set()
 
 
+async def _within(awaitable: Awaitable[Any], timeout: float) -> bool:
+    """Run `awaitable` for at most `timeout` seconds; True if it completed without error.
+
+    A send to a peer whose receive window stays closed does not end when its task is cancelled (seen with
+    granian 2.8), so a late one is cancelled and left behind, never awaited: the caller goes on.
+    """
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        return False
+    return not task.cancelled() and task.exception() is None
+
+
 async def _writer(socket: WebSocket[Any, Any, Any], outbox: _Outbox, send_timeout: float) -> None:
+    """Send queued events in order; a send that takes longer than `send_timeout` marks a slow reader."""
     while True:
         text = await outbox.queue.get()
         try:
-            async with asyncio.timeout(send_timeout):
-                await socket.send_text(text)
-        except TimeoutError:
-            outbox.overflowed.set()
-            return
+            if not await _within(socket.send_text(text), send_timeout):
+                outbox.overflowed.set()
+                return
         finally:
             outbox.queue.task_done()
 
@@ -146,17 +158,16 @@ async def _finish_sending(
 ) -> None:
     """Let the writer flush what is queued (briefly; not for a slow reader), stop it, send the final error
     event and close. A client that is gone or stuck is ignored: every step is bounded."""
-    with contextlib.suppress(Exception):
-        if not outbox.overflowed.is_set():
-            async with asyncio.timeout(ERROR_SEND_SECONDS * 2):
-                await outbox.queue.join()
+    if not outbox.overflowed.is_set():
+        await _within(outbox.queue.join(), ERROR_SEND_SECONDS * 2)
     writer.cancel()
-    await asyncio.gather(writer, return_exceptions=True)
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(ERROR_SEND_SECONDS):
-            if last is not None:
-                await socket.send_text(encode_server_event(last))
-            await socket.close(code=code)
+    await asyncio.wait({writer}, timeout=ERROR_SEND_SECONDS)
+    if (
+        outbox.overflowed.is_set()
+        or last is None
+        or await _within(socket.send_text(encode_server_event(last)), ERROR_SEND_SECONDS)
+    ):
+        await _within(socket.close(code=code), ERROR_SEND_SECONDS)
 
 
 _ENDINGS: Final[dict[str, tuple[int, str, ErrorType]]] = {
@@ -207,7 +218,7 @@ async def _serve(socket: WebSocket[Any, Any, Any], session: LiveSession, outbox:
     finally:
         for task in watchers.values():
             task.cancel()
-        await asyncio.gather(*watchers.values(), return_exceptions=True)
+        await asyncio.wait(watchers.values(), timeout=ERROR_SEND_SECONDS)
     if reason in {"session_expired", "shutdown"}:
         # No new client events; committed turns still get their transcripts.
         session.stop_accepting(reason)
@@ -233,10 +244,8 @@ async def realtime(socket: WebSocket[Any, Any, Any]) -> None:
     try:
         session = _open(live, context, outbox.emit)
     except _Refused as refused:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(ERROR_SEND_SECONDS):
-                await socket.send_text(encode_server_event(error_event(refused.error)))
-                await socket.close(code=CLOSE_TRY_AGAIN)
+        if await _within(socket.send_text(encode_server_event(error_event(refused.error))), ERROR_SEND_SECONDS):
+            await _within(socket.close(code=CLOSE_TRY_AGAIN), ERROR_SEND_SECONDS)
         log.info("live.refused", reason=refused.error.code)
         return
     writer = asyncio.create_task(_writer(socket, outbox, context.settings.live_send_timeout_seconds))
@@ -249,7 +258,7 @@ async def realtime(socket: WebSocket[Any, Any, Any]) -> None:
         await live.ended(session, reason)
         if reason == "client_closed":
             writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            await asyncio.wait({writer}, timeout=ERROR_SEND_SECONDS)
         else:
             code, last = _ending(reason, context)
             await _finish_sending(socket, outbox, writer, last, code)

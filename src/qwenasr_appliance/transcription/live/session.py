@@ -248,6 +248,8 @@ class LiveSession:
         self._ingest(self._audio.decode(event.audio))
 
     def _manual_commit(self, event: AudioCommit) -> None:
+        # Everything the client sent belongs to this turn: release what the resampler still holds.
+        self._ingest(self._audio.flush())
         turn = self._turn
         held = 0 if turn is None else self._position - turn.start
         if turn is None or held < MIN_COMMIT_SAMPLES:
@@ -263,6 +265,7 @@ class LiveSession:
 
     def _clear(self) -> None:
         self._cancel_partial()
+        self._audio.flush()  # what the resampler holds was appended before the clear: dropped too
         self._turn = None
         self._buffer.drop_before(self._position)
         if self._detector is not None:
