@@ -49,7 +49,7 @@ def client(url: str, key: str = "test-key") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
 
 
-async def recv(connection: Any, timeout: float = 20.0) -> dict[str, Any]:
+async def recv(connection: Any, timeout: float = 20.0) -> dict[str, Any]:  # noqa: ASYNC109
     """The next server event as a dict, after checking it against the SDK's `RealtimeServerEvent` union."""
     raw = await asyncio.wait_for(connection.recv_bytes(), timeout)
     event: dict[str, Any] = json.loads(raw)
@@ -58,7 +58,13 @@ async def recv(connection: Any, timeout: float = 20.0) -> dict[str, Any]:
     return event
 
 
-async def recv_until(connection: Any, last_type: str, *, count: int = 1, timeout: float = 30.0) -> list[dict[str, Any]]:
+async def recv_until(
+    connection: Any,
+    last_type: str,
+    *,
+    count: int = 1,
+    timeout: float = 30.0,  # noqa: ASYNC109
+) -> list[dict[str, Any]]:
     """Events up to and including the `count`-th of type `last_type`."""
     events: list[dict[str, Any]] = []
     seen = 0

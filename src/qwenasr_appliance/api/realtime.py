@@ -104,14 +104,14 @@ class _Outbox:
             self.overflowed.set()
 
 
-async def _within(awaitable: Awaitable[Any], timeout: float) -> bool:
-    """Run `awaitable` for at most `timeout` seconds; True if it completed without error.
+async def _within(awaitable: Awaitable[Any], seconds: float) -> bool:
+    """Run `awaitable` for at most `seconds`; True if it completed without error.
 
     A send to a peer whose receive window stays closed does not end when its task is cancelled (seen with
     granian 2.8), so a late one is cancelled and left behind, never awaited: the caller goes on.
     """
     task = asyncio.ensure_future(awaitable)
-    done, _ = await asyncio.wait({task}, timeout=timeout)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
     if not done:
         task.cancel()
         return False
