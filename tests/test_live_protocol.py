@@ -247,7 +247,7 @@ def test_deltas_only_ever_append(decodes: list[tuple[list[str], bool]]) -> None:
         generated = " ".join(output_words)
         if continues and prefix:
             generated = " " + generated
-        delta = stabilizer.update(prefix, generated if continues else generated)
+        delta = stabilizer.update(prefix, generated)
         sent += delta
         assert sent == stabilizer.emitted
         assert stabilizer.prefix().startswith(stabilizer.emitted) or stabilizer.decodes < UNFIXED_DECODES
