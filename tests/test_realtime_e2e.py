@@ -471,3 +471,17 @@ def test_session_length_limit(tmp_path: Path) -> None:
         assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "session_expired"
     finally:
         process.stop()
+
+
+def test_the_readme_example_runs(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Live transcription") :]
+    code = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 3)]
+    assert len(code.strip().splitlines()) <= 17
+    code = code.replace("http://localhost:8001", server.url).replace("unused-or-your-key", KEY)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    audio = pcm16(np.concatenate([speech("sb_spk1_snt1.wav"), silence(1.0)]))
+    asyncio.run(asyncio.wait_for(namespace["main"](audio), 30))
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith("w1 w2") and printed == expected_words(len(printed.split()) / WPS + 0.01, WPS)
