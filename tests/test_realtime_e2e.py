@@ -485,3 +485,23 @@ def test_the_readme_example_runs(server: ServerProcess, capsys: pytest.CaptureFi
     asyncio.run(asyncio.wait_for(namespace["main"](audio), 30))
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed.startswith("w1 w2") and printed == expected_words(len(printed.split()) / WPS + 0.01, WPS)
+
+
+def test_the_realtime_benchmark_runs(server: ServerProcess, tmp_path: Path) -> None:
+    """bench/realtime.py against the double: every session finishes, every turn completes, latencies are measured."""
+    from bench import realtime
+
+    out = tmp_path / "realtime.json"
+    argv = ["--url", server.url, "--api-key", KEY, "--sessions", "1,2", "--turns", "2", "--ramp-seconds", "0.2"]
+    argv += [
+        "--wav",
+        str(Path(__file__).resolve().parent / "fixtures" / "samples" / "ds_LDC93S1.wav"),
+        "--json",
+        str(out),
+    ]
+    assert realtime.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["turns_completed"] for row in rows] == [2, 4]
+    for row in rows:
+        assert row["turns_failed"] == 0 and not row["errors"]
+        assert 0 < row["first_delta_p50_s"] < 5 and 0 < row["final_after_end_of_speech_p95_s"] < 2
