@@ -100,7 +100,7 @@ async def _stream(ws: Any, audio: bytes, rate: int, result: SessionResult) -> No
 
 
 async def appliance_session(
-    url: str, headers: dict[str, str], audio: bytes, turns: int, timeout: float
+    url: str, headers: dict[str, str], audio: bytes, turns: int, limit_seconds: float
 ) -> SessionResult:
     result = SessionResult()
     async with websockets.connect(url, additional_headers=headers, max_size=None, open_timeout=60) as ws:
@@ -137,7 +137,9 @@ async def appliance_session(
     return result
 
 
-async def vllm_session(url: str, headers: dict[str, str], audio: bytes, model: str, limit_seconds: float) -> SessionResult:
+async def vllm_session(
+    url: str, headers: dict[str, str], audio: bytes, model: str, limit_seconds: float
+) -> SessionResult:
     result = SessionResult()
     turn = Turn("vllm")
     result.turns[turn.item_id] = turn
