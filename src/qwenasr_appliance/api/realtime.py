@@ -199,7 +199,11 @@ async def _first_done(tasks: dict[str, asyncio.Future[Any]]) -> str:
     done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
     for name, task in tasks.items():
         if task in done:
-            result = task.result()
+            try:
+                result = task.result()
+            except Exception:
+                log.exception("live.session_failed")
+                return "error"
             return result if isinstance(result, str) else name
     return "error"
 
@@ -288,9 +292,14 @@ def _open(live: LiveSessions, context: AppContext, emit: Callable[[ServerEvent],
         return live.open(emit)
     except SessionLimitReached:
         limit = live.settings.live_max_sessions
+        message = (
+            f"This server holds at most {limit} live sessions at once; try again later."
+            if limit
+            else "Live transcription is turned off on this server (LIVE_MAX_SESSIONS=0)."
+        )
         raise _Refused(
             ClientEventError(
-                f"This server holds at most {limit} live sessions at once; try again later.",
+                message,
                 code="session_limit_reached",
                 error_type="server_error",
             )

@@ -73,6 +73,7 @@ log = structlog.get_logger(__name__)
 
 MAX_PENDING_TURNS: Final = 4  # committed turns waiting for their final decode, per session
 MIN_COMMIT_SAMPLES: Final = SAMPLE_RATE // 10  # OpenAI refuses to commit less than 100 ms of audio
+INGEST_PIECE_SAMPLES: Final = SAMPLE_RATE // 10  # audio is taken in 100 ms at a time (turn bounds, VAD)
 
 Emit = Callable[[ServerEvent], None]
 
@@ -275,6 +276,11 @@ class LiveSession:
     # -- audio and turns -------------------------------------------------------------------------------
 
     def _ingest(self, samples: AudioArray) -> None:
+        # In pieces, so a large append still ends turns at the right places and within the length bound.
+        for start in range(0, len(samples), INGEST_PIECE_SAMPLES):
+            self._ingest_piece(samples[start : start + INGEST_PIECE_SAMPLES])
+
+    def _ingest_piece(self, samples: AudioArray) -> None:
         self._buffer.append(samples)
         self._position += len(samples)
         if self._detector is not None:
@@ -408,6 +414,12 @@ class LiveSession:
                 "The transcription of this turn failed in the engine.",
                 code="engine_error",
                 error_type="server_error",
+            )
+            return
+        except Exception:  # a bug must fail this turn, not stop the session's finals
+            log.exception("live.final_crashed", session_id=self.id, item_id=turn.item_id)
+            self._fail(
+                turn, "The server failed to transcribe this turn.", code="server_error", error_type="server_error"
             )
             return
         remainder = turn.stabilizer.remainder(transcript.text)
