@@ -220,3 +220,4 @@ def test_switching_the_format_mid_session() -> None:
 
     events, decoder = asyncio.run(scenario())
     assert decoder.finals == [pytest.approx(2 * SAMPLE_RATE, abs=SAMPLE_RATE // 50)]
+    assert types(events).count("session.updated") == 2
