@@ -95,14 +95,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     llm = LLM(**engine_args)
     load_seconds = time.perf_counter() - started
     prompt = appliance_prompt()
-    params = SamplingParams(
-        n=1,
-        temperature=0.0,
-        max_tokens=args.max_tokens,
-        min_tokens=args.max_tokens,
-        ignore_eos=True,
-        skip_special_tokens=True,
-    )
+    sampling: dict[str, Any] = {
+        "n": 1,
+        "temperature": 0.0,
+        "max_tokens": args.max_tokens,
+        "min_tokens": args.max_tokens,
+        "ignore_eos": True,
+        "skip_special_tokens": True,
+    }
+    params = SamplingParams(**sampling)
+    # --compare-logprobs K: every other batch asks for the sampled token's log-probability and the top K (what verbose_json's
+    # avg_logprob and include[]=logprobs need), so both variants share one engine, one warm-up and one GPU.
+    with_logprobs = SamplingParams(**sampling, logprobs=args.compare_logprobs) if args.compare_logprobs >= 0 else None
 
     def inputs(clips: Sequence[FloatArray]) -> list[dict[str, Any]]:
         return [{"prompt": prompt, "multi_modal_data": {"audio": (clip, SYNTH_RATE)}} for clip in clips]
@@ -110,10 +114,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if warm:
         llm.generate(inputs(warm), params, use_tqdm=False)
     repeats: list[dict[str, Any]] = []
-    for clips in batches:
+    for index, clips in enumerate(batches):
         batch_inputs = inputs(clips)
+        logprobs = with_logprobs is not None and index % 2 == 1
         t0 = time.perf_counter()
-        outputs = llm.generate(batch_inputs, params, use_tqdm=False)
+        outputs = llm.generate(batch_inputs, with_logprobs if logprobs else params, use_tqdm=False)
         wall = time.perf_counter() - t0
         tokens = [len(o.outputs[0].token_ids) for o in outputs]
         audio = sum(len(c) for c in clips) / SYNTH_RATE
@@ -125,9 +130,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "output_tokens": int(sum(tokens)),
                 "tokens_min": int(min(tokens)),
                 "tokens_max": int(max(tokens)),
+                "logprobs": logprobs,
             }
         )
         print(f"[offline] batch {len(clips)}: {wall:.3f} s, {audio / wall:,.0f} audio-s/s", file=sys.stderr, flush=True)
+    plain = [r for r in repeats if not r["logprobs"]]
+    asked = [r for r in repeats if r["logprobs"]]
+    logprobs_cost = (
+        {
+            "throughput_median_without": round(statistics.median(float(r["throughput"]) for r in plain), 2),
+            "throughput_median_with": round(statistics.median(float(r["throughput"]) for r in asked), 2),
+        }
+        if asked
+        else None
+    )
+    repeats = plain
     throughputs = [r["throughput"] for r in repeats]
     best = max(repeats, key=lambda r: float(r["throughput"]))
     return {
@@ -144,6 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_seconds": round(load_seconds, 1),
         "synth_seconds": round(synth_seconds, 1),
         "prompt": prompt,
+        "logprobs_cost": logprobs_cost,
     }
 
 
@@ -163,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument(
+        "--compare-logprobs",
+        type=int,
+        default=-1,
+        metavar="K",
+        help="alternate batches without and with logprobs=K (the sampled token and the top K; the engine asks "
+        "for 5 when a request wants confidence); use an even --repeats; reports both medians",
+    )
     return parser
 
 

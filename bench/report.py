@@ -141,7 +141,13 @@ def section_meta(data: dict[str, Any]) -> str:
         facts.append(f"KV cache {info['kv_cache_tokens']} tokens" if "kv_cache_tokens" in info else None)
         facts.append(f"error: {info['error']}" if "error" in info else None)
         facts.append(f"warning: {info['warning']}" if "warning" in info else None)
+        queue = (info.get("status") or {}).get("queue") or {}
+        if "max_concurrent_requests" in queue:
+            facts.append(f"admission limit {queue['max_concurrent_requests']} (/status)")
         lines.append(f"- {system}: " + "; ".join(f for f in facts if f))
+        if "overrides" in info:
+            lines.append(f"- {system} runs with its shipped defaults except:")
+            lines += [f"  - `{key}={o['value']}`: {o['why']}" for key, o in sorted(info["overrides"].items())]
     return "\n".join(lines)
 
 

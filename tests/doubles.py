@@ -42,12 +42,15 @@ class DoubleBehaviour:
     words_per_second: float = 0.0
 
     @classmethod
-    def from_env(cls) -> DoubleBehaviour:
+    def from_env(cls, engine_index: int = 0) -> DoubleBehaviour:
+        """Behaviour from DOUBLE_* variables. DOUBLE_MAX_CONCURRENCY may be a comma list: the Nth engine
+        made (`engine_index`, from 0; a restart makes a new one) reports the Nth value, the last repeats."""
+        capacities = os.environ.get("DOUBLE_MAX_CONCURRENCY", "4").split(",")
         return cls(
             token_delay=float(os.environ.get("DOUBLE_TOKEN_DELAY", "0")),
             load_delay=float(os.environ.get("DOUBLE_LOAD_DELAY", "0")),
             language=os.environ.get("DOUBLE_LANGUAGE", "English"),
-            max_concurrency=int(os.environ.get("DOUBLE_MAX_CONCURRENCY", "4")),
+            max_concurrency=int(capacities[min(engine_index, len(capacities) - 1)]),
             die_on_call=int(os.environ.get("DOUBLE_DIE_ON_CALL", "0")),
             words_per_second=float(os.environ.get("DOUBLE_WORDS_PER_SECOND", "0")),
         )
@@ -145,7 +148,7 @@ def double_factory(behaviour: DoubleBehaviour | None = None) -> tuple[list[TestD
     made: list[TestDoubleEngine] = []
 
     def factory(plan: Plan, settings: Settings) -> TestDoubleEngine:
-        engine = TestDoubleEngine(behaviour or DoubleBehaviour.from_env())
+        engine = TestDoubleEngine(behaviour or DoubleBehaviour.from_env(len(made)))
         made.append(engine)
         return engine
 

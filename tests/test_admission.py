@@ -3,8 +3,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from qwenasr_appliance.transcription.admission import AdmissionController, Overloaded
+from qwenasr_appliance.engines.base import EngineDescription
+from qwenasr_appliance.metrics import Metrics
+from qwenasr_appliance.transcription.admission import (
+    AdmissionController,
+    Overloaded,
+    admission_limit,
+    follow_engine_capacity,
+)
 
 
 def test_admits_up_to_the_limit_then_queues_then_rejects() -> None:
@@ -79,5 +87,47 @@ def test_raising_the_limit_wakes_waiters() -> None:
         assert (admission.active, admission.queued) == (3, 0)
         hold.set()
         await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+
+
+def _description(capacity: int) -> EngineDescription:
+    return EngineDescription(
+        name="test-double", model="m", device="none", dtype="none", quantization=None, max_concurrency=capacity
+    )
+
+
+def test_admission_limit_is_the_setting_else_the_engine_capacity() -> None:
+    assert admission_limit(3, _description(256)) == 3  # MAX_CONCURRENT_REQUESTS wins when set
+    assert admission_limit(0, _description(256)) == 256
+    assert admission_limit(0, _description(0)) == 1
+    assert admission_limit(0, None) == 1  # no engine (yet), or it could not describe itself
+
+
+def test_the_limit_follows_each_engine_and_the_gauge_shows_it() -> None:
+    async def scenario() -> None:
+        metrics = Metrics(CollectorRegistry())
+        admission = AdmissionController(max_concurrent=1, max_queue=8, queue_timeout=5, metrics=metrics)
+        gauge = lambda: metrics.registry.get_sample_value("qwenasr_concurrency_limit")  # noqa: E731
+        assert gauge() == 1.0
+        follow = follow_engine_capacity(admission, 0)
+        release = asyncio.Event()
+
+        async def job() -> None:
+            async with admission.slot():
+                await release.wait()
+
+        tasks = [asyncio.create_task(job()) for _ in range(4)]
+        await asyncio.sleep(0.02)
+        assert (admission.active, admission.queued) == (1, 3)
+        follow(_description(4))  # the engine serves with capacity 4: the waiting requests start
+        assert (admission.limit, admission.active, admission.queued, gauge()) == (4, 4, 0, 4.0)
+        follow(_description(2))  # restarted with less: the running ones finish, new ones wait
+        assert (admission.limit, admission.active, gauge()) == (2, 4, 2.0)
+        release.set()
+        await asyncio.gather(*tasks)
+        fixed = follow_engine_capacity(admission, 3)
+        fixed(_description(256))
+        assert (admission.limit, gauge()) == (3, 3.0)
 
     asyncio.run(scenario())

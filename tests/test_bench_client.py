@@ -352,3 +352,35 @@ def test_the_appliance_must_be_on_vllm_in_benchmark_mode() -> None:
         check_appliance_engine(status("cpu"))
     with pytest.raises(RuntimeError, match="fallback"):
         check_appliance_engine(status("vllm", quantization="bitsandbytes"))
+
+
+def test_the_appliance_runs_with_its_shipped_defaults_except_what_fairness_demands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 17: MAX_CONCURRENT_REQUESTS=256 in the benchmark hid that the default admitted one request
+    at a time. Admission, queue and timeouts stay at their defaults; each override has its reason,
+    settings inherited from the caller's shell are dropped, and the report header lists the overrides."""
+    from bench.run_all import APPLIANCE_OVERRIDE_REASONS, appliance_overrides, appliance_server, build_parser
+
+    monkeypatch.setenv("MAX_CONCURRENT_REQUESTS", "256")  # e.g. left over in the caller's shell
+    monkeypatch.setenv("HF_HOME", "/cache/hf")  # not an appliance setting: kept
+    args = build_parser().parse_args(["--out", "/tmp/unused", "--appliance-env", "LOG_LEVEL=debug"])
+    env = appliance_server(args, Path("/models/dummy"), None, Path("/tmp")).env  # type: ignore[arg-type]
+    shipped = ("MAX_CONCURRENT_REQUESTS", "MAX_QUEUE_SIZE", "QUEUE_TIMEOUT_SECONDS", "REQUEST_TIMEOUT_SECONDS")
+    for name in (*shipped, "DECODE_WORKERS", "CHUNK_SECONDS", "MAX_AUDIO_SECONDS"):
+        assert name not in env, name
+    assert env["HF_HOME"] == "/cache/hf" and env["LOG_LEVEL"] == "debug"
+    overrides = appliance_overrides(env, args.appliance_env)
+    assert set(overrides) == {*APPLIANCE_OVERRIDE_REASONS, "LOG_LEVEL"}
+    assert all(o["why"] for o in overrides.values())
+    assert overrides["LOG_LEVEL"]["why"] == "set by hand (--appliance-env)"
+
+    status = {"queue": {"max_concurrent_requests": 256}}
+    data = {
+        "meta": {"invocations": []},
+        "servers": {"appliance": {"startup_seconds": 90.0, "status": status, "overrides": overrides}},
+    }
+    header = report.section_meta(data)
+    assert "admission limit 256 (/status)" in header
+    assert "- appliance runs with its shipped defaults except:" in header
+    assert "  - `ENGINE=vllm`: " in header and "MAX_CONCURRENT_REQUESTS" not in header

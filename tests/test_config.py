@@ -51,6 +51,10 @@ def test_original_variables_are_read() -> None:
         ("ENFORCE_EAGER", "maybe"),
         ("MODEL_ID", "   "),
         ("CHUNK_SECONDS", "2"),
+        ("EXPECT_GPU", "perhaps"),
+        ("GPU_FALLBACK", "cpu"),
+        ("SHUTDOWN_GRACE_SECONDS", "7200"),
+        ("SHUTDOWN_GRACE_SECONDS", "soon"),
     ],
 )
 def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
@@ -58,6 +62,33 @@ def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
         load_settings({variable: value})
     assert error.value.variable == variable
     assert str(error.value).startswith(f"{variable}:")
+
+
+def test_a_gpu_is_not_expected_unless_told() -> None:
+    settings = load_settings({})
+    assert (settings.expect_gpu, settings.gpu_fallback) == (False, "degraded")
+    told = load_settings({"EXPECT_GPU": "true", "GPU_FALLBACK": "NOT_READY"})
+    assert (told.expect_gpu, told.gpu_fallback) == (True, "not_ready")
+
+
+def test_the_drain_defaults_to_queue_wait_plus_request_time() -> None:
+    """A rollout lets every admitted request finish: SHUTDOWN_GRACE_SECONDS unset (or empty, as in a
+    copied .env.example) is QUEUE_TIMEOUT_SECONDS + REQUEST_TIMEOUT_SECONDS, at most an hour."""
+    assert load_settings({}).shutdown_grace_seconds == 930.0
+    assert load_settings({"SHUTDOWN_GRACE_SECONDS": ""}).shutdown_grace_seconds == 930.0
+    derived = load_settings({"QUEUE_TIMEOUT_SECONDS": "10", "REQUEST_TIMEOUT_SECONDS": "120"})
+    assert derived.shutdown_grace_seconds == 130.0
+    assert load_settings({"REQUEST_TIMEOUT_SECONDS": "86400"}).shutdown_grace_seconds == 3600.0
+    assert load_settings({"SHUTDOWN_GRACE_SECONDS": "5"}).shutdown_grace_seconds == 5.0
+
+
+def test_granian_kills_after_the_drain_and_the_engine_stop() -> None:
+    from qwenasr_appliance.cli import ENGINE_STOP_SECONDS, kill_timeout_seconds
+
+    assert kill_timeout_seconds(load_settings({})) == 930 + ENGINE_STOP_SECONDS
+    assert kill_timeout_seconds(load_settings({"SHUTDOWN_GRACE_SECONDS": "1.5"})) == 2 + ENGINE_STOP_SECONDS
+    # The chart's terminationGracePeriodSeconds leaves drain + 15 s after SIGTERM: granian's kill comes first.
+    assert ENGINE_STOP_SECONDS < 15
 
 
 def test_api_keys_from_list_and_file(tmp_path: Path) -> None:

@@ -788,3 +788,110 @@ def test_global_metrics_registry_by_default() -> None:
         assert sample("qwenasr_engine_state", state="stopped") == 1.0
 
     run(main)
+
+
+# -- a GPU expected (EXPECT_GPU, GPU_FALLBACK) -----------------------------------------------------
+
+
+def test_expected_gpu_not_visible_serves_on_cpu_degraded(logs: RecordingLogger) -> None:
+    """The chart requested a GPU but the container cannot see it: the CPU engine serves, degraded."""
+
+    async def main() -> None:
+        supervisor, factory, metrics = make(probe=NO_GPU, expect_gpu=True)
+        await supervisor.start()
+        assert await supervisor.wait_ready(5)
+        assert factory.plans == ["cpu-float32"]
+        assert supervisor.state == "degraded" and supervisor.ready
+        assert supervisor.reason is not None
+        assert supervisor.reason.startswith("serving on CPU although a GPU is expected (EXPECT_GPU=true)")
+        assert NO_GPU.error is not None and NO_GPU.error in supervisor.reason
+        # What QwenASRFallbackToCPU keys on: degraded + the cpu plan.
+        assert metrics.value("qwenasr_engine_state", state="degraded") == 1.0
+        cpu_plan = {"engine": "cpu", "plan": "cpu-float32", "dtype": "float32", "quantization": "none"}
+        assert metrics.value("qwenasr_engine_plan_info", **cpu_plan) == 1.0
+        assert supervisor.snapshot().reason == supervisor.reason
+        assert supervisor.held_from_traffic is None  # GPU_FALLBACK=degraded (the default) keeps it ready
+        assert logs.named("engine.ready")[0]["held_from_traffic"] is None
+        await supervisor.stop()
+
+    run(main)
+
+
+def test_expected_gpu_with_gpu_fallback_not_ready_holds_traffic() -> None:
+    async def main() -> None:
+        supervisor, _factory, _ = make(probe=NO_GPU, expect_gpu=True, gpu_fallback="not_ready")
+        await supervisor.start()
+        assert await supervisor.wait_ready(5)
+        assert supervisor.state == "degraded" and supervisor.ready  # it still serves what reaches it
+        held = supervisor.held_from_traffic
+        assert held is not None and "GPU is expected" in held and held.endswith("(GPU_FALLBACK=not_ready)")
+        await supervisor.stop()
+        assert supervisor.held_from_traffic is None
+
+    run(main)
+
+
+def test_gpu_fallback_not_ready_after_gpu_plans_failed_on_a_visible_gpu() -> None:
+    async def main() -> None:
+        failures: dict[str, Exception | list[Exception | None]] = {
+            name: oom() for name in ("vllm-bf16", "vllm-bnb-4bit", "vllm-bnb-4bit-util0.72")
+        }
+        supervisor, factory, _ = make(factory=FakeFactory(failures=failures), gpu_fallback="not_ready")
+        await supervisor.start()
+        assert await supervisor.wait_ready(5)
+        assert factory.plans[-1] == "cpu-float32" and supervisor.state == "degraded"
+        assert "serving with fallback plan cpu-float32" in (supervisor.reason or "")
+        assert "GPU is visible" in (supervisor.held_from_traffic or "")
+        await supervisor.stop()
+
+    run(main)
+
+
+def test_expected_gpu_that_vllm_uses_is_ready_and_not_held() -> None:
+    async def main() -> None:
+        supervisor, _, _ = make(expect_gpu=True, gpu_fallback="not_ready")
+        await supervisor.start()
+        assert await supervisor.wait_ready(5)
+        assert supervisor.state == "ready" and supervisor.held_from_traffic is None
+        await supervisor.stop()
+
+    run(main)
+
+
+def test_cpu_host_without_expect_gpu_is_ready_even_with_not_ready_fallback() -> None:
+    async def main() -> None:
+        supervisor, _, _ = make(probe=NO_GPU, gpu_fallback="not_ready")
+        await supervisor.start()
+        assert await supervisor.wait_ready(5)
+        assert supervisor.state == "ready" and supervisor.held_from_traffic is None
+        await supervisor.stop()
+
+    run(main)
+
+
+# -- serving listeners -----------------------------------------------------------------------------
+
+
+def test_serving_listeners_hear_each_engine_that_starts_serving() -> None:
+    async def main() -> None:
+        supervisor, factory, _ = make(engine_restart_backoff_seconds=0)
+        heard: list[int | None] = []
+
+        def broken(description: EngineDescription | None) -> None:
+            raise RuntimeError("listener bug")
+
+        supervisor.add_serving_listener(broken)  # never stops the others, nor the supervisor
+        supervisor.add_serving_listener(lambda d: heard.append(d.max_concurrency if d else None))
+        assert heard == []  # nothing serves yet
+        await supervisor.start()
+        assert await supervisor.wait_ready(5)
+        assert heard == [8]
+        await supervisor.report_dead(supervisor.require_engine(), "gone")
+        await until(lambda: len(factory.engines) == 2 and supervisor.ready)
+        assert heard == [8, 8]
+        late: list[int | None] = []
+        supervisor.add_serving_listener(lambda d: late.append(d.max_concurrency if d else None))
+        assert late == [8]  # added while serving: told at once
+        await supervisor.stop()
+
+    run(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -15,6 +16,17 @@ APP_TARGET = "qwenasr_appliance.api.app:create_app"
 # ones get 431, and the largest piece of body per read. Nothing this API takes needs a head over a few
 # kilobytes (granian's default buffer is about 400 KiB); below 128 KiB uploads stream measurably slower.
 MAX_REQUEST_HEAD_BYTES = 128 * 1024
+
+
+# After the drain: the lifespan shutdown closes the engine (vLLM's engine core takes seconds) before
+# granian's kill. The chart's terminationGracePeriodSeconds leaves drain + 15 s after SIGTERM, compose
+# stop_grace_period as much: the kill comes first, the orchestrator's SIGKILL after.
+ENGINE_STOP_SECONDS = 10
+
+
+def kill_timeout_seconds(settings: Settings) -> int:
+    """granian's `workers_kill_timeout`: SHUTDOWN_GRACE_SECONDS (rounded up) + `ENGINE_STOP_SECONDS`."""
+    return math.ceil(settings.shutdown_grace_seconds) + ENGINE_STOP_SECONDS
 
 
 def build_server(settings: Settings, target: str = APP_TARGET) -> Any:
@@ -44,7 +56,7 @@ def build_server(settings: Settings, target: str = APP_TARGET) -> Any:
         ),
         # The app answers what is still running when SHUTDOWN_GRACE_SECONDS end (see api/shutdown.py); this
         # kill is the backstop for a worker that is stuck.
-        workers_kill_timeout=int(settings.shutdown_grace_seconds) + 5,
+        workers_kill_timeout=kill_timeout_seconds(settings),
     )
 
 

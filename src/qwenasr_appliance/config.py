@@ -16,11 +16,18 @@ from typing import Any, Literal
 
 import msgspec
 
+from qwenasr_appliance.cpus import usable_cpus
+
 EngineChoice = Literal["auto", "vllm", "cpu"]
 QuantMode = Literal["auto", "bnb-4bit", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+GpuFallback = Literal["degraded", "not_ready"]
+
+# SHUTDOWN_GRACE_SECONDS unset: QUEUE_TIMEOUT_SECONDS + REQUEST_TIMEOUT_SECONDS (a request admitted just
+# before SIGTERM may wait for its slot and then run its whole time), at most this long.
+MAX_SHUTDOWN_GRACE_SECONDS = 3600.0
 
 
 class ConfigError(ValueError):
@@ -35,6 +42,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_id: str = "Qwen/Qwen3-ASR-1.7B"
     served_model_name: str = ""
     engine: EngineChoice = "auto"
+    # A GPU was given to this process (the Helm chart sets it when it requests one): the CPU engine
+    # serving means the GPU could not be reached, which is `degraded` (or not ready, GPU_FALLBACK).
+    expect_gpu: bool = False
+    gpu_fallback: GpuFallback = "degraded"
     dtype: DType = "auto"
     quant_mode: QuantMode = "auto"
     gpu_memory_utilization: float = 0.90
@@ -59,7 +70,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_format: LogFormat = "json"
     api_keys: tuple[str, ...] = ()
     protect_ops_endpoints: bool = False
-    shutdown_grace_seconds: float = 30.0
+    # The defaults' QUEUE_TIMEOUT_SECONDS + REQUEST_TIMEOUT_SECONDS; load_settings derives it from the
+    # values in effect when SHUTDOWN_GRACE_SECONDS is unset or empty.
+    shutdown_grace_seconds: float = 930.0
     client_timeout_seconds: float = 30.0
     engine_restart_max: int = 5
     engine_restart_backoff_seconds: float = 2.0
@@ -84,7 +97,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def effective_decode_workers(self) -> int:
-        return self.decode_workers or max(1, os.cpu_count() or 1)
+        """Processes of each audio worker pool (decoding; vLLM's feature extraction): DECODE_WORKERS, or
+        when 0 one per CPU the container may use (cgroup quota and CPU set, see `cpus.py`)."""
+        return self.decode_workers or usable_cpus()
 
 
 def _parse_bool(raw: str) -> bool:
@@ -105,6 +120,11 @@ def _parse_float(raw: str) -> float:
     if not math.isfinite(value):
         raise ValueError("must be a finite number")
     return value
+
+
+def _parse_optional_float(raw: str) -> float | None:
+    """A float, or None for an empty value (the setting's derived default)."""
+    return _parse_float(raw) if raw.strip() else None
 
 
 def _parse_keys(raw: str) -> tuple[str, ...]:
@@ -149,6 +169,8 @@ _VARS: dict[str, _Var] = {
     "MODEL_ID": _Var("model_id", _text),
     "SERVED_MODEL_NAME": _Var("served_model_name", str.strip),
     "ENGINE": _Var("engine", _choice("auto", "vllm", "cpu")),
+    "EXPECT_GPU": _Var("expect_gpu", _parse_bool),
+    "GPU_FALLBACK": _Var("gpu_fallback", _choice("degraded", "not_ready")),
     "DTYPE": _Var("dtype", _choice("auto", "bfloat16", "float16", "float32")),
     "QUANT_MODE": _Var("quant_mode", _choice("auto", "bnb-4bit", "none")),
     "GPU_MEMORY_UTILIZATION": _Var("gpu_memory_utilization", _parse_float, _range(0.0, 1.0, low_open=True)),
@@ -173,7 +195,9 @@ _VARS: dict[str, _Var] = {
     "LOG_FORMAT": _Var("log_format", _choice("json", "console")),
     "API_KEYS": _Var("api_keys", _parse_keys),
     "PROTECT_OPS_ENDPOINTS": _Var("protect_ops_endpoints", _parse_bool),
-    "SHUTDOWN_GRACE_SECONDS": _Var("shutdown_grace_seconds", _parse_float, _range(0.0, 3600.0)),
+    "SHUTDOWN_GRACE_SECONDS": _Var(
+        "shutdown_grace_seconds", _parse_optional_float, _range(0.0, MAX_SHUTDOWN_GRACE_SECONDS)
+    ),
     "CLIENT_TIMEOUT_SECONDS": _Var("client_timeout_seconds", _parse_float, _range(1.0, 3600.0)),
     "ENGINE_RESTART_MAX": _Var("engine_restart_max", _parse_int, _range(0, 1000)),
     "ENGINE_RESTART_BACKOFF_SECONDS": _Var("engine_restart_backoff_seconds", _parse_float, _range(0.0, 600.0)),
@@ -206,6 +230,13 @@ def _read_keys_file(path: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
+def default_shutdown_grace(queue_timeout_seconds: float, request_timeout_seconds: float) -> float:
+    """SHUTDOWN_GRACE_SECONDS when unset: the queue timeout plus the request timeout, at most
+    `MAX_SHUTDOWN_GRACE_SECONDS`, so that a rollout lets every admitted request finish (the Helm chart
+    derives the same value). The drain ends as soon as nothing runs: an idle server stops at once."""
+    return min(MAX_SHUTDOWN_GRACE_SECONDS, queue_timeout_seconds + request_timeout_seconds)
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build `Settings` from the environment, naming the variable of the first invalid value."""
     env = os.environ if environ is None else environ
@@ -218,6 +249,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             value = var.parse(raw)
         except ValueError as exc:
             raise ConfigError(name, f"invalid value {raw!r}: {exc}") from exc
+        if value is None:
+            continue  # empty: the derived default
         problem = var.check(value)
         if problem:
             raise ConfigError(name, f"invalid value {raw!r}: {problem}")
@@ -225,6 +258,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     keys_file = env.get("API_KEYS_FILE", "").strip()
     if keys_file:
         values["api_keys"] = tuple(values.get("api_keys", ())) + _read_keys_file(keys_file)
+    if "shutdown_grace_seconds" not in values:
+        defaults = Settings()
+        values["shutdown_grace_seconds"] = default_shutdown_grace(
+            values.get("queue_timeout_seconds", defaults.queue_timeout_seconds),
+            values.get("request_timeout_seconds", defaults.request_timeout_seconds),
+        )
     settings = Settings(**values)
     if settings.max_new_tokens > 0 and settings.max_model_len and settings.max_new_tokens >= settings.max_model_len:
         raise ConfigError("MAX_NEW_TOKENS", "must be smaller than MAX_MODEL_LEN")

@@ -82,6 +82,12 @@ class Metrics:
             "Transcription requests waiting for a processing slot.",
             registry=registry,
         )
+        self.concurrency_limit = Gauge(
+            "qwenasr_concurrency_limit",
+            "Transcription requests admitted at once now (MAX_CONCURRENT_REQUESTS, or when 0 the serving "
+            "engine's capacity); in-flight over this is the share of slots used.",
+            registry=registry,
+        )
         self.rejected = Counter(
             "qwenasr_requests_rejected_total",
             "Transcription requests refused before processing, by reason.",

@@ -92,14 +92,33 @@ def test_compose_file_is_valid() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def compose_seconds(duration: str) -> float:
+    """A Go duration as compose writes it ("45s", "15m45s", "1h0m0s") in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", duration)
+    assert parts and duration, duration
+    hours, minutes, seconds = (float(part or 0) for part in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def test_compose_seconds() -> None:
+    assert [compose_seconds(d) for d in ("45s", "15m45s", "1h0m0s", "2m")] == [45, 945, 3600, 120]
+
+
 def test_compose_appliance_service(tmp_path: Path) -> None:
     result = run(tool("docker-compose"), "-f", str(COMPOSE), "config", "--format", "json")
     assert result.returncode == 0, result.stderr
     appliance = json.loads(result.stdout)["services"]["appliance"]
     assert appliance["read_only"] is True
     assert appliance["cap_drop"] == ["ALL"]
-    grace = appliance["stop_grace_period"]  # normalized by compose, e.g. "45s"
-    assert float(grace.rstrip("s")) > float(appliance["environment"]["SHUTDOWN_GRACE_SECONDS"])
+    grace = compose_seconds(appliance["stop_grace_period"])  # normalized by compose, e.g. "15m45s"
+    environment = appliance["environment"]
+    drain = float(environment["SHUTDOWN_GRACE_SECONDS"])
+    # The drain lets every admitted request finish (the app's default), and the stop outlasts it.
+    assert drain >= float(environment.get("QUEUE_TIMEOUT_SECONDS", 30)) + float(
+        environment.get("REQUEST_TIMEOUT_SECONDS", 900)
+    )
+    assert grace >= drain + 10, "SIGKILL before granian's own kill timeout (drain + 10 s)"
+    assert environment["EXPECT_GPU"] == "true"  # the service reserves a GPU
     assert appliance["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert {v["target"] for v in appliance["volumes"]} >= {"/models", "/cache"}
     assert "/ready" in " ".join(appliance["healthcheck"]["test"])

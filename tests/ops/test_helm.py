@@ -597,17 +597,68 @@ def test_keda_scales_on_capacity_with_a_fallback(rendered: dict[str, Rendered]) 
         (trigger,) = spec["triggers"]
         assert trigger["metricType"] == "AverageValue"  # KEDA's fallback needs it
         query = trigger["metadata"]["query"]
-        assert query.rstrip().endswith(f"/ {capacity}"), query
+        live, values_derived, empty = split_or(query)
+        # Each pod's load over its live admission limit (the engine's capacity when MAX_CONCURRENT_REQUESTS=0)...
+        assert live.startswith("sum((") and "/ qwenasr_concurrency_limit{" in live, query
+        # ...or, for pods of an image without that gauge, over the limit derived from the values.
+        assert values_derived.endswith(f"/ {capacity})"), query
+        assert empty == "vector(0)"
+        assert "qwenasr_concurrency_limit" in metric_names(query)
         assert metric_names(query) <= sample_names(registry_exposition())
-        assert f'namespace="{NAMESPACE}"' in query
+        assert query.count(f'namespace="{NAMESPACE}"') == 5
     assert float(one(rendered["statefulset-keda"], "ScaledObject")["spec"]["triggers"][0]["metadata"]["threshold"]) < 1
     # The default capacity is the vLLM engine's own limit (maxNumSeqs) when maxConcurrentRequests is 0.
+
+
+def split_or(query: str) -> list[str]:
+    """The top-level `or` operands of a PromQL expression (outside parentheses and braces)."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(query):
+        if char in "({[":
+            depth += 1
+        elif char in ")}]":
+            depth -= 1
+        if depth == 0 and query.startswith(" or ", index):
+            parts.append(query[start:index].strip())
+            start = index + 4
+    return [*parts, query[start:].strip()]
 
 
 def test_keda_default_capacity_follows_the_engine(chart: Any) -> None:
     objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}})
     query = one(objects, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
-    assert query.rstrip().endswith("/ 256")
+    assert split_or(query)[1].endswith("/ 256)")
+
+
+def test_keda_default_query_on_sample_series(chart: Any, tmp_path: Path) -> None:
+    """The default query's value for two pods: one running 256 of 256 with 64 queued, one idle
+    that fell back to the CPU engine (limit 1): 1.25 + 0 replicas' worth of work. promtool evaluates it."""
+    objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}})
+    rendered_query = one(objects, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    selector = rendered_query[rendered_query.index("{") + 1 : rendered_query.index("}")]
+    assert f'namespace="{NAMESPACE}"' in selector
+    query = rendered_query.replace(selector, 'job="asr"')
+    series = {
+        "qwenasr_requests_in_flight": (256, 0),
+        "qwenasr_requests_queued": (64, 0),
+        "qwenasr_concurrency_limit": (256, 1),
+    }
+    lines = ["rule_files: []", "evaluation_interval: 1m", "tests:", "  - interval: 1m", "    input_series:"]
+    for name, (gpu, cpu) in series.items():
+        lines += [f'      - series: \'{name}{{job="asr", pod="gpu"}}\'', f"        values: '{gpu}x5'"]
+        lines += [f'      - series: \'{name}{{job="asr", pod="cpu"}}\'', f"        values: '{cpu}x5'"]
+    lines += [
+        "    promql_expr_test:",
+        f"      - expr: '{query}'",
+        "        eval_time: 2m",
+        "        exp_samples:",
+        "          - labels: '{}'",
+        "            value: 1.25",
+    ]
+    path = tmp_path / "keda-query-test.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ingress_limits_follow_the_appliance(rendered: dict[str, Rendered]) -> None:

@@ -158,7 +158,8 @@ progressDeadlineMarginSeconds, so that a first start never fails `kubectl rollou
 {{- end }}
 
 {{/*
-Admission limit of one replica (KEDA's default query): config.maxConcurrentRequests, else the engine's.
+Admission limit of one replica from the values, for KEDA's default query when the pods export no
+qwenasr_concurrency_limit gauge (images before it): config.maxConcurrentRequests, else the engine's.
 */}}
 {{- define "qwenasr.capacityPerReplica" -}}
 {{- if .Values.keda.capacityPerReplica }}

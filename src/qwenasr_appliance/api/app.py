@@ -24,10 +24,12 @@ from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
 from qwenasr_appliance.config import Settings, load_settings
+from qwenasr_appliance.cpus import process_cpu_budget
 from qwenasr_appliance.logs import configure_logging
 from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
+from qwenasr_appliance.supervisor.probe import VramProbeFn, probe_vram
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
-from qwenasr_appliance.transcription.admission import AdmissionController
+from qwenasr_appliance.transcription.admission import AdmissionController, admission_limit, follow_engine_capacity
 from qwenasr_appliance.transcription.live.decoder import LiveDecoder
 from qwenasr_appliance.transcription.live.registry import LiveSessions
 from qwenasr_appliance.transcription.pipeline import TranscriptionService
@@ -53,6 +55,11 @@ def _lifespan(context: AppContext) -> object:
             model=context.settings.model_id,
             engine=context.settings.engine,
             quant_mode=context.settings.quant_mode,
+            # Worker pools are sized from the CPUs the container may use, not the node's (cpus.py).
+            cpu_budget=process_cpu_budget().as_log(),
+            decode_workers=context.settings.effective_decode_workers,
+            max_concurrent_requests=context.settings.max_concurrent_requests or "engine capacity",
+            shutdown_grace_seconds=context.settings.shutdown_grace_seconds,
         )
         await context.supervisor.start()
         context.shutdown.install_signal_handlers()
@@ -76,14 +83,21 @@ def _lifespan(context: AppContext) -> object:
     return lifespan
 
 
-def build_litestar(settings: Settings, *, engine_factory: EngineFactory | None = None) -> Litestar:
-    """The Litestar app without the outer request observer (tests use it to reach `state`)."""
-    supervisor = EngineSupervisor(settings, engine_factory=engine_factory or default_engine_factory)
+def build_litestar(
+    settings: Settings, *, engine_factory: EngineFactory | None = None, probe: VramProbeFn | None = None
+) -> Litestar:
+    """The Litestar app without the outer request observer (tests use it to reach `state`, and pass a
+    fake VRAM `probe`)."""
+    supervisor = EngineSupervisor(
+        settings, engine_factory=engine_factory or default_engine_factory, probe=probe or probe_vram
+    )
     admission = AdmissionController(
-        max_concurrent=settings.max_concurrent_requests or 1,
+        # MAX_CONCURRENT_REQUESTS=0: 1 until an engine serves, then that engine's capacity.
+        max_concurrent=admission_limit(settings.max_concurrent_requests, None),
         max_queue=settings.max_queue_size,
         queue_timeout=settings.queue_timeout_seconds,
     )
+    supervisor.add_serving_listener(follow_engine_capacity(admission, settings.max_concurrent_requests))
     service = TranscriptionService(settings, supervisor, admission)
     context = AppContext(
         settings=settings,

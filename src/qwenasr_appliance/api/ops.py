@@ -44,8 +44,11 @@ class OpsController(Controller):
     async def ready(self, request: Request[Any, Any, State]) -> Response[ReadyResponse]:
         supervisor = request_context(request).supervisor
         status = supervisor.snapshot()
-        body = ReadyResponse(ready=supervisor.ready, state=status.state, reason=supervisor.not_ready_reason)
-        if supervisor.ready:
+        # Serving on the CPU where a GPU is expected, with GPU_FALLBACK=not_ready: 503 in state `degraded`.
+        held = supervisor.held_from_traffic
+        ready = supervisor.ready and held is None
+        body = ReadyResponse(ready=ready, state=status.state, reason=held or supervisor.not_ready_reason)
+        if ready:
             return Response(body, status_code=200)
         return Response(body, status_code=503, headers={"Retry-After": "10"})
 
@@ -63,7 +66,7 @@ class OpsController(Controller):
             model=settings.model_id,
             served_model_name=settings.model_name,
             uptime_seconds=round(time.monotonic() - context.started_at, 3),
-            ready=context.supervisor.ready,
+            ready=context.supervisor.ready and context.supervisor.held_from_traffic is None,  # as /ready says
             engine=context.supervisor.snapshot(),
             aligner=context.supervisor.aligner.snapshot(),
             queue=QueueStatus(

@@ -6,8 +6,13 @@ States (the `qwenasr_engine_state` gauge and `GET /status` show them):
     ready | degraded -> restarting -> ready | degraded | failed    (the engine died while serving)
     any -> stopped                                                  (stop())
 
-`degraded` means serving, but not as intended: a fallback plan was taken, or the CPU engine serves on a
-host where a GPU is visible. `failed` is final: every plan failed, or the engine kept dying.
+`degraded` means serving, but not as intended: a fallback plan was taken, or the CPU engine serves
+although a GPU is expected (one is visible, or EXPECT_GPU=true). With GPU_FALLBACK=not_ready the latter
+also makes `held_from_traffic` give the reason for `/ready` to answer 503 (the engine still serves).
+`failed` is final: every plan failed, or the engine kept dying.
+
+Listeners added with `add_serving_listener` hear of each engine that starts serving (the first load, a
+restart, a fallback to another plan) with its description, e.g. to size admission from its capacity.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import importlib.util
 import sys
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -67,6 +72,8 @@ KEPT_ATTEMPTS: Final = 64
 STABLE_AFTER_SECONDS: Final = 300.0
 
 logger = structlog.get_logger()
+
+ServingListener = Callable[[EngineDescription | None], None]
 
 
 class EngineUnavailable(Exception):
@@ -123,6 +130,8 @@ class EngineSupervisor:
         self._ready_at: datetime | None = None
         self._serving_since = 0.0
         self._plan_labels: dict[str, str] | None = None
+        self._serving_listeners: list[ServingListener] = []
+        self._cpu_unexpected: str | None = None  # why the CPU engine serving is not what was intended
         # The optional forced aligner: loaded after the model serves, never part of readiness.
         self._aligner = AlignerSupervisor(
             settings, factory=aligner_factory, probe=probe, default=aligner_factory is default_aligner_factory
@@ -184,6 +193,22 @@ class EngineSupervisor:
             "stopped": "the server is shutting down",
         }
         return messages[state]
+
+    @property
+    def held_from_traffic(self) -> str | None:
+        """Why `/ready` answers 503 although an engine serves (the CPU engine where a GPU is expected,
+        with GPU_FALLBACK=not_ready); None otherwise. Requests that still arrive are served."""
+        if self.ready and self._cpu_unexpected and self._settings.gpu_fallback == "not_ready":
+            return f"{self._cpu_unexpected} (GPU_FALLBACK=not_ready)"
+        return None
+
+    def add_serving_listener(self, listener: ServingListener) -> None:
+        """Call `listener(description)` each time an engine starts serving (now too, if one serves).
+        The description is None when the engine could not describe itself. A listener that raises is
+        logged and does not stop the others."""
+        self._serving_listeners.append(listener)
+        if self.ready:
+            self._notify(listener)
 
     def require_engine(self) -> Engine:
         """The live engine; raises `EngineUnavailable` when none serves."""
@@ -286,7 +311,7 @@ class EngineSupervisor:
         except NoPlanError as exc:
             self._fail(f"no plan can load the model: {exc}")
             return
-        self._gpu_expected = self._settings.engine == "auto" and bool(probe.gpus)
+        self._gpu_expected = self._settings.expect_gpu or (self._settings.engine == "auto" and bool(probe.gpus))
         logger.info(
             "engine.plans",
             plans=[plan.name for plan in self._chain],
@@ -395,9 +420,12 @@ class EngineSupervisor:
         self._load_seconds = attempt.duration_seconds
         self._ready_at = _now()
         self._serving_since = time.monotonic()
+        self._cpu_unexpected = self._cpu_unexpected_reason(plan)
         degraded = self._degraded_reason(plan, index)
         self._set_plan_metric(plan)
         self._set_state("degraded" if degraded else "ready", degraded)
+        for listener in list(self._serving_listeners):
+            self._notify(listener)
         self._aligner.start(plan)  # the first time the model serves; a no-op afterwards
         description = self._description
         logger.info(
@@ -410,7 +438,19 @@ class EngineSupervisor:
             device=description.device if description else None,
             dtype=description.dtype if description else plan.dtype,
             quantization=description.quantization if description else plan.quantization,
+            max_concurrency=description.max_concurrency if description else None,
+            held_from_traffic=self.held_from_traffic,
         )
+
+    def _notify(self, listener: ServingListener) -> None:
+        try:
+            listener(self._description)
+        except Exception as exc:
+            logger.error(
+                "engine.listener.failed",
+                listener=getattr(listener, "__qualname__", repr(listener)),
+                error=error_text(exc),
+            )
 
     def _degraded_reason(self, plan: Plan, index: int) -> str | None:
         if index > 0:
@@ -424,9 +464,19 @@ class EngineSupervisor:
                 if p.name in last_failures
             ]
             return f"serving with fallback plan {plan.name} after " + ("; ".join(earlier) or "earlier plans")
-        if plan.engine == "cpu" and self._gpu_expected:
-            return f"serving on CPU although a GPU is visible: {plan.reason}"
+        if self._cpu_unexpected:
+            return f"{self._cpu_unexpected}: {plan.reason}"
         return None
+
+    def _cpu_unexpected_reason(self, plan: Plan) -> str | None:
+        """Why the CPU engine serving `plan` is not what was intended; None when it is (or it is a GPU plan)."""
+        if plan.engine != "cpu" or not self._gpu_expected:
+            return None
+        probe = self._probe
+        if probe is not None and probe.gpus:
+            return "serving on CPU although a GPU is visible"
+        seen = f"no GPU is visible ({probe.error})" if probe is not None and probe.error else "no GPU is visible"
+        return f"serving on CPU although a GPU is expected (EXPECT_GPU=true) and {seen}"
 
     def _fail(self, reason: str) -> None:
         self._engine = None

@@ -3,6 +3,10 @@
 A request past the queue bound, or one that waited too long, is refused with 429 and a `Retry-After`
 estimated from recent service times. This keeps memory bounded under any burst: a refused request
 costs a few bytes, never a decoded signal or an engine slot.
+
+N is MAX_CONCURRENT_REQUESTS, or when that is 0 the capacity of the engine serving now
+(`EngineDescription.max_concurrency`: vLLM's max_num_seqs, 1 for the CPU engine), set again each time an
+engine starts serving (`follow_engine_capacity`). The `qwenasr_concurrency_limit` gauge shows it.
 """
 
 from __future__ import annotations
@@ -12,10 +16,15 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import structlog
+
+from qwenasr_appliance.engines.base import EngineDescription
 from qwenasr_appliance.metrics import METRICS, Metrics
+
+log = structlog.get_logger(__name__)
 
 
 class Overloaded(Exception):
@@ -45,6 +54,7 @@ class AdmissionController:
         self._avg_service_seconds = 1.0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._metrics.concurrency_limit.set(self._limit)
 
     @property
     def limit(self) -> int:
@@ -63,8 +73,10 @@ class AdmissionController:
         return len(self._waiters)
 
     def set_limit(self, limit: int) -> None:
-        """Change the concurrency (the engine changed); wakes waiters if slots opened."""
+        """Change the concurrency (the engine changed); wakes waiters if slots opened. A lower limit
+        lets the requests running now finish: new ones wait until fewer than `limit` run."""
         self._limit = max(1, limit)
+        self._metrics.concurrency_limit.set(self._limit)
         self._wake()
 
     def retry_after(self) -> int:
@@ -142,3 +154,35 @@ class AdmissionController:
             yield waited
         finally:
             self._release(time.perf_counter() - started)
+
+
+def admission_limit(configured: int, description: EngineDescription | None) -> int:
+    """Requests admitted at once: `configured` (MAX_CONCURRENT_REQUESTS) when above 0, else the
+    engine's capacity (`description.max_concurrency`), at least 1; 1 when the engine gave none."""
+    if configured > 0:
+        return configured
+    if description is None:
+        return 1
+    return max(1, description.max_concurrency)
+
+
+def follow_engine_capacity(
+    admission: AdmissionController, configured: int
+) -> Callable[[EngineDescription | None], None]:
+    """A serving listener (`EngineSupervisor.add_serving_listener`) that sets `admission`'s limit
+    from each engine that starts serving: after the first load, a restart or a fallback to another
+    plan, whose capacity may differ. Logs `admission.limit` with the limit and where it came from."""
+
+    def on_serving(description: EngineDescription | None) -> None:
+        limit = admission_limit(configured, description)
+        source = "MAX_CONCURRENT_REQUESTS" if configured > 0 else "engine" if description else "default"
+        log.info(
+            "admission.limit",
+            limit=limit,
+            previous=admission.limit,
+            source=source,
+            engine_capacity=description.max_concurrency if description else None,
+        )
+        admission.set_limit(limit)
+
+    return on_serving

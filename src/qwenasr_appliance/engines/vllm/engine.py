@@ -39,6 +39,7 @@ import structlog
 
 from qwenasr_appliance.audio.features import LogMelExtractor, find_extractor
 from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
+from qwenasr_appliance.cpus import usable_cpus
 from qwenasr_appliance.engines.base import (
     EngineDeadError,
     EngineDescription,
@@ -111,8 +112,9 @@ def derive_max_model_len(settings: Settings) -> int:
 
 
 def renderer_workers(cpu_count: int | None = None) -> int:
-    """Threads for vLLM's renderer (tokenization and Whisper features of incoming chunks)."""
-    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    """Threads for vLLM's renderer (tokenization and Whisper features of incoming chunks): half the CPUs
+    the container may use (`cpus.usable_cpus`), 1 to 8."""
+    cores = cpu_count if cpu_count is not None else usable_cpus()
     return max(1, min(8, cores // 2))
 
 
