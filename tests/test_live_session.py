@@ -132,8 +132,10 @@ def test_committed_turns_waiting_are_bounded() -> None:
             await session.receive(append(pcm16(speech()[:4_800])))
             await session.receive(COMMIT)
             await asyncio.sleep(0)
+        assert session.awaiting_finals  # the idle timeout does not apply meanwhile
         decoder.final_gate.set()
         await session.drain(5)
+        assert not session.awaiting_finals
         await session.close()
         return events
 

@@ -132,12 +132,14 @@ async def _writer(socket: WebSocket[Any, Any, Any], outbox: _Outbox, send_timeou
 
 async def _reader(socket: WebSocket[Any, Any, Any], session: LiveSession, idle_timeout: float) -> str:
     """Hand client messages to the session until the client leaves ("client_closed") or stays silent
-    for `idle_timeout` seconds ("idle_timeout")."""
+    for `idle_timeout` seconds while no committed turn awaits its transcript ("idle_timeout")."""
     while True:
         try:
             async with asyncio.timeout(idle_timeout):
                 message = await socket.receive()
         except TimeoutError:
+            if session.awaiting_finals:  # the client waits for transcripts: not idle
+                continue
             return "idle_timeout"
         if message["type"] == "websocket.disconnect":
             return "client_closed"

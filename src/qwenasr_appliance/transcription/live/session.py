@@ -159,6 +159,7 @@ class LiveSession:
         self._partial_task: asyncio.Task[None] | None = None
         self._pending: asyncio.Queue[_CommittedTurn] = asyncio.Queue(MAX_PENDING_TURNS)
         self._final_worker: asyncio.Task[None] | None = None
+        self._outstanding = 0  # committed turns whose final event has not been sent
         self.closing_reason: str | None = None
 
     # -- life cycle ------------------------------------------------------------------------------------
@@ -180,6 +181,11 @@ class LiveSession:
         except TimeoutError:
             return False
         return True
+
+    @property
+    def awaiting_finals(self) -> bool:
+        """Committed turns are still waiting for their final transcripts (the client is not idle then)."""
+        return self._outstanding > 0
 
     async def close(self) -> None:
         """Stop all work of the session: partial and final decodes are cancelled (their engine requests
@@ -340,6 +346,7 @@ class LiveSession:
         )
         try:
             self._pending.put_nowait(committed)
+            self._outstanding += 1
         except asyncio.QueueFull:
             self._fail(
                 committed,
@@ -394,6 +401,7 @@ class LiveSession:
             try:
                 await self._final(turn)
             finally:
+                self._outstanding -= 1
                 self._pending.task_done()
 
     async def _final(self, turn: _CommittedTurn) -> None:
