@@ -505,3 +505,25 @@ def test_the_realtime_benchmark_runs(server: ServerProcess, tmp_path: Path) -> N
     for row in rows:
         assert row["turns_failed"] == 0 and not row["errors"]
         assert 0 < row["first_delta_p50_s"] < 5 and 0 < row["final_after_end_of_speech_p95_s"] < 2
+
+
+def test_sessions_are_refused_while_the_model_loads(tmp_path: Path) -> None:
+    process = ServerProcess.with_test_double(
+        {"DECODE_WORKERS": "1", "DOUBLE_LOAD_DELAY": "60"}, tmp_path / "server.log"
+    )
+    try:
+        process.wait_until("/health", timeout=60)
+
+        async def scenario() -> tuple[dict[str, Any], int | None]:
+            async with websockets.connect(ws_url(process)) as ws:
+                refusal = json.loads(await ws.recv())
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+                return refusal, closed.value.rcvd.code if closed.value.rcvd else None
+
+        refusal, code = asyncio.run(scenario())
+        assert refusal["type"] == "error" and refusal["error"]["code"] == "engine_unavailable"
+        assert code == 1013
+        assert metric_value(metrics(process), 'qwenasr_live_sessions_total{reason="rejected"}') == 1
+    finally:
+        process.stop()

@@ -29,10 +29,14 @@ class LiveSessions:
     def count(self) -> int:
         return len(self._open)
 
+    def rejected(self) -> None:
+        """Count a session refused before it opened (limit reached, model not serving, shutting down)."""
+        self._metrics.live_sessions.labels(reason="rejected").inc()
+
     def open(self, emit: Emit) -> LiveSession:
         """A new session, counted; raises SessionLimitReached. Pair with `ended`."""
         if len(self._open) >= self.settings.live_max_sessions:
-            self._metrics.live_sessions.labels(reason="rejected").inc()
+            self.rejected()
             raise SessionLimitReached
         session = LiveSession(decoder=self.decoder, settings=self.settings, emit=emit, metrics=self._metrics)
         self._open.add(session)
