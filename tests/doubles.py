@@ -47,6 +47,9 @@ class DoubleBehaviour:
     # Log-probability of every written token, and the `no_speech_prob` reported, when options.logprobs.
     token_logprob: float = -0.25
     no_speech_prob: float = 0.125
+    # Live sessions: with N > 0 the transcript of audio of S seconds is "w1 w2 ... wK", K = floor(S * N), so
+    # a growing utterance's transcripts extend each other, as a real model's do.
+    words_per_second: float = 0.0
 
     @classmethod
     def from_env(cls, engine_index: int = 0) -> DoubleBehaviour:
@@ -61,6 +64,7 @@ class DoubleBehaviour:
             die_on_call=int(os.environ.get("DOUBLE_DIE_ON_CALL", "0")),
             script=tuple(json.loads(os.environ.get("DOUBLE_SCRIPT", "[]"))),
             finish_reason=os.environ.get("DOUBLE_FINISH_REASON", "stop"),  # type: ignore[arg-type]
+            words_per_second=float(os.environ.get("DOUBLE_WORDS_PER_SECOND", "0")),
         )
 
 
@@ -90,6 +94,8 @@ class TestDoubleEngine:
 
     def words_for(self, audio: AudioArray, options: TranscribeOptions) -> list[str]:
         seconds = len(audio) / 16_000
+        if self.behaviour.words_per_second:
+            return [f"w{i}" for i in range(1, int(seconds * self.behaviour.words_per_second) + 1)]
         words = ["chunk", "of", f"{seconds:.1f}", "seconds"]
         if options.context:
             words += ["context", options.context.split()[0]]
@@ -108,7 +114,14 @@ class TestDoubleEngine:
             tokens = list(self.behaviour.script)
         else:
             words = self.words_for(audio, options)
-            tokens = [header + words[0], *(f" {word}" for word in words[1:])]
+            tokens = [header + words[0], *(f" {word}" for word in words[1:])] if words else [header]
+            # With an assistant prefix (live re-decoding) only what continues it, as a model continues its
+            # prompt; nothing if the prefix is not the start of this audio's transcript.
+            prefix = options.assistant_prefix
+            if prefix:
+                whole = "".join(tokens)
+                rest = whole[len(prefix) :] if whole.startswith(prefix) else ""
+                tokens = [f" {word}" for word in rest.split()] or [""]
         raw = ""
         logprobs: list[TokenLogprob] = []
         try:

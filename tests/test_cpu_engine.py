@@ -107,6 +107,17 @@ def test_language_context_and_sampling_options(engine: CPUEngine) -> None:
     assert sampled.finished and 1 <= sampled.output_tokens <= 6
 
 
+def test_an_assistant_prefix_is_continued_greedily(engine: CPUEngine) -> None:
+    """Live re-decoding: with the first tokens of its own output as the prefix, the model goes on with the
+    rest of the same output, and `raw_text` holds only the continuation (the tiny tokenizer is bytes)."""
+    whole = run(run_to_completion(engine, tone(1.5), TranscribeOptions(max_new_tokens=12), "whole"))
+    prefix = whole.raw_text[:6]
+    options = TranscribeOptions(max_new_tokens=6, assistant_prefix=prefix)
+    continued = run(run_to_completion(engine, tone(1.5), options, "continued"))
+    assert prefix + continued.raw_text == whole.raw_text
+    assert continued.output_tokens == 6
+
+
 @pytest.mark.parametrize("samples", [0, 1, 150, 7999])
 def test_short_audio_is_padded_rather_than_failing(engine: CPUEngine, samples: int) -> None:
     audio = np.zeros(samples, dtype=np.float32)

@@ -64,6 +64,12 @@ def test_build_prompt_layout() -> None:
         "<|im_start|>assistant\nlanguage English<asr_text>"
     )
     assert build_prompt("", None).endswith("<|im_start|>assistant\n")
+    # Live re-decoding continues the stable text so far, after the language tag when one is forced.
+    assert build_prompt("ctx", "English", "Hello wor") == build_prompt("ctx", "English") + "Hello wor"
+    assert (
+        build_prompt("", None, "language English<asr_text>Hi")
+        == build_prompt("", None) + "language English<asr_text>Hi"
+    )
 
 
 def test_the_processor_expands_the_placeholder_for_the_audio(qwen_model: Any) -> None:

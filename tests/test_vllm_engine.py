@@ -302,6 +302,8 @@ def test_request_input_holds_the_shared_prompt_and_16k_samples() -> None:
     assert rate == 16_000
     assert samples.dtype == np.float32 and samples.shape == (16_000,)
     assert build_request_input(AUDIO, TranscribeOptions())["prompt"] == build_prompt("", None)
+    continued = build_request_input(AUDIO, TranscribeOptions(language="English", assistant_prefix="Hello wor"))
+    assert continued["prompt"] == build_prompt("", "English") + "Hello wor"
 
 
 @pytest.mark.parametrize("shape", [(0,), (2, 16_000)])

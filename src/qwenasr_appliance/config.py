@@ -91,6 +91,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The optional forced aligner (word timestamps): empty means none is loaded.
     aligner_model_id: str = ""
     aligner_gpu_memory_utilization: float = 0.10
+    # Live transcription (OpenAI Realtime API over WebSocket, GET /v1/realtime): see README "Live transcription".
+    live_max_sessions: int = 128  # open sessions at once; 0 turns /v1/realtime off
+    live_max_session_seconds: float = 3600.0  # wall time of one session
+    live_idle_timeout_seconds: float = 60.0  # longest time without a client event
+    live_max_append_bytes: int = 1024 * 1024  # decoded audio bytes in one input_audio_buffer.append
+    live_max_turn_seconds: float = 30.0  # a longer turn is committed where it stands
+    live_partial_interval_seconds: float = 0.8  # new audio between partial re-decodes; 0: no partials
+    live_send_queue_events: int = 1024  # server events waiting for a slow reader before the session is closed
+    live_send_timeout_seconds: float = 10.0  # longest a single send may block
+    live_page: bool = False  # the built-in try-it page at /live
 
     @property
     def served_model_names(self) -> tuple[str, ...]:
@@ -225,6 +235,15 @@ _VARS: dict[str, _Var] = {
     "ALIGNER_GPU_MEMORY_UTILIZATION": _Var(
         "aligner_gpu_memory_utilization", _parse_float, _range(0.0, 1.0, low_open=True)
     ),
+    "LIVE_MAX_SESSIONS": _Var("live_max_sessions", _parse_int, _range(0, 100_000)),
+    "LIVE_MAX_SESSION_SECONDS": _Var("live_max_session_seconds", _parse_float, _range(1.0, 86_400.0)),
+    "LIVE_IDLE_TIMEOUT_SECONDS": _Var("live_idle_timeout_seconds", _parse_float, _range(1.0, 86_400.0)),
+    "LIVE_MAX_APPEND_BYTES": _Var("live_max_append_bytes", _parse_int, _range(1024, 15 * 1024 * 1024)),
+    "LIVE_MAX_TURN_SECONDS": _Var("live_max_turn_seconds", _parse_float, _range(1.0, 300.0)),
+    "LIVE_PARTIAL_INTERVAL_SECONDS": _Var("live_partial_interval_seconds", _parse_float, _range(0.0, 60.0)),
+    "LIVE_SEND_QUEUE_EVENTS": _Var("live_send_queue_events", _parse_int, _range(8, 100_000)),
+    "LIVE_SEND_TIMEOUT_SECONDS": _Var("live_send_timeout_seconds", _parse_float, _range(0.1, 600.0)),
+    "LIVE_PAGE": _Var("live_page", _parse_bool),
 }
 
 # Qwen3-ForcedAligner aligns at most this much audio per call (qwen-asr's MAX_FORCE_ALIGN_INPUT_SECONDS).

@@ -196,6 +196,48 @@ class Metrics:
             ["pool", "reason"],
             registry=registry,
         )
+        # Live transcription (GET /v1/realtime).
+        self.live_sessions_active = Gauge(
+            "qwenasr_live_sessions_active",
+            "Live transcription sessions (Realtime API WebSockets) open now.",
+            registry=registry,
+        )
+        self.live_sessions = Counter(
+            "qwenasr_live_sessions_total",
+            "Live sessions ended, by reason (client_closed, idle_timeout, session_expired, slow_consumer, "
+            "shutdown, rejected, error).",
+            ["reason"],
+            registry=registry,
+        )
+        self.live_audio = Counter(
+            "qwenasr_live_audio_seconds_total",
+            "Seconds of audio received by live sessions.",
+            registry=registry,
+        )
+        self.live_turns = Counter(
+            "qwenasr_live_turns_total",
+            "Committed turns of live sessions, by outcome (completed, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.live_first_delta = Histogram(
+            "qwenasr_live_first_delta_seconds",
+            "Time from the detection of speech (speech_started; the first append in manual mode) to the turn's first transcript delta.",
+            buckets=_STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.live_final_latency = Histogram(
+            "qwenasr_live_final_latency_seconds",
+            "Time from the end of speech (speech_stopped, or the commit) to the turn's completed transcript.",
+            buckets=_STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.live_client_errors = Counter(
+            "qwenasr_live_client_errors_total",
+            "Client events answered with an error event, by error code.",
+            ["code"],
+            registry=registry,
+        )
         self.set_engine_state("starting")
 
     def worker_replaced(self, pool: str) -> Callable[[str], None]:

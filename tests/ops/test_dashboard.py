@@ -63,6 +63,11 @@ REQUIRED_METRICS = {
     "vLLM preemptions": "vllm:num_preemptions_total",
     "vLLM generated tokens": "vllm:generation_tokens_total",
     "vLLM prompt tokens": "vllm:prompt_tokens_total",
+    # Issue 13: live transcription sessions.
+    "live sessions open": "qwenasr_live_sessions_active",
+    "live audio seconds": "qwenasr_live_audio_seconds_total",
+    "live time to first delta": "qwenasr_live_first_delta_seconds_bucket",
+    "live final latency after end of speech": "qwenasr_live_final_latency_seconds_bucket",
 }
 
 

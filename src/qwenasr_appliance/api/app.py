@@ -14,9 +14,11 @@ from qwenasr_appliance import __version__
 from qwenasr_appliance.api.context import AppContext, app_context
 from qwenasr_appliance.api.docs import docs_assets_router, openapi_config
 from qwenasr_appliance.api.errors import EXCEPTION_HANDLERS, MULTIPART_PART_LIMIT
+from qwenasr_appliance.api.live_page import live_page_routes
 from qwenasr_appliance.api.models import ModelsController
 from qwenasr_appliance.api.observer import RequestObserver
 from qwenasr_appliance.api.ops import OpsController
+from qwenasr_appliance.api.realtime import live_sessions, realtime
 from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
@@ -27,6 +29,8 @@ from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_f
 from qwenasr_appliance.supervisor.probe import VramProbeFn, probe_vram
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
 from qwenasr_appliance.transcription.admission import AdmissionController, admission_limit, follow_engine_capacity
+from qwenasr_appliance.transcription.live.decoder import LiveDecoder
+from qwenasr_appliance.transcription.live.registry import LiveSessions
 from qwenasr_appliance.transcription.pipeline import TranscriptionService
 
 log = structlog.get_logger(__name__)
@@ -72,6 +76,7 @@ def _lifespan(context: AppContext) -> object:
             # other servers may start the lifespan shutdown earlier.
             context.shutdown.begin("lifespan shutdown")
             await _drain(context.admission, context.settings.shutdown_grace_seconds + 1.0)
+            await live_sessions(app.state).close_all()
             context.shutdown.close()
             await context.supervisor.stop()
             context.service.close()
@@ -103,12 +108,20 @@ def build_litestar(
         service=service,
         shutdown=ShutdownGrace(settings.shutdown_grace_seconds),
     )
+    live = LiveSessions(settings, LiveDecoder(settings, service, supervisor, admission))
     return Litestar(
-        route_handlers=[TranscriptionController, ModelsController, OpsController, docs_assets_router()],
+        route_handlers=[
+            TranscriptionController,
+            ModelsController,
+            OpsController,
+            realtime,
+            *live_page_routes(settings),
+            docs_assets_router(),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[BodyReadTimeout(settings.client_timeout_seconds)],
         lifespan=[_lifespan(context)],  # type: ignore[list-item]
-        state=State({"context": context}),
+        state=State({"context": context, "live": live}),
         request_max_body_size=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES,
         multipart_form_part_limit=MULTIPART_PART_LIMIT,
         openapi_config=openapi_config(),

@@ -38,6 +38,7 @@ class ShutdownGrace:
     def __init__(self, grace_seconds: float) -> None:
         self.grace_seconds = grace_seconds
         self.expired = asyncio.Event()
+        self.began = asyncio.Event()  # set by begin(): long-lived connections (live sessions) wind down
         self._timer: asyncio.TimerHandle | None = None
         self._began = False
         self._previous: dict[int, Any] = {}
@@ -51,6 +52,7 @@ class ShutdownGrace:
         if self._began:
             return
         self._began = True
+        self.began.set()
         log.info("shutdown.draining", reason=reason, grace_seconds=self.grace_seconds)
         self._timer = asyncio.get_running_loop().call_later(self.grace_seconds, self._expire)
 

@@ -34,6 +34,11 @@ class TranscribeOptions:
     # engine then asks the model for them. False keeps that work off the hot path.
     logprobs: bool = False
 
+    # Text the assistant turn already holds, continued by the model (live re-decoding: the stable text of
+    # the utterance so far, Qwen3-ASR's streaming method). The output's `raw_text` excludes it. Placed
+    # after `language X<asr_text>` when `language` is set; otherwise it carries its own metadata.
+    assistant_prefix: str = ""
+
 
 @dataclass(frozen=True)
 class TokenLogprob:

@@ -37,12 +37,14 @@ AUDIO_PLACEHOLDER = "<|audio_start|><|audio_pad|><|audio_end|>"
 _LANGUAGE_PREFIX = "language "
 
 
-def build_prompt(context: str, language: str | None) -> str:
+def build_prompt(context: str, language: str | None, assistant_prefix: str = "") -> str:
     """The chat prompt for one audio: context as the system turn, the audio as the user turn.
 
     With `language` (a canonical name) the assistant turn starts with `language X<asr_text>`, so the
     model writes the transcript only. Equal to qwen-asr's prompt for any context without control tokens
     (`sanitize_context` removes them).
+    `assistant_prefix` (model output of an earlier decode of the same audio, as qwen-asr's
+    `streaming_transcribe` appends it) ends the prompt, so the model continues it.
     """
     prompt = (
         f"<|im_start|>system\n{sanitize_context(context)}<|im_end|>\n"
@@ -51,7 +53,7 @@ def build_prompt(context: str, language: str | None) -> str:
     )
     if language:
         prompt += f"{_LANGUAGE_PREFIX}{language}{ASR_TEXT_TAG}"
-    return prompt
+    return prompt + assistant_prefix
 
 
 def fix_repetitions(text: str) -> str:

@@ -25,7 +25,7 @@ from qwenasr_appliance.aligner.base import (
 )
 from qwenasr_appliance.audio.decode import DecodedAudio
 from qwenasr_appliance.audio.decoder_pool import AudioDecoder
-from qwenasr_appliance.audio.samples import SAMPLE_RATE
+from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 from qwenasr_appliance.audio.split import AudioChunk, is_silent, pad_to_min, speech_spans, split_at_quiet_points
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.engines.base import (
@@ -353,6 +353,36 @@ class TranscriptionService:
             # Callers (and the supervisor) act on the error, not on a group of them: a dead engine first.
             raise first_error(failures, prefer=EngineDeadError) from None
         return [task.result() for task in tasks]
+
+    async def transcribe_samples(
+        self, samples: AudioArray, options: TranscribeOptions, request_id: str
+    ) -> tuple[Transcript, int]:
+        """Transcribe audio already decoded (16 kHz mono float32) exactly as a file's audio after decoding:
+        one admission slot, cut at quiet points, silent chunks dropped, every chunk through the engine at
+        once with `options`, parsed and merged. Live sessions' committed turns come here. Returns the
+        transcript and the output tokens. Raises Overloaded, EngineUnavailable, EngineError, TimeoutError."""
+        self._supervisor.require_engine()
+        async with self._admission.slot() as waited:
+            self._metrics.stage_duration.labels(stage="queue").observe(waited)
+            engine = self._supervisor.require_engine()
+            chunks = split_at_quiet_points(samples, max_chunk_seconds=self._settings.chunk_seconds)
+            chunks = [c for c in chunks if not is_silent(c.samples)]
+            try:
+                async with asyncio.timeout(self._settings.request_timeout_seconds):
+                    outputs = await self._transcribe_chunks(engine, chunks, options, request_id)
+            except EngineDeadError as exc:
+                await self._guard_engine(engine, exc)
+                raise
+        parsed = [parse_output(o.raw_text, options.language, options.context) for o in outputs]
+        languages = spoken_languages(parsed, chunks, options.language)
+        text = join_texts([r.text for r in parsed])
+        transcript = Transcript(
+            text=text,
+            language=languages[0] if languages else "",
+            duration=len(samples) / SAMPLE_RATE,
+            languages=languages,
+        )
+        return transcript, sum(o.output_tokens for o in outputs)
 
     async def stream(
         self, request: TranscriptionRequest, request_id: str, stats: RequestStats

@@ -276,7 +276,7 @@ class CPUEngine:
     ) -> EngineOutput:
         torch, asr = self._torch, self._asr
         model = asr.model
-        prompt = build_prompt(options.context, options.language)
+        prompt = build_prompt(options.context, options.language, options.assistant_prefix)
         # Whole hops, as vLLM's renderer pads: both engines see ceil(n / 160) feature frames.
         audio = pad_to_hop(pad_to_min(audio, _MIN_AUDIO_SECONDS))
         inputs = asr.processor(text=[prompt], audio=[audio], return_tensors="pt", padding=True)

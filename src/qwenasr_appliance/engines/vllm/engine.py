@@ -189,7 +189,7 @@ def build_request_input(audio: AudioArray, options: TranscribeOptions) -> dict[s
     if samples.ndim != 1 or samples.size == 0:
         raise EngineRequestError(f"expected non-empty mono audio, got shape {samples.shape}")
     return {
-        "prompt": build_prompt(options.context, options.language),
+        "prompt": build_prompt(options.context, options.language, options.assistant_prefix),
         "multi_modal_data": {"audio": (samples, SAMPLE_RATE)},
     }
 

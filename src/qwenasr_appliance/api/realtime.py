@@ -1,0 +1,310 @@
+"""`GET /v1/realtime`: OpenAI's Realtime API transcription sessions over WebSocket.
+
+The session logic lives in `transcription/live/`; this module is the transport: the handshake, the
+authentication, one reader and one writer per socket, and the limits that need the socket.
+
+Handshake. `?intent=transcription` (what `client.realtime.connect(extra_query={"intent": "transcription"})`
+sends) and `?model=` (the served name or the model id) are both accepted; another `intent` or an unknown
+model is refused. Keys, when API_KEYS is set: `Authorization: Bearer <key>` (servers, the OpenAI SDKs), or,
+for browsers, which cannot set headers on a WebSocket, the subprotocol `openai-insecure-api-key.<key>`
+next to `realtime`, as OpenAI's browser clients send it (`new WebSocket(url, ["realtime",
+"openai-insecure-api-key." + key])`). The server then picks `realtime`, never echoing the key. A refused
+handshake is closed before it is accepted: the client sees HTTP 403.
+
+Close codes after the handshake (each preceded by an `error` event that says why, when one can be sent):
+1000 idle timeout (`idle_timeout`) or session length reached (`session_expired`); 1001 server shutting
+down (`server_shutting_down`); 1008 a client that reads too slowly (`slow_consumer`: more than
+`LIVE_SEND_QUEUE_EVENTS` events waiting, or one send blocked `LIVE_SEND_TIMEOUT_SECONDS`); 1011 an
+internal error; 1013 try again later (`session_limit_reached`, `engine_unavailable`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import structlog
+from litestar import WebSocket, websocket
+from litestar.datastructures import State
+
+from qwenasr_appliance.api.auth import key_matches
+from qwenasr_appliance.api.context import AppContext, app_context
+from qwenasr_appliance.transcription.live.events import (
+    ClientEventError,
+    ErrorEvent,
+    ErrorType,
+    ServerEvent,
+    encode_server_event,
+    error_event,
+)
+from qwenasr_appliance.transcription.live.registry import LiveSessions, SessionLimitReached
+from qwenasr_appliance.transcription.live.session import LiveSession
+
+log = structlog.get_logger(__name__)
+
+SUBPROTOCOL: Final = "realtime"
+KEY_SUBPROTOCOL_PREFIX: Final = "openai-insecure-api-key."
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_AGAIN = 1000, 1001, 1008, 1011, 1013
+# Committed turns still get their transcripts before the socket closes, for at most this long.
+FINAL_DRAIN_SECONDS: Final = 10.0
+ERROR_SEND_SECONDS: Final = 1.0
+
+
+def live_sessions(state: State) -> LiveSessions:
+    live = state["live"]
+    assert isinstance(live, LiveSessions)
+    return live
+
+
+def _offered_subprotocols(socket: WebSocket[Any, Any, Any]) -> list[str]:
+    return [str(p) for p in socket.scope.get("subprotocols") or []]
+
+
+def _authorized(socket: WebSocket[Any, Any, Any], keys: tuple[str, ...]) -> bool:
+    if not keys:
+        return True
+    scheme, _sep, token = socket.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and key_matches(token.strip(), keys):
+        return True
+    return any(
+        key_matches(p[len(KEY_SUBPROTOCOL_PREFIX) :], keys)
+        for p in _offered_subprotocols(socket)
+        if p.startswith(KEY_SUBPROTOCOL_PREFIX)
+    )
+
+
+def _handshake_refusal(socket: WebSocket[Any, Any, Any], context: AppContext) -> str | None:
+    """Why the handshake is refused (for the log), or None."""
+    if not _authorized(socket, context.settings.api_keys):
+        return "unauthorized"
+    intent = socket.query_params.get("intent")
+    if intent is not None and intent != "transcription":
+        return "unsupported_intent"
+    model = socket.query_params.get("model")
+    if model is not None and model.strip() not in {context.settings.model_name, context.settings.model_id}:
+        return "model_not_found"
+    return None
+
+
+class _Outbox:
+    """The bounded queue between the session and the socket's writer; overflow means a slow reader."""
+
+    def __init__(self, limit: int) -> None:
+        self.queue: asyncio.Queue[str] = asyncio.Queue(limit)
+        self.overflowed = asyncio.Event()
+
+    def emit(self, event: ServerEvent) -> None:
+        if self.overflowed.is_set():
+            return
+        try:
+            self.queue.put_nowait(encode_server_event(event))
+        except asyncio.QueueFull:
+            self.overflowed.set()
+
+
+async def _within(awaitable: Awaitable[Any], seconds: float) -> bool:
+    """Run `awaitable` for at most `seconds`; True if it completed without error.
+
+    A send to a peer whose receive window stays closed does not end when its task is cancelled (seen with
+    granian 2.8), so a late one is cancelled and left behind, never awaited: the caller goes on.
+    """
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        return False
+    return not task.cancelled() and task.exception() is None
+
+
+async def _writer(socket: WebSocket[Any, Any, Any], outbox: _Outbox, send_timeout: float) -> None:
+    """Send queued events in order; a send that takes longer than `send_timeout` marks a slow reader."""
+    while True:
+        text = await outbox.queue.get()
+        try:
+            if not await _within(socket.send_text(text), send_timeout):
+                outbox.overflowed.set()
+                return
+        finally:
+            outbox.queue.task_done()
+
+
+async def _reader(socket: WebSocket[Any, Any, Any], session: LiveSession, idle_timeout: float) -> str:
+    """Hand client messages to the session until the client leaves ("client_closed") or stays silent
+    for `idle_timeout` seconds while no committed turn awaits its transcript ("idle_timeout")."""
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                message = await socket.receive()
+        except TimeoutError:
+            if session.awaiting_finals:  # the client waits for transcripts: not idle
+                continue
+            return "idle_timeout"
+        if message["type"] == "websocket.disconnect":
+            return "client_closed"
+        text = message.get("text")
+        if not isinstance(text, str):
+            session.reject(
+                ClientEventError(
+                    "Binary messages are not part of the protocol: send each event as a JSON text message.",
+                    code="invalid_json",
+                )
+            )
+            continue
+        await session.receive(text)
+
+
+async def _finish_sending(
+    socket: WebSocket[Any, Any, Any], outbox: _Outbox, writer: asyncio.Task[None], last: ErrorEvent | None, code: int
+) -> None:
+    """Let the writer flush what is queued (briefly; not for a slow reader), stop it, send the final error
+    event and close. A client that is gone or stuck is ignored: every step is bounded."""
+    if not outbox.overflowed.is_set():
+        await _within(outbox.queue.join(), ERROR_SEND_SECONDS * 2)
+    writer.cancel()
+    await asyncio.wait({writer}, timeout=ERROR_SEND_SECONDS)
+    if (
+        outbox.overflowed.is_set()
+        or last is None
+        or await _within(socket.send_text(encode_server_event(last)), ERROR_SEND_SECONDS)
+    ):
+        await _within(socket.close(code=code), ERROR_SEND_SECONDS)
+
+
+_ENDINGS: Final[dict[str, tuple[int, str, ErrorType]]] = {
+    "idle_timeout": (CLOSE_NORMAL, "idle_timeout", "invalid_request_error"),
+    "session_expired": (CLOSE_NORMAL, "session_expired", "invalid_request_error"),
+    "slow_consumer": (CLOSE_POLICY, "slow_consumer", "invalid_request_error"),
+    "shutdown": (CLOSE_GOING_AWAY, "server_shutting_down", "server_error"),
+    "error": (CLOSE_INTERNAL, "server_error", "server_error"),
+}
+
+
+def _ending(reason: str, context: AppContext) -> tuple[int, ErrorEvent | None]:
+    """The close code and the last error event for a session that the server ends."""
+    settings = context.settings
+    messages = {
+        "idle_timeout": f"No client event arrived for {settings.live_idle_timeout_seconds:g} seconds.",
+        "session_expired": f"The session reached its maximum length of {settings.live_max_session_seconds:g} seconds.",
+        "slow_consumer": "The client reads server events too slowly; the session is closed.",
+        "shutdown": "The server is shutting down; reconnect to another instance.",
+        "error": "The server failed while serving the session.",
+    }
+    if reason not in _ENDINGS:
+        return CLOSE_NORMAL, None
+    code, error_code, error_type = _ENDINGS[reason]
+    return code, error_event(ClientEventError(messages[reason], code=error_code, error_type=error_type))
+
+
+async def _first_done(tasks: dict[str, asyncio.Future[Any]]) -> str:
+    done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+    for name, task in tasks.items():
+        if task in done:
+            try:
+                result = task.result()
+            except Exception:
+                log.exception("live.session_failed")
+                return "error"
+            return result if isinstance(result, str) else name
+    return "error"
+
+
+async def _serve(socket: WebSocket[Any, Any, Any], session: LiveSession, outbox: _Outbox, context: AppContext) -> str:
+    """Run the session until the client leaves or a limit ends it; returns the reason (END_REASONS)."""
+    settings = context.settings
+    watchers: dict[str, asyncio.Future[Any]] = {
+        "reader": asyncio.create_task(_reader(socket, session, settings.live_idle_timeout_seconds)),
+        "slow_consumer": asyncio.ensure_future(outbox.overflowed.wait()),
+        "session_expired": asyncio.ensure_future(asyncio.sleep(settings.live_max_session_seconds)),
+        "shutdown": asyncio.ensure_future(context.shutdown.began.wait()),
+    }
+    try:
+        reason = await _first_done(watchers)
+    finally:
+        for task in watchers.values():
+            task.cancel()
+        await asyncio.wait(watchers.values(), timeout=ERROR_SEND_SECONDS)
+    if reason in {"session_expired", "shutdown"}:
+        # No new client events; committed turns still get their transcripts.
+        session.stop_accepting(reason)
+        await session.drain(min(FINAL_DRAIN_SECONDS, settings.shutdown_grace_seconds))
+    return reason
+
+
+@websocket("/v1/realtime", name="realtime")
+async def realtime(socket: WebSocket[Any, Any, Any]) -> None:
+    """One transcription session (see the module docstring for the handshake, events and close codes)."""
+    context = app_context(socket.app.state)
+    live = live_sessions(socket.app.state)
+    refusal = _handshake_refusal(socket, context)
+    if refusal is not None:
+        await socket.receive()  # websocket.connect
+        await socket.close(code=CLOSE_POLICY)  # before accept: the client gets HTTP 403
+        log.info("live.refused", reason=refusal)
+        return
+    offered = _offered_subprotocols(socket)
+    await socket.accept(subprotocols=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    outbox = _Outbox(context.settings.live_send_queue_events)
+    started = time.perf_counter()
+    try:
+        session = _open(live, context, outbox.emit)
+    except _Refused as refused:
+        if await _within(socket.send_text(encode_server_event(error_event(refused.error))), ERROR_SEND_SECONDS):
+            await _within(socket.close(code=CLOSE_TRY_AGAIN), ERROR_SEND_SECONDS)
+        log.info("live.refused", reason=refused.error.code)
+        return
+    writer = asyncio.create_task(_writer(socket, outbox, context.settings.live_send_timeout_seconds))
+    reason = "error"
+    try:
+        session.start()
+        log.info("live.session_started", session_id=session.id, open_sessions=live.count)
+        reason = await _serve(socket, session, outbox, context)
+    finally:
+        await live.ended(session, reason)
+        if reason == "client_closed":
+            writer.cancel()
+            await asyncio.wait({writer}, timeout=ERROR_SEND_SECONDS)
+        else:
+            code, last = _ending(reason, context)
+            await _finish_sending(socket, outbox, writer, last, code)
+        elapsed = round(time.perf_counter() - started, 3)
+        log.info("live.session_ended", session_id=session.id, reason=reason, seconds=elapsed)
+
+
+class _Refused(Exception):
+    def __init__(self, error: ClientEventError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _open(live: LiveSessions, context: AppContext, emit: Callable[[ServerEvent], None]) -> LiveSession:
+    if context.shutdown.draining:
+        live.rejected()
+        raise _Refused(
+            ClientEventError("The server is shutting down.", code="server_shutting_down", error_type="server_error")
+        )
+    if not context.supervisor.ready:
+        reason = context.supervisor.not_ready_reason or "the model is not loaded"
+        live.rejected()
+        raise _Refused(
+            ClientEventError(
+                f"The model is not serving yet: {reason}.", code="engine_unavailable", error_type="server_error"
+            )
+        )
+    try:
+        return live.open(emit)
+    except SessionLimitReached:
+        limit = live.settings.live_max_sessions
+        message = (
+            f"This server holds at most {limit} live sessions at once; try again later."
+            if limit
+            else "Live transcription is turned off on this server (LIVE_MAX_SESSIONS=0)."
+        )
+        raise _Refused(
+            ClientEventError(
+                message,
+                code="session_limit_reached",
+                error_type="server_error",
+            )
+        ) from None
