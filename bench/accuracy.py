@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clips", type=Path, help="held-out folder with manifest.json")
     parser.add_argument("--engine", choices=("cpu", "vllm"), default="cpu")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--ready-timeout", type=float, default=900.0)
+    parser.add_argument("--ready-timeout", type=float, default=300.0)
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
     args = parser.parse_args(argv)
     if args.compare:
@@ -185,7 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.engine == "vllm":
         env.setdefault("GPU_MEMORY_UTILIZATION", "0.3")
-    server = subprocess.Popen([sys.executable, "-m", "qwenasr_appliance", "serve"], env=env)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # The server's own output next to the report: a start-up that never gets ready says why there.
+    server_log = args.out.with_suffix(".server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "qwenasr_appliance", "serve"], env=env, stdout=server_log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         started = time.perf_counter()
@@ -199,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
+        server_log.close()
     summary = summarize(results)
     report = {
         "engine": args.engine,
@@ -208,7 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summary,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     print(json.dumps({"engine": args.engine, "ready_seconds": report["ready_seconds"], **summary}, indent=2))
     return 0
