@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from qwenasr_appliance.audio.split import is_silent, split_at_quiet_points
-from qwenasr_appliance.transcription.pipeline import _segment
+from qwenasr_appliance.transcription.pipeline import _timed_segment as _segment
 from qwenasr_appliance.transcription.subtitles import build_cues
 from qwenasr_appliance.transcription.text import join_texts
 from qwenasr_appliance.transcription.types import Transcript

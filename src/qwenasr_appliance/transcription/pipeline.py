@@ -147,8 +147,8 @@ class TranscriptionService:
         self._metrics.stage_duration.labels(stage="decode").observe(stats.decode_seconds)
         return decoded
 
-    def _chunks(self, decoded: DecodedAudio) -> list[AudioChunk]:
-        chunks = split_at_quiet_points(decoded.samples, max_chunk_seconds=self._settings.chunk_seconds)
+    def _chunks(self, samples: AudioArray) -> list[AudioChunk]:
+        chunks = split_at_quiet_points(samples, max_chunk_seconds=self._settings.chunk_seconds)
         return [c for c in chunks if not is_silent(c.samples)]
 
     @contextlib.asynccontextmanager
@@ -163,7 +163,7 @@ class TranscriptionService:
             decoded = await self._decode(request, stats)
             # The engine may have died, or been replaced, while this request waited for its slot.
             engine = self._supervisor.require_engine()
-            yield engine, decoded, self._chunks(decoded), self._options(request)
+            yield engine, decoded, self._chunks(decoded.samples), self._options(request)
 
     async def _guard_engine(self, engine: Engine, error: EngineDeadError) -> None:
         self._metrics.engine_errors.labels(kind="dead").inc()
@@ -250,12 +250,7 @@ class TranscriptionService:
         started = time.perf_counter()
         async with self._admitted(request, stats) as (engine, decoded, chunks, options):
             engine_started = time.perf_counter()
-            try:
-                async with asyncio.timeout(self._settings.request_timeout_seconds):
-                    outputs = await self._transcribe_chunks(engine, chunks, options, request_id)
-            except EngineDeadError as exc:
-                await self._guard_engine(engine, exc)
-                raise
+            outputs = await self._transcribe_chunks(engine, chunks, options, request_id)
             stats.engine_seconds = time.perf_counter() - engine_started
             self._metrics.stage_duration.labels(stage="engine").observe(stats.engine_seconds)
             parsed = [self._parse(o, request) for o in outputs]
@@ -341,6 +336,18 @@ class TranscriptionService:
     async def _transcribe_chunks(
         self, engine: Engine, chunks: list[AudioChunk], options: TranscribeOptions, request_id: str
     ) -> list[EngineOutput]:
+        """Every chunk through the engine at once, within `REQUEST_TIMEOUT_SECONDS` (TimeoutError); a dead
+        engine is reported to the supervisor before its EngineDeadError propagates."""
+        try:
+            async with asyncio.timeout(self._settings.request_timeout_seconds):
+                return await self._run_chunks(engine, chunks, options, request_id)
+        except EngineDeadError as exc:
+            await self._guard_engine(engine, exc)
+            raise
+
+    async def _run_chunks(
+        self, engine: Engine, chunks: list[AudioChunk], options: TranscribeOptions, request_id: str
+    ) -> list[EngineOutput]:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
@@ -365,14 +372,8 @@ class TranscriptionService:
         async with self._admission.slot() as waited:
             self._metrics.stage_duration.labels(stage="queue").observe(waited)
             engine = self._supervisor.require_engine()
-            chunks = split_at_quiet_points(samples, max_chunk_seconds=self._settings.chunk_seconds)
-            chunks = [c for c in chunks if not is_silent(c.samples)]
-            try:
-                async with asyncio.timeout(self._settings.request_timeout_seconds):
-                    outputs = await self._transcribe_chunks(engine, chunks, options, request_id)
-            except EngineDeadError as exc:
-                await self._guard_engine(engine, exc)
-                raise
+            chunks = self._chunks(samples)
+            outputs = await self._transcribe_chunks(engine, chunks, options, request_id)
         parsed = [parse_output(o.raw_text, options.language, options.context) for o in outputs]
         languages = spoken_languages(parsed, chunks, options.language)
         text = join_texts([r.text for r in parsed])
