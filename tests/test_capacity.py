@@ -126,6 +126,10 @@ def _client(probe: VramProbe, **env: str) -> Iterator[TestClient]:  # type: igno
         while client.get("/status").json()["engine"]["state"] not in {"ready", "degraded", "failed"}:
             assert time.monotonic() < end, "the engine did not load"
             time.sleep(0.02)
+        # Readiness also waits for the decode worker to start (issue 12: a pool with no usable worker).
+        while "worker process is usable" in (client.get("/ready").json().get("reason") or ""):
+            assert time.monotonic() < end, "the decode worker did not start"
+            time.sleep(0.02)
         yield client
 
 

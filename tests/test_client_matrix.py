@@ -97,14 +97,14 @@ def node_results(server: ServerProcess) -> dict[str, Any]:
 def test_node_sdk_json_text_srt_vtt(node_results: dict[str, Any]) -> None:
     assert node_results["json"]["text"] == TEXT
     assert node_results["text"] == TEXT + "\n"
-    assert node_results["srt"] == f"1\n00:00:00,000 --> 00:00:02,925\n{TEXT}\n"
-    assert node_results["vtt"].startswith("WEBVTT\n\n00:00:00.000 --> 00:00:02.925\n")
+    assert node_results["srt"] == f"1\n00:00:00,200 --> 00:00:02,800\n{TEXT}\n"
+    assert node_results["vtt"].startswith("WEBVTT\n\n00:00:00.200 --> 00:00:02.800\n")
 
 
 def test_node_sdk_verbose_json_with_segments(node_results: dict[str, Any]) -> None:
     verbose = node_results["verbose_json"]
     assert (verbose["text"], verbose["language"], verbose["duration"]) == (TEXT, "english", 2.925)
-    assert [(s["start"], s["end"], s["text"]) for s in verbose["segments"]] == [(0, 2.925, TEXT)]
+    assert [(s["start"], s["end"], s["text"]) for s in verbose["segments"]] == [(0.2, 2.8, TEXT)]
 
 
 def test_node_sdk_streams(node_results: dict[str, Any]) -> None:
@@ -147,8 +147,8 @@ def _litellm_transcribe(litellm: types.ModuleType, server: ServerProcess, model:
     [
         ("json", TEXT),
         ("text", TEXT + "\n"),
-        ("srt", f"1\n00:00:00,000 --> 00:00:02,925\n{TEXT}\n"),
-        ("vtt", f"WEBVTT\n\n00:00:00.000 --> 00:00:02.925\n{TEXT}\n"),
+        ("srt", f"1\n00:00:00,200 --> 00:00:02,800\n{TEXT}\n"),
+        ("vtt", f"WEBVTT\n\n00:00:00.200 --> 00:00:02.800\n{TEXT}\n"),
     ],
 )
 def test_litellm_formats(litellm: types.ModuleType, server: ServerProcess, response_format: str, expected: str) -> None:
@@ -160,7 +160,7 @@ def test_litellm_verbose_json_with_segments(litellm: types.ModuleType, server: S
         litellm, server, "qwen3-asr", response_format="verbose_json", timestamp_granularities=["segment"]
     )
     assert (result.text, result.language, result.duration) == (TEXT, "english", 2.925)
-    assert [(s["start"], s["end"], s["text"]) for s in result.segments] == [(0, 2.925, TEXT)]
+    assert [(s["start"], s["end"], s["text"]) for s in result.segments] == [(0.2, 2.8, TEXT)]
 
 
 def test_litellm_stream_request_gets_the_transcript(litellm: types.ModuleType, server: ServerProcess) -> None:
@@ -207,8 +207,8 @@ def _parse(parser_module: Any, server: ServerProcess, **params: Any) -> list[Any
         (None, TEXT),
         ("json", TEXT),
         ("text", TEXT + "\n"),
-        ("srt", f"1\n00:00:00,000 --> 00:00:02,925\n{TEXT}\n"),
-        ("vtt", f"WEBVTT\n\n00:00:00.000 --> 00:00:02.925\n{TEXT}\n"),
+        ("srt", f"1\n00:00:00,200 --> 00:00:02,800\n{TEXT}\n"),
+        ("vtt", f"WEBVTT\n\n00:00:00.200 --> 00:00:02.800\n{TEXT}\n"),
         ("verbose_json", TEXT),  # the parser keeps the text of verbose_json (segments are dropped by it)
     ],
 )
