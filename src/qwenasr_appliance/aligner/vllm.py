@@ -28,7 +28,6 @@ metrics, which share the process's registry.
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -47,7 +46,7 @@ from qwenasr_appliance.aligner.text import build_align_prompt, split_units, unit
 from qwenasr_appliance.audio.samples import SAMPLE_RATE, AudioArray
 from qwenasr_appliance.config import MAX_ALIGN_SECONDS
 from qwenasr_appliance.engines.base import EngineDeadError, EngineLoadError
-from qwenasr_appliance.engines.vllm.common import LLMFactory, OutputTap, ParamsFactory, audio_tokens
+from qwenasr_appliance.engines.vllm.common import LLMFactory, OutputTap, ParamsFactory, audio_tokens, round_model_len
 from qwenasr_appliance.engines.vllm.errors import classify_load_failure, map_request_error
 from qwenasr_appliance.engines.vllm.lifecycle import attr, build_llm, import_vllm, release_llm
 
@@ -61,8 +60,6 @@ ARCHITECTURE: Final = "Qwen3ASRForcedAlignerForTokenClassification"
 # Chinese token often holds two characters, each of which is a unit.
 TOKENS_PER_OUTPUT_TOKEN: Final = 8
 PROMPT_OVERHEAD_TOKENS: Final = 16
-MAX_MODEL_LEN_STEP: Final = 1024
-MODEL_MAX_POSITIONS: Final = 65536
 MAX_NUM_SEQS: Final = 64
 WARMUP_SECONDS: Final = 1.0
 
@@ -74,7 +71,7 @@ def derive_max_model_len(settings: Settings) -> int:
     """Room for the longest chunk's audio tokens and the transcript of `MAX_NEW_TOKENS` tokens."""
     seconds = min(settings.chunk_seconds, MAX_ALIGN_SECONDS)
     need = audio_tokens(seconds) + PROMPT_OVERHEAD_TOKENS + TOKENS_PER_OUTPUT_TOKEN * settings.max_new_tokens
-    return min(MODEL_MAX_POSITIONS, math.ceil(need / MAX_MODEL_LEN_STEP) * MAX_MODEL_LEN_STEP)
+    return round_model_len(need)
 
 
 def build_aligner_engine_args(settings: Settings, plan: PlanLike) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from qwenasr_appliance.engines.vllm.inputs import placeholder_tokens
 
@@ -34,6 +34,16 @@ class PlanLike(Protocol):
 def audio_tokens(seconds: float) -> int:
     """Audio placeholder tokens vLLM inserts for `seconds` of 16 kHz audio (hop 160: 100 frames/s)."""
     return placeholder_tokens(max(1, math.ceil(round(seconds * 100, 6))))  # round: 9.88 * 100 is 988.0000000000001
+
+
+MAX_MODEL_LEN_STEP: Final = 1024
+MODEL_MAX_POSITIONS: Final = 65536  # the released checkpoints' max_position_embeddings
+
+
+def round_model_len(tokens: int) -> int:
+    """A derived `max_model_len`: `tokens` rounded up to a multiple of 1024, at most the model's 65,536
+    positions."""
+    return min(MODEL_MAX_POSITIONS, math.ceil(tokens / MAX_MODEL_LEN_STEP) * MAX_MODEL_LEN_STEP)
 
 
 class OutputTap:

@@ -55,7 +55,14 @@ from qwenasr_appliance.engines.base import (
 from qwenasr_appliance.engines.no_speech import decision_step, no_speech_token_ids
 from qwenasr_appliance.engines.progress import LoadProgress
 from qwenasr_appliance.engines.prompt import build_prompt
-from qwenasr_appliance.engines.vllm.common import LLMFactory, OutputTap, ParamsFactory, PlanLike, audio_tokens
+from qwenasr_appliance.engines.vllm.common import (
+    LLMFactory,
+    OutputTap,
+    ParamsFactory,
+    PlanLike,
+    audio_tokens,
+    round_model_len,
+)
 from qwenasr_appliance.engines.vllm.errors import (
     classify_load_failure,
     failure_region,
@@ -85,8 +92,6 @@ BENCH_IGNORE_EOS_ENV: Final = "QWENASR_BENCH_IGNORE_EOS"
 # tokens (vLLM's `_get_feat_extract_output_lengths`). Prompt text around the audio: about 20 tokens.
 PROMPT_OVERHEAD_TOKENS: Final = 64
 DEFAULT_CONTEXT_TOKENS: Final = 2000
-MAX_MODEL_LEN_STEP: Final = 1024
-MODEL_MAX_POSITIONS: Final = 65536
 # Stop a runaway loop: a pattern of 1-10 tokens repeated 20 times in a row (vLLM 0.26
 # `RepetitionDetectionParams`, checked after every step in `vllm/v1/core/sched/utils.py: check_stop`, after
 # the end-token and `max_tokens` checks). `prompt.fix_repetitions` collapses such loops to two copies anyway,
@@ -120,7 +125,7 @@ def derive_max_model_len(settings: Settings) -> int:
         return settings.max_model_len
     context = settings.max_prompt_chars if settings.max_prompt_chars > 0 else DEFAULT_CONTEXT_TOKENS
     need = audio_tokens(settings.chunk_seconds) + PROMPT_OVERHEAD_TOKENS + context + settings.max_new_tokens
-    return min(MODEL_MAX_POSITIONS, math.ceil(need / MAX_MODEL_LEN_STEP) * MAX_MODEL_LEN_STEP)
+    return round_model_len(need)
 
 
 def renderer_workers(cpu_count: int | None = None) -> int:
