@@ -353,6 +353,19 @@ def test_truncated_files_decode_what_is_there(fmt: str, seconds: int) -> None:
     assert 0.3 * seconds < decoded.duration_seconds < 0.7 * seconds
 
 
+@pytest.mark.parametrize("fmt", ["wav", "aiff", "flac"])
+def test_a_cut_file_whose_header_states_its_length_is_flagged_truncated(fmt: str) -> None:
+    """WAV and AIFF declare their sample data's size, FLAC its sample count: a cut file decodes as far as
+    it goes (libsndfile and FFmpeg read it without an error) and is flagged, so the answer can say so
+    (`X-Audio-Truncated`); the whole file is not."""
+    data = encode(speech_like(4, 16000), 16000, fmt)
+    assert not decode(data, f"a.{fmt}").truncated
+    for share in (0.3, 0.6, 0.95):
+        cut = decode(data[: int(len(data) * share)], f"a.{fmt}")
+        assert cut.truncated, (fmt, share)
+        assert cut.duration_seconds < 4 * share + 0.2
+
+
 def test_nan_inf_and_overrange_samples_are_cleaned() -> None:
     signal = sine(440, 1.0, 16000)
     signal[1000:2000] = np.nan

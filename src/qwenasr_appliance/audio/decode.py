@@ -402,8 +402,30 @@ def _decode_with_soundfile(data: bytes, max_seconds: float, *, allow_estimated_l
         container=container.lower(),
         codec=subtype.lower(),
         decoder="soundfile",
-        truncated=truncated,
+        truncated=truncated or data_chunk_cut(data),
     )
+
+
+def data_chunk_cut(data: bytes) -> bool:
+    """True when a WAV (RIFF `data` chunk) or AIFF (FORM `SSND` chunk) upload ends before the sample data
+    its header declares: libsndfile then reads the bytes that are there without a word, so a cut file
+    would pass as whole. Chunk layout: RIFF (Microsoft, little-endian sizes) and EA IFF 85 (AIFF,
+    big-endian); a size of 0 or 0xFFFFFFFF (streams written before their length was known) declares
+    nothing."""
+    order: Literal["little", "big"]
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        wanted, order = b"data", "little"
+    elif data[:4] == b"FORM" and data[8:12] in (b"AIFF", b"AIFC"):
+        wanted, order = b"SSND", "big"
+    else:
+        return False
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk, size = data[offset : offset + 4], int.from_bytes(data[offset + 4 : offset + 8], order)
+        if chunk == wanted:
+            return 0 < size < 0xFFFFFFFF and offset + 8 + size > len(data)
+        offset += 8 + size + (size & 1)  # chunks are padded to an even length
+    return False
 
 
 # --------------------------------------------------------------------------- FFmpeg
@@ -511,6 +533,7 @@ def _decode_pyav_link(data: bytes, decoding: _PyavDecoding) -> None:
         interleaver = Interleaver()
         batcher = FrameBatcher()
         decoding.packet_errors = 0
+        seconds_before = decoding.pipeline.source_seconds if decoding.pipeline is not None else 0.0
 
         packets = container.demux(stream)
         while True:
@@ -542,6 +565,26 @@ def _decode_pyav_link(data: bytes, decoding: _PyavDecoding) -> None:
         if first_link:
             decoding.container = str(container.format.name)
             decoding.codec = str(stream.codec_context.name)
+        if _ended_before_its_declared_length(container, estimate, decoding, seconds_before):
+            decoding.truncated = True
+
+
+# Containers whose header states the exact length (WAV/AIFF data size, FLAC STREAMINFO total samples):
+# decoding that ends well short of it means the file was cut. Others (MP3, Ogg, MP4...) only estimate it.
+_EXACT_LENGTH_CONTAINERS: Final = frozenset({"wav", "w64", "aiff", "flac", "caf"})
+_CUT_TOLERANCE_SECONDS: Final = 0.05
+
+
+def _ended_before_its_declared_length(
+    container: Any, declared_seconds: float | None, decoding: _PyavDecoding, seconds_before: float
+) -> bool:
+    """True when a link of an exact-length container decoded more than `_CUT_TOLERANCE_SECONDS` short of
+    the length its header declares (FFmpeg decodes a cut WAV or FLAC without an error)."""
+    pipeline = decoding.pipeline
+    names = set(str(container.format.name).split(","))
+    if declared_seconds is None or pipeline is None or not names & _EXACT_LENGTH_CONTAINERS:
+        return False
+    return pipeline.source_seconds - seconds_before < declared_seconds - _CUT_TOLERANCE_SECONDS
 
 
 class Interleaver:
