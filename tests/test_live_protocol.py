@@ -94,6 +94,22 @@ def test_bad_client_events(message: str | bytes, code: str, param: str | None) -
     assert (raised.value.code, raised.value.param) == (code, param)
 
 
+@pytest.mark.parametrize("over", [1, 2])
+def test_an_append_just_over_the_limit_is_refused_and_one_at_it_accepted(over: int) -> None:
+    """base64 pads to whole 4-character groups, so the length before decoding only bounds the audio
+    roughly: a byte or two over the limit is caught after decoding (found by an adversarial pass)."""
+    at_limit = base64.b64encode(b"\x00" * LIMIT).decode()
+    assert parse_client_event(
+        json.dumps({"type": "input_audio_buffer.append", "audio": at_limit}), max_audio_bytes=LIMIT
+    ) == AudioAppend(None, b"\x00" * LIMIT)
+    over_limit = base64.b64encode(b"\x00" * (LIMIT + over)).decode()
+    with pytest.raises(ClientEventError) as raised:
+        parse_client_event(
+            json.dumps({"type": "input_audio_buffer.append", "audio": over_limit}), max_audio_bytes=LIMIT
+        )
+    assert raised.value.code == "append_too_large"
+
+
 def test_error_events_carry_the_client_event_id_and_no_payload() -> None:
     secret_audio = base64.b64encode(b"\x01" * 2000).decode()
     with pytest.raises(ClientEventError) as raised:

@@ -223,19 +223,24 @@ def _audio(raw: dict[str, Any], max_audio_bytes: int, event_id: str | None) -> b
         raise ClientEventError(
             "'audio' must be a base64 string.", code="missing_required_parameter", param="audio", event_id=event_id
         )
+    too_large = ClientEventError(
+        f"The appended audio is larger than the limit of {max_audio_bytes} bytes per event: send smaller pieces.",
+        code="append_too_large",
+        param="audio",
+        event_id=event_id,
+    )
+    # A cheap bound before decoding (4 base64 characters per 3 bytes), the exact one after it.
     if len(encoded) > (max_audio_bytes + 2) // 3 * 4 + 4:
-        raise ClientEventError(
-            f"The appended audio is larger than the limit of {max_audio_bytes} bytes per event: send smaller pieces.",
-            code="append_too_large",
-            param="audio",
-            event_id=event_id,
-        )
+        raise too_large
     try:
-        return base64.b64decode(encoded, validate=True)
+        audio = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise ClientEventError(
             "'audio' is not valid base64.", code="invalid_base64", param="audio", event_id=event_id
         ) from None
+    if len(audio) > max_audio_bytes:
+        raise too_large
+    return audio
 
 
 # -- server events --------------------------------------------------------------------------------------
