@@ -82,6 +82,21 @@ def stream_events(url: str, first_delta: threading.Event) -> tuple[int, list[dic
         return response.status_code, events
 
 
+def assert_worker_stopped_on_its_own(logs: str) -> None:
+    """The worker finished its lifespan shutdown (`server.stopped`) before granian's kill.
+
+    granian (2.8) can log "Killing worker-1 after it refused to gracefully stop" for a worker that has
+    already exited: its watcher thread and its stop path both wait on the process, and when the watcher
+    reaps it first `is_alive()` stays true for a moment (seen on a loaded 2-core CI machine; reproduced
+    with plain `multiprocessing`, 2 in 200 under load). Such a line after `server.stopped` is that
+    race; a kill before it would have cut the shutdown.
+    """
+    stopped = logs.find('"event": "server.stopped"')
+    assert stopped >= 0, "the worker never finished its shutdown"
+    killed = logs.find("Killing worker")
+    assert killed < 0 or killed > stopped, "granian killed the worker before its shutdown finished"
+
+
 def decodes(server: ServerProcess) -> float:
     metrics = httpx.get(server.url + "/metrics", timeout=5).text
     return metric_value(metrics, 'qwenasr_stage_duration_seconds_count{stage="decode"}')
@@ -238,8 +253,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
     assert exit_code == 0
     assert exited_after < 10, "the drain took longer than the grace period"
     logs = server.logs()
-    assert '"event": "shutdown.draining"' in logs and '"event": "server.stopped"' in logs
-    assert "Killing worker" not in logs
+    assert '"event": "shutdown.draining"' in logs
+    assert_worker_stopped_on_its_own(logs)
     print(f"refused new connections after {refused_after:.2f} s, exited after {exited_after:.2f} s")
 
 
@@ -275,8 +290,8 @@ def test_requests_outlasting_the_grace_period_get_503_not_a_cut(tmp_path: Path) 
     assert exit_code == 0
     assert exited_after < 1 + 3, "the process did not exit right after the grace period"
     logs = server.logs()
-    assert '"event": "shutdown.grace_expired"' in logs and '"event": "server.stopped"' in logs
-    assert "Killing worker" not in logs
+    assert '"event": "shutdown.grace_expired"' in logs
+    assert_worker_stopped_on_its_own(logs)
     print(f"exited {exited_after:.2f} s after SIGTERM with a 1 s grace period")
 
 
