@@ -22,7 +22,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,45 @@ def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float) -> No
             pass
         time.sleep(1)
     raise SystemExit(f"the appliance was not ready within {timeout:.0f} s")
+
+
+@contextmanager
+def appliance(
+    model: Path, engine: str, log_path: Path, ready_timeout: float, settings: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, float]]:
+    """`python -m qwenasr_appliance serve` on a free port of 127.0.0.1 serving `model` as `SERVED_NAME`
+    with `engine` and extra `settings` (environment variables): yields (base URL, seconds to /ready).
+    The server's output goes to `log_path` (a start-up that never gets ready says why there); it is
+    stopped with SIGTERM (SIGKILL after 60 s) on exit. Raises SystemExit when it is not ready in time."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MODEL_ID": str(model.resolve()),
+        "SERVED_MODEL_NAME": SERVED_NAME,
+        "ENGINE": engine,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "LOG_LEVEL": "warning",
+        **(settings or {}),
+    }
+    if engine == "vllm":
+        env.setdefault("GPU_MEMORY_UTILIZATION", "0.3")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as server_log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "qwenasr_appliance", "serve"], env=env, stdout=server_log, stderr=subprocess.STDOUT
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            started = time.perf_counter()
+            _wait_ready(url, server, ready_timeout)
+            yield url, time.perf_counter() - started
+        finally:
+            server.terminate()
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 def _streamed_text(client: httpx.Client, url: str, audio: bytes, name: str) -> tuple[str, str]:
@@ -173,38 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return compare(*args.compare)
     if not (args.model and args.clips and args.out):
         parser.error("--model, --clips and --out are needed (or --compare A B)")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "MODEL_ID": str(args.model.resolve()),
-        "SERVED_MODEL_NAME": SERVED_NAME,
-        "ENGINE": args.engine,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "LOG_LEVEL": "warning",
-    }
-    if args.engine == "vllm":
-        env.setdefault("GPU_MEMORY_UTILIZATION", "0.3")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # The server's own output next to the report: a start-up that never gets ready says why there.
-    server_log = args.out.with_suffix(".server.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "qwenasr_appliance", "serve"], env=env, stdout=server_log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        started = time.perf_counter()
-        _wait_ready(url, server, args.ready_timeout)
-        ready_seconds = time.perf_counter() - started
+    log_path = args.out.with_suffix(".server.log")
+    with appliance(args.model, args.engine, log_path, args.ready_timeout) as (url, ready_seconds):
         status = httpx.get(f"{url}/status", timeout=5).json()
         results = transcribe_all(url, args.clips)
-    finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        server_log.close()
     summary = summarize(results)
     report = {
         "engine": args.engine,

@@ -131,6 +131,13 @@ def build_model(seed: int) -> Any:
     return model
 
 
+def load_model(directory: Path) -> Any:
+    """The Qwen3ASRForConditionalGeneration saved in `directory`, in float32, to train further."""
+    from qwen_asr.core.transformers_backend import Qwen3ASRForConditionalGeneration
+
+    return Qwen3ASRForConditionalGeneration.from_pretrained(directory, torch_dtype=torch.float32)
+
+
 def reinit_audio_frontend(tower: Any) -> None:
     """He-initialise the audio tower's three stride-2 convolutions (zero bias) and their output projection.
 
@@ -147,21 +154,83 @@ def reinit_audio_frontend(tower: Any) -> None:
 
 
 _PROCESSOR: Any = None
+PAUSE_S = (0.1, 2.0)  # pauses between the utterances of a multi-utterance recording, seconds
+PAUSE_NOISE_DBFS: tuple[float | None, ...] = (None, -70.0, -60.0, -50.0)  # None: digital silence
 
 
-def _featurize(job: tuple[str, Utterance, bytes | None]) -> tuple[np.ndarray, int]:
-    """Worker: render one utterance and compute its features with the checkpoint's processor, exactly as
-    the CPU engine calls it (one audio, `padding=True`). Returns ((128, T) float16, samples)."""
+@dataclass(frozen=True)
+class Recording:
+    """A training example's audio: utterances one after another, each followed by a pause.
+
+    A single utterance is a recording of one part and no pause. Longer recordings teach the model what
+    the server gives it for long audio: chunks of up to CHUNK_SECONDS (30 s) holding several sentences.
+    """
+
+    parts: tuple[int, ...]  # indices into the training utterances
+    pauses: tuple[float, ...]  # seconds after each part
+    noise_dbfs: float | None  # level of the white noise in the pauses (dBFS RMS); None: silence
+    seed: int  # the pauses' noise
+
+
+def compose_recordings(utterances: Sequence[Utterance], count: int, max_seconds: float, seed: int) -> list[Recording]:
+    """`count` multi-utterance recordings of the training utterances, each of a target length drawn
+    uniformly from 4 s to `max_seconds` (estimated from words and speaking rate; the worker drops parts
+    that overflow `max_seconds`). Half of them keep to one language, half mix both."""
+    rng = random.Random(seed)
+    by_language = {language: [i for i, u in enumerate(utterances) if u.language == language] for language in LANGUAGES}
+    everyone = list(range(len(utterances)))
+    recordings = []
+    for _ in range(count):
+        pool = by_language[rng.choice(LANGUAGES)] if rng.random() < 0.5 else everyone
+        target = rng.uniform(4.0, max_seconds)
+        parts: list[int] = []
+        pauses: list[float] = []
+        length = 0.0
+        while length < target:
+            index = rng.choice(pool)
+            pause = rng.uniform(*PAUSE_S)
+            parts.append(index)
+            pauses.append(pause)
+            length += len(utterances[index].text.split()) * 60 / utterances[index].speed + 0.5 + pause
+        recordings.append(Recording(tuple(parts), tuple(pauses), rng.choice(PAUSE_NOISE_DBFS), rng.getrandbits(32)))
+    return recordings
+
+
+def assemble(pieces: Sequence[np.ndarray], recording: Recording, max_samples: int) -> tuple[np.ndarray, int]:
+    """The recording's float32 samples at 16 kHz (the pieces with their pauses, stopping before a piece
+    that would end past `max_samples`, keeping at least one) and how many parts it holds."""
+    rng = np.random.default_rng(recording.seed)
+    out: list[np.ndarray] = []
+    length = kept = 0
+    for piece, pause in zip(pieces, recording.pauses, strict=True):
+        if kept and length + piece.size > max_samples:
+            break
+        gap = round(pause * SAMPLE_RATE)
+        if recording.noise_dbfs is None:
+            silence = np.zeros(gap, np.float32)
+        else:
+            silence = rng.normal(0.0, 10 ** (recording.noise_dbfs / 20), gap).astype(np.float32)
+        out += [piece, silence]
+        length += piece.size + gap
+        kept += 1
+    return np.concatenate(out)[:max_samples], kept
+
+
+def _featurize(job: tuple[str, list[Utterance], list[bytes | None], Recording, int]) -> tuple[np.ndarray, int, int]:
+    """Worker: render (or decode) a recording's utterances, assemble it and compute its features with the
+    checkpoint's processor, exactly as the CPU engine calls it (one audio, `padding=True`).
+    Returns ((128, T) float16, samples, parts kept)."""
     global _PROCESSOR
-    directory, utterance, encoded = job
+    directory, utterances, encoded, recording, max_samples = job
     if _PROCESSOR is None:
         from qwen_asr.core.transformers_backend import Qwen3ASRProcessor
 
         torch.set_num_threads(1)
         _PROCESSOR = Qwen3ASRProcessor.from_pretrained(directory)
-    audio = render(utterance) if encoded is None else decode_cached(encoded)
+    pieces = [render(u) if e is None else decode_cached(e) for u, e in zip(utterances, encoded, strict=True)]
+    audio, kept = assemble(pieces, recording, max_samples)
     inputs = _PROCESSOR(text=[AUDIO_PLACEHOLDER], audio=[audio], return_tensors="np", padding=True)
-    return inputs["input_features"][0].astype(np.float16), audio.shape[0]
+    return inputs["input_features"][0].astype(np.float16), audio.shape[0], kept
 
 
 def encode_cached(audio: np.ndarray) -> bytes:
@@ -204,9 +273,15 @@ def _render_encoded(utterance: Utterance) -> bytes:
 
 
 def make_examples(
-    directory: Path, utterances: Sequence[Utterance], workers: int, cached: Sequence[bytes] | None = None
+    directory: Path,
+    utterances: Sequence[Utterance],
+    recordings: Sequence[Recording],
+    workers: int,
+    cached: Sequence[bytes] | None = None,
+    max_seconds: float = 30.0,
 ) -> list[Example]:
-    """Features and token ids of every utterance (rendered in `workers` processes)."""
+    """Features and token ids of every recording (rendered in `workers` processes). A recording's text is
+    its utterances' texts joined by spaces; its language is the one most of its words are in."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -214,23 +289,36 @@ def make_examples(
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    jobs = [
+        (str(directory), [utterances[i] for i in r.parts], [None if cached is None else cached[i] for i in r.parts],
+         r, round(max_seconds * SAMPLE_RATE))
+        for r in recordings
+    ]  # fmt: skip
     with ProcessPoolExecutor(workers) as pool:
-        jobs = [(str(directory), u, None if cached is None else cached[i]) for i, u in enumerate(utterances)]
-        rendered = list(pool.map(_featurize, jobs, chunksize=32))
+        rendered = list(pool.map(_featurize, jobs, chunksize=16))
     examples = []
-    for utterance, (features, _) in zip(utterances, rendered, strict=True):
+    for recording, (features, _, kept) in zip(recordings, rendered, strict=True):
+        spoken = [utterances[i] for i in recording.parts[:kept]]
+        text = " ".join(u.text for u in spoken)
+        words = {language: sum(len(u.text.split()) for u in spoken if u.language == language) for language in LANGUAGES}
+        language = max(LANGUAGES, key=lambda name: (words[name], name == spoken[0].language))
         placeholder = AUDIO_PLACEHOLDER.replace(AUDIO_PAD, AUDIO_PAD * audio_tokens(features.shape[1]))
         auto = encode(build_prompt("", None).replace(AUDIO_PLACEHOLDER, placeholder))
-        forced = encode(build_prompt("", utterance.language).replace(AUDIO_PLACEHOLDER, placeholder))
+        forced = encode(build_prompt("", language).replace(AUDIO_PLACEHOLDER, placeholder))
         examples.append(Example(
             features=features,
-            auto_ids=auto + encode(f"language {utterance.language}<asr_text>{utterance.text}{IM_END}"),
+            auto_ids=auto + encode(f"language {language}<asr_text>{text}{IM_END}"),
             auto_prompt=len(auto),
-            forced_ids=forced + encode(f"{utterance.text}{IM_END}"),
+            forced_ids=forced + encode(f"{text}{IM_END}"),
             forced_prompt=len(forced),
-            words=[WORD_INDEX[word] for word in utterance.text.split()],
+            words=[WORD_INDEX[word] for word in text.split()],
         ))  # fmt: skip
     return examples
+
+
+def single_recordings(count: int) -> list[Recording]:
+    """Each of `count` utterances as a recording of its own (no pause after it)."""
+    return [Recording((i,), (0.0,), None, 0) for i in range(count)]
 
 
 def collate(batch: Sequence[Example], forced: Sequence[bool]) -> dict[str, torch.Tensor]:
@@ -346,28 +434,36 @@ def train(model: Any, examples: list[Example], args: argparse.Namespace) -> dict
     return {"train_seconds": time.perf_counter() - started, "final_loss": smoothed, "steps": step}
 
 
-def evaluate(directory: Path, utterances: Sequence[Utterance], audios: Sequence[np.ndarray]) -> dict[str, Any]:
-    """Greedy transcription of every utterance through the server's CPU engine, with WER per language
-    (word edits / reference words) and the share of utterances whose language was named correctly."""
+def transcribe_all(
+    directory: Path, audios: Sequence[np.ndarray], max_new_tokens: int = 128
+) -> list[tuple[str, str, float]]:
+    """Greedy (language, text, seconds) of each float32 16 kHz audio through the server's CPU engine."""
     from qwenasr_appliance.config import Settings
     from qwenasr_appliance.engines.base import TranscribeOptions, run_to_completion
     from qwenasr_appliance.engines.cpu.engine import CPUEngine
 
-    async def transcribe_all() -> list[tuple[str, str, float]]:
-        engine = CPUEngine(Settings(model_id=str(directory), cpu_threads=1, max_new_tokens=128))
+    async def run() -> list[tuple[str, str, float]]:
+        engine = CPUEngine(Settings(model_id=str(directory), cpu_threads=1, max_new_tokens=max_new_tokens))
         await engine.load()
         results = []
         try:
             for index, audio in enumerate(audios):
                 started = time.perf_counter()
-                output = await run_to_completion(engine, audio, TranscribeOptions(max_new_tokens=128), f"eval-{index}")
+                options = TranscribeOptions(max_new_tokens=max_new_tokens)
+                output = await run_to_completion(engine, audio, options, f"eval-{index}")
                 parsed = parse_output(output.raw_text, None)
                 results.append((parsed.language, parsed.text, time.perf_counter() - started))
         finally:
             await engine.close()
         return results
 
-    results = asyncio.run(transcribe_all())
+    return asyncio.run(run())
+
+
+def evaluate(directory: Path, utterances: Sequence[Utterance], audios: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Greedy transcription of every utterance through the server's CPU engine, with WER per language
+    (word edits / reference words) and the share of utterances whose language was named correctly."""
+    results = transcribe_all(directory, audios)
     report: dict[str, Any] = {"utterances": len(utterances), "per_language": {}, "errors": []}
     totals = [0, 0, 0]
     for language in LANGUAGES:
@@ -392,6 +488,32 @@ def evaluate(directory: Path, utterances: Sequence[Utterance], audios: Sequence[
     return report
 
 
+def evaluate_recordings(
+    directory: Path,
+    utterances: Sequence[Utterance],
+    audios: Sequence[np.ndarray],
+    count: int,
+    seed: int,
+    max_seconds: float,
+) -> dict[str, Any]:
+    """WER of `count` multi-utterance recordings composed of the held-out utterances (as in training:
+    4 s to `max_seconds`, pauses of 0.1-2 s, one or both languages), each transcribed whole."""
+    recordings = compose_recordings(utterances, count, max_seconds, seed)
+    assembled = [assemble([audios[i] for i in r.parts], r, round(max_seconds * SAMPLE_RATE)) for r in recordings]
+    results = transcribe_all(directory, [audio for audio, _ in assembled], max_new_tokens=512)
+    edits = words = 0
+    errors = []
+    for recording, (audio, kept), (_, text, _) in zip(recordings, assembled, results, strict=True):
+        reference = " ".join(utterances[i].text for i in recording.parts[:kept]).split()
+        distance = word_errors(reference, text.lower().split())
+        edits, words = edits + distance, words + len(reference)
+        if distance:
+            errors.append({"seconds": round(audio.size / SAMPLE_RATE, 1), "word_errors": distance,
+                           "reference": " ".join(reference), "text": text})  # fmt: skip
+    return {"recordings": count, "words": words, "word_errors": edits, "wer": edits / max(1, words),
+            "audio_seconds": round(sum(a.size for a, _ in assembled) / SAMPLE_RATE, 1), "errors": errors}  # fmt: skip
+
+
 def write_fixtures(directory: Path, utterances: Sequence[Utterance], audios: Sequence[np.ndarray]) -> None:
     """The held-out utterances as 16 kHz mono 16-bit FLAC files with a manifest.json."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -414,7 +536,11 @@ def evaluate_checkpoint(out: Path, args: argparse.Namespace) -> None:
     held_utts = list(recipes(held, args.seed + 2))
     report_path = out / "training_report.json"
     trained = json.loads(report_path.read_text(encoding="utf-8")) if report_path.exists() else {}
-    report = {**evaluate(out, held_utts, [render(u) for u in held_utts]), **trained}
+    held_audio = [render(u) for u in held_utts]
+    report = {**trained, **evaluate(out, held_utts, held_audio)}
+    if args.eval_recordings:
+        report["recordings"] = evaluate_recordings(out, held_utts, held_audio, args.eval_recordings, args.seed + 5,
+                                                   args.max_seconds)  # fmt: skip
     report["safetensors_bytes"] = (out / "model.safetensors").stat().st_size
     report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in report.items() if k != "errors"}, indent=1), flush=True)
@@ -442,6 +568,14 @@ def main() -> None:
     parser.add_argument("--audio-cache", type=Path, help="train on the audio of this zip instead of rendering it")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation (no CPU engine there)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out (trained elsewhere)")
+    parser.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (fine-tuning)")
+    parser.add_argument("--multi", type=int, default=0, help="multi-utterance recordings added to the training set")
+    parser.add_argument(
+        "--max-seconds", type=float, default=30.0, help="longest recording (the server's CHUNK_SECONDS)"
+    )
+    parser.add_argument(
+        "--eval-recordings", type=int, default=0, help="held-out multi-utterance recordings to evaluate"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -464,12 +598,14 @@ def main() -> None:
         return
     cached = read_audio_cache(args.audio_cache, train_utts) if args.audio_cache is not None else None
     started = time.perf_counter()
-    examples = make_examples(out, train_utts, args.workers, cached)
+    recordings = single_recordings(len(train_utts))
+    recordings += compose_recordings(train_utts, args.multi, args.max_seconds, args.seed + 4)
+    examples = make_examples(out, train_utts, recordings, args.workers, cached, args.max_seconds)
     data_seconds = time.perf_counter() - started
-    print(f"{len(examples)} training utterances in {data_seconds:.0f}s, "
+    print(f"{len(examples)} training recordings in {data_seconds:.0f}s, "
           f"{sum(e.features.shape[1] for e in examples) / 100 / 3600:.2f} h of audio", flush=True)  # fmt: skip
 
-    model = build_model(args.seed)
+    model = build_model(args.seed) if args.init_from is None else load_model(args.init_from)
     parameters = sum(p.numel() for p in model.parameters())
     stats = train(model, examples, args)
     model.save_pretrained(out, safe_serialization=True)
@@ -482,6 +618,9 @@ def main() -> None:
         return
     held_audio = [render(u) for u in held_utts]
     report = evaluate(out, held_utts, held_audio)
+    if args.eval_recordings:
+        report["recordings"] = evaluate_recordings(out, held_utts, held_audio, args.eval_recordings, args.seed + 5,
+                                                   args.max_seconds)  # fmt: skip
     report.update(stats, parameters=parameters, data_seconds=data_seconds, args={k: str(v) for k, v in vars(args).items()},
                   safetensors_bytes=(out / "model.safetensors").stat().st_size,
                   script_commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())  # fmt: skip
