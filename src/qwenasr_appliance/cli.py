@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from qwenasr_appliance import __version__
+from qwenasr_appliance.api.request_head import MAX_REQUEST_HEAD_BYTES
 from qwenasr_appliance.config import (
     ENV_FILE_VARIABLE,
     ENV_VARIABLES,
@@ -21,10 +22,6 @@ from qwenasr_appliance.config import (
 )
 
 APP_TARGET = "qwenasr_appliance.api.app:create_app"
-# granian's HTTP/1 read buffer: the largest request head (request line and headers) it reads, larger
-# ones get 431, and the largest piece of body per read. Nothing this API takes needs a head over a few
-# kilobytes (granian's default buffer is about 400 KiB); below 128 KiB uploads stream measurably slower.
-MAX_REQUEST_HEAD_BYTES = 128 * 1024
 # Most concurrent streams on one HTTP/2 connection (granian's default is 200): far more than one client
 # needs, and each stream is a request the HTTP/1 path would have needed a connection for.
 MAX_HTTP2_STREAMS = 100
@@ -64,6 +61,8 @@ def build_server(settings: Settings, target: str = APP_TARGET) -> Any:
         http1_settings=HTTP1Settings(
             header_read_timeout=round(settings.client_timeout_seconds * 1000),
             keep_alive=True,
+            # hyper checks this cap before each read, so heads up to about twice it may pass here: the app
+            # enforces it exactly (api/request_head.py).
             max_buffer_size=MAX_REQUEST_HEAD_BYTES,
         ),
         # The app answers what is still running when SHUTDOWN_GRACE_SECONDS end (see api/shutdown.py); this

@@ -19,6 +19,7 @@ from qwenasr_appliance.api.models import ModelsController
 from qwenasr_appliance.api.observer import RequestObserver
 from qwenasr_appliance.api.ops import OpsController
 from qwenasr_appliance.api.realtime import live_sessions, realtime
+from qwenasr_appliance.api.request_head import RequestHeadLimit
 from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
@@ -119,7 +120,7 @@ def build_litestar(
             docs_assets_router(),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[BodyReadTimeout(settings.client_timeout_seconds)],
+        middleware=[RequestHeadLimit(), BodyReadTimeout(settings.client_timeout_seconds)],
         lifespan=[_lifespan(context)],  # type: ignore[list-item]
         state=State({"context": context, "live": live}),
         request_max_body_size=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES,
