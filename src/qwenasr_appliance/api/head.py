@@ -1,10 +1,11 @@
 """`HEAD` wherever `GET` works: the same status and headers as `GET`, no body.
 
 Load balancers and uptime checkers probe `/health` and `/ready` with `HEAD` as often as with `GET`.
-Litestar routes `HEAD` only to handlers registered for it, and its own `head` handlers may not return a
-body, so a `HEAD` twin of every `GET` route (`/ready` answers 503 with a JSON reason) would duplicate
-each handler. `HeadAsGet` instead routes a `HEAD` request as `GET` and drops the body from the answer,
-as Starlette, Flask and Django do; the `Allow` header of a 405 or `OPTIONS` answer then names `HEAD`
+Litestar routes `HEAD` only to handlers registered for it; its `head` handlers may not return a body, so
+a `HEAD` twin of every `GET` route (`/ready` answers 503 with a JSON reason) would duplicate each
+handler, and a handler registered for both (`route(http_method=[GET, HEAD])`) sends its body for `HEAD`
+too (Litestar 2.25 sets `is_head_response` only for its static files). `HeadAsGet` instead routes a `HEAD` request as `GET` and drops the body from the answer,
+as Flask and Django do; the `Allow` header of a 405 or `OPTIONS` answer then names `HEAD`
 wherever it names `GET`.
 """
 
