@@ -132,13 +132,13 @@ class TestDoubleEngine:
                 raw += token
                 if index == 0 and header and token.startswith(header) and token != header:
                     # The header and the first word arrive in one step, but are tokens of their own.
-                    logprobs.append(TokenLogprob(header, self.behaviour.token_logprob))
+                    logprobs.append(TokenLogprob(header, self.behaviour.token_logprob, header.encode()))
                     token = token[len(header) :]
-                logprobs.append(TokenLogprob(token, self.behaviour.token_logprob))
+                logprobs.append(TokenLogprob(token, self.behaviour.token_logprob, token.encode()))
                 if index < len(tokens) - 1:
                     yield EngineOutput(raw_text=raw, output_tokens=index + 1, finished=False)
             if self.behaviour.finish_reason == "stop":
-                logprobs.append(TokenLogprob("", -0.05))  # the end token
+                logprobs.append(TokenLogprob("", -0.05, b""))  # the end token
             wanted = options.logprobs
             yield EngineOutput(
                 raw_text=raw,

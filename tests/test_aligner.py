@@ -484,7 +484,7 @@ def make_supervisor(
         settings,
         engine_factory=lambda _plan, _settings: FakeEngine(),  # type: ignore[arg-type, return-value]
         aligner_factory=aligner_factory,  # type: ignore[arg-type]
-        probe=lambda: VramProbe(error="no GPU"),
+        probe=lambda: VramProbe(no_gpu="no GPU"),
         metrics=Metrics(CollectorRegistry()),
         vllm_available=False,
         cpu_available=True,

@@ -29,7 +29,7 @@ from tests.doubles import DoubleBehaviour, double_factory
 from tests.hardening import metric_value, transcribe
 from tests.servers import ServerProcess
 
-NO_GPU = VramProbe(error="no NVIDIA driver (Driver Not Loaded)")
+NO_GPU = VramProbe(no_gpu="no NVIDIA driver (Driver Not Loaded)")
 
 
 def queue(server: ServerProcess) -> dict[str, int]:

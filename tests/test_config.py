@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from qwenasr_appliance.cli import main
@@ -10,6 +12,7 @@ from qwenasr_appliance.config import (
     ENV_VARIABLES,
     ConfigError,
     Settings,
+    apply_env_file,
     load_settings,
     read_environment,
     truncation_risk,
@@ -57,7 +60,6 @@ def test_original_variables_are_read() -> None:
         ("MAX_AUDIO_SECONDS", "0"),
         ("LOG_FORMAT", "xml"),
         ("ENFORCE_EAGER", "maybe"),
-        ("MODEL_ID", "   "),
         ("CHUNK_SECONDS", "2"),
         ("EXPECT_GPU", "perhaps"),
         ("GPU_FALLBACK", "cpu"),
@@ -214,3 +216,112 @@ def test_truncation_risk_is_none_with_the_defaults_and_named_when_chunks_outgrow
     assert risk is not None
     assert "MAX_NEW_TOKENS=512" in risk and "1200 s" in risk and "9608" in risk
     assert truncation_risk(Settings(chunk_seconds=1200.0, max_new_tokens=9608)) is None
+
+
+# -- empty values: docker compose's ${VAR:-}, Helm templates and .env files give them; they mean "unset" --
+
+BLANKS = ["", "   ", "\t"]
+# One setting of each kind, with a value other than its default (the file's value in the layering test).
+KINDS = {
+    "VERBOSE_JSON_CONFIDENCE": "false",  # bool whose default is true: empty used to turn it off
+    "EXPECT_GPU": "true",  # bool
+    "PORT": "9000",  # int
+    "MAX_CONCURRENT_REQUESTS": "3",  # int whose default 0 means "derived"
+    "GPU_MEMORY_UTILIZATION": "0.5",  # float
+    "SHUTDOWN_GRACE_SECONDS": "5",  # float whose default is derived from two others
+    "ENGINE": "cpu",  # choice
+    "LOG_LEVEL": "debug",  # choice
+    "MODEL_ID": "/models/qwen3-asr",  # path or repo id
+    "HOST": "127.0.0.1",  # text
+    "ALIGNER_MODEL_ID": "/models/aligner",  # path; empty documented as "no aligner", which is the default
+    "API_KEYS": "k1,k2",  # keys; empty documented as "no authentication", which is the default
+    "SERVED_MODEL_NAME": "whisper-1",  # names
+}
+
+
+@pytest.mark.parametrize("blank", BLANKS)
+@pytest.mark.parametrize("variable", ENV_VARIABLES)
+def test_an_empty_value_of_any_setting_is_its_default(variable: str, blank: str) -> None:
+    assert load_settings({variable: blank}) == load_settings({})
+
+
+@pytest.mark.parametrize("blank", BLANKS)
+def test_empty_values_keep_the_derived_defaults(blank: str) -> None:
+    settings = load_settings(
+        {"SHUTDOWN_GRACE_SECONDS": blank, "QUEUE_TIMEOUT_SECONDS": "10", "REQUEST_TIMEOUT_SECONDS": "20"}
+    )
+    assert settings.shutdown_grace_seconds == 30.0
+    assert load_settings({"VERBOSE_JSON_CONFIDENCE": blank}).verbose_json_confidence is True
+    assert load_settings({"ALIGNER_MODEL_ID": blank}).aligner_model_id == ""
+    assert load_settings({"API_KEYS": blank, "API_KEYS_FILE": blank}).api_keys == ()
+    assert load_settings({"SERVED_MODEL_NAME": blank}).served_model_names == ("Qwen/Qwen3-ASR-1.7B",)
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_empty_values_in_the_environment_are_defaults_and_reported_so(tmp_path: Path, blank: str) -> None:
+    environment = read_environment({name: blank for name in KINDS}, cwd=tmp_path)
+    assert load_settings(environment.values) == load_settings({})
+    assert {name: environment.source(name) for name in KINDS} == dict.fromkeys(KINDS, "default")
+
+
+@pytest.mark.parametrize("line", ["{name}=", "{name}=   ", '{name}="  "', "{name}=''"])
+def test_empty_values_in_the_env_file_are_defaults_and_reported_so(tmp_path: Path, line: str) -> None:
+    (tmp_path / ".env").write_text("\n".join(line.format(name=name) for name in ENV_VARIABLES) + "\n")
+    environment = read_environment({}, cwd=tmp_path)
+    assert load_settings(environment.values) == load_settings({})
+    assert {environment.source(name) for name in ENV_VARIABLES} == {"default"}
+
+
+def test_an_empty_value_in_the_environment_leaves_the_env_file_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Empty means unset: the file's value applies, as it would with the variable absent."""
+    (tmp_path / ".env").write_text("".join(f"{name}={value}\n" for name, value in KINDS.items()))
+    environment = read_environment(dict.fromkeys(KINDS, ""), cwd=tmp_path)
+    settings = load_settings(environment.values)
+    assert load_settings(KINDS) == settings
+    assert (settings.port, settings.engine, settings.verbose_json_confidence) == (9000, "cpu", False)
+    assert {environment.source(name) for name in KINDS} == {".env"}
+    # ... and is what child processes (granian's workers) are given.
+    for name in KINDS:
+        monkeypatch.setenv(name, "")
+    apply_env_file(environment)
+    assert {name: os.environ[name] for name in KINDS} == KINDS
+
+
+def test_empty_values_elsewhere_keep_their_meaning(tmp_path: Path) -> None:
+    """Only the appliance's settings: CUDA_VISIBLE_DEVICES= still hides every GPU from CUDA."""
+    (tmp_path / ".env").write_text("CUDA_VISIBLE_DEVICES=0\n")
+    assert read_environment({"CUDA_VISIBLE_DEVICES": ""}, cwd=tmp_path).values["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_an_empty_api_keys_file_in_the_environment_leaves_the_env_file_one(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("from-file\n")
+    (tmp_path / ".env").write_text(f"API_KEYS_FILE={keys}\n")
+    environment = read_environment({"API_KEYS_FILE": " "}, cwd=tmp_path)
+    assert load_settings(environment.values).api_keys == ("from-file",)
+
+
+def test_check_config_reports_empty_values_as_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / ".env").write_text("PORT=\nLOG_LEVEL=   \nVERBOSE_JSON_CONFIDENCE=\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ENV_FILE", raising=False)
+    for name in ("ENGINE", "MAX_NUM_SEQS", "API_KEYS", "HOST"):
+        monkeypatch.setenv(name, "")
+    assert main(["check-config"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    defaults = json.loads(msgspec.json.encode(load_settings({})))
+    for name, field in [
+        ("PORT", "port"),
+        ("LOG_LEVEL", "log_level"),
+        ("VERBOSE_JSON_CONFIDENCE", "verbose_json_confidence"),
+        ("ENGINE", "engine"),
+        ("MAX_NUM_SEQS", "max_num_seqs"),
+        ("API_KEYS", "api_keys"),
+        ("HOST", "host"),
+    ]:
+        assert report["sources"][name] == "default", name
+        assert report["settings"][field] == defaults[field], name

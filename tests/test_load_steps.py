@@ -113,7 +113,7 @@ def test_the_supervisor_shows_the_resolving_step_then_the_engines_and_none_once_
         supervisor = EngineSupervisor(
             Settings(engine="cpu"),
             engine_factory=SteppingFactory(),
-            probe=lambda: VramProbe(error="no GPU"),
+            probe=lambda: VramProbe(no_gpu="no GPU"),
             metrics=RecordingMetrics(),
             cpu_available=True,
             vllm_available=False,

@@ -30,7 +30,7 @@ def gpu_probe(total_gib: float, free_gib: float | None = None, capability: tuple
     return VramProbe(gpus=(GpuInfo(0, f"GPU {total_gib:g}G", total, free, total - free, "GPU-x", capability),))
 
 
-NO_GPU = VramProbe(error="no NVIDIA driver (Driver Not Loaded)")
+NO_GPU = VramProbe(no_gpu="no NVIDIA driver (Driver Not Loaded)")
 
 
 def chain(probe: VramProbe, *, vllm: bool = True, cpu: bool = True, **settings: Any) -> list[Plan]:

@@ -146,15 +146,15 @@ def test_cuda_visible_devices_selects_and_orders(
 def test_cuda_visible_devices_naming_no_gpu(monkeypatch: pytest.MonkeyPatch, visible: str) -> None:
     nvml = two_gpus()
     probe = run_probe(monkeypatch, nvml, {"CUDA_VISIBLE_DEVICES": visible})
-    assert probe.gpus == ()
-    assert probe.error is not None and "no GPU visible" in probe.error and repr(visible) in probe.error
+    assert probe.gpus == () and probe.error is None  # NVML worked: CUDA is told to see none
+    assert probe.no_gpu is not None and "no GPU visible" in probe.no_gpu and repr(visible) in probe.no_gpu
     assert nvml.calls == ["init", "shutdown"]
 
 
 def test_empty_cuda_visible_devices_means_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     nvml = two_gpus()
     probe = run_probe(monkeypatch, nvml, {"CUDA_VISIBLE_DEVICES": " "})
-    assert probe == VramProbe(error="no GPU visible: CUDA_VISIBLE_DEVICES is empty")
+    assert probe == VramProbe(no_gpu="no GPU visible: CUDA_VISIBLE_DEVICES is empty")
     assert nvml.calls == []
 
 
@@ -169,33 +169,35 @@ def test_mig_instance_reports_its_own_memory(monkeypatch: pytest.MonkeyPatch) ->
 def test_no_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     nvml = FakeNVML([], init_error=9)
     probe = run_probe(monkeypatch, nvml)
-    assert probe.gpus == ()
-    assert probe.error is not None and probe.error.startswith("no NVIDIA driver")
-    assert "NVML error 9" in probe.error
+    assert probe.gpus == () and probe.error is None
+    assert probe.no_gpu is not None and probe.no_gpu.startswith("no NVIDIA driver loaded")
+    assert "NVML error 9" in probe.no_gpu
     assert nvml.calls == ["init"]  # nothing to shut down after a failed init
 
 
 def test_library_not_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What every CPU host (and a container without the NVIDIA runtime) answers: no GPU, no error."""
     probe = run_probe(monkeypatch, FakeNVML([], init_error=12))
-    assert probe.error is not None and probe.error.startswith("NVML library not found")
+    assert probe.error is None
+    assert probe.no_gpu is not None and probe.no_gpu.startswith("no NVIDIA driver on this host: NVML library not found")
 
 
 def test_other_init_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     probe = run_probe(monkeypatch, FakeNVML([], init_error=4))
-    assert probe.error == "NVML initialisation failed: FakeNVMLError: NVML error 4"
+    assert probe == VramProbe(error="NVML initialisation failed: FakeNVMLError: NVML error 4")
 
 
 def test_bindings_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
     probe = probe_vram({})
-    assert probe.gpus == ()
-    assert probe.error is not None and probe.error.startswith("NVML library not found")
+    assert probe.gpus == () and probe.error is None
+    assert probe.no_gpu is not None and probe.no_gpu.startswith("no NVIDIA GPU support installed")
 
 
 def test_no_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     nvml = FakeNVML([])
     probe = run_probe(monkeypatch, nvml)
-    assert probe == VramProbe(error="no GPU visible: NVML reports no devices")
+    assert probe == VramProbe(no_gpu="no GPU visible: NVML reports no devices")
     assert nvml.calls == ["init", "shutdown"]
 
 
@@ -226,3 +228,90 @@ def test_reads_the_process_environment_by_default(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "pynvml", two_gpus().module())
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert [gpu.index for gpu in probe_vram().gpus] == [1]
+
+
+# -- no GPU is not an error; NVML failing where GPUs are is (issue: a CPU host showed `vram.error`) -------
+
+
+def _broken_count() -> int:
+    raise FakeNVMLError(999)  # NVML_ERROR_UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("case", "nvml", "environ"),
+    [
+        ("bindings not installed", None, {}),
+        ("NVML library not found", FakeNVML([], init_error=12), {}),
+        ("driver not loaded", FakeNVML([], init_error=9), {}),
+        ("no device", FakeNVML([]), {}),
+        ("CUDA_VISIBLE_DEVICES empty", two_gpus(), {"CUDA_VISIBLE_DEVICES": ""}),
+        ("CUDA_VISIBLE_DEVICES=-1", two_gpus(), {"CUDA_VISIBLE_DEVICES": "-1"}),
+    ],
+)
+def test_a_host_without_a_gpu_is_no_error(
+    monkeypatch: pytest.MonkeyPatch, case: str, nvml: FakeNVML | None, environ: dict[str, str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", nvml.module() if nvml else None)
+    probe = probe_vram(environ)
+    assert probe.gpus == () and probe.error is None, case
+    assert probe.no_gpu and probe.why_none == probe.no_gpu, case
+
+
+def _query_fails() -> FakeNVML:
+    nvml = two_gpus()
+    nvml.nvmlDeviceGetCount = _broken_count  # type: ignore[method-assign]
+    return nvml
+
+
+def _memory_fails() -> FakeNVML:
+    nvml = FakeNVML([FakeGpu("NVIDIA L4", "GPU-cccc3333", 24 * GIB, 20 * GIB)])
+    nvml.memory_error_on = 0
+    return nvml
+
+
+@pytest.mark.parametrize(
+    ("case", "nvml"),
+    [
+        ("driver/library version mismatch", FakeNVML([], init_error=18)),
+        ("no permission", FakeNVML([], init_error=4)),
+        ("device count fails", _query_fails()),
+        ("no device readable", _memory_fails()),
+    ],
+)
+def test_nvml_failing_on_a_gpu_host_is_an_error(monkeypatch: pytest.MonkeyPatch, case: str, nvml: FakeNVML) -> None:
+    probe = run_probe(monkeypatch, nvml)
+    assert probe.gpus == () and probe.no_gpu is None, case
+    assert probe.error and probe.why_none == probe.error, case
+
+
+@pytest.mark.parametrize(
+    ("nvml", "field"),
+    [(FakeNVML([], init_error=12), "no_gpu"), (FakeNVML([], init_error=18), "error"), (two_gpus(), None)],
+)
+def test_status_says_plainly_whether_a_gpu_is_there(
+    monkeypatch: pytest.MonkeyPatch, nvml: FakeNVML, field: str | None
+) -> None:
+    """`/status` engine.vram as an operator reads it: a CPU host says `no_gpu` (error null) and serves;
+    an NVML failure is `error`; GPUs found: neither."""
+    from litestar.testing import TestClient
+
+    from qwenasr_appliance.api.app import build_litestar
+    from qwenasr_appliance.config import load_settings
+    from tests.doubles import DoubleBehaviour, double_factory
+
+    monkeypatch.setitem(sys.modules, "pynvml", nvml.module())
+    _, factory = double_factory(DoubleBehaviour())
+    settings = load_settings({"DECODE_WORKERS": "1", "ENGINE": "cpu"})
+    app = build_litestar(settings, engine_factory=factory, probe=lambda: probe_vram({}))  # type: ignore[arg-type]
+    with TestClient(app) as client:
+        engine: dict[str, Any] = {}
+        for _ in range(500):
+            engine = client.get("/status").json()["engine"]
+            if engine["vram"] is not None and engine["state"] != "probing":
+                break
+        vram = engine["vram"]
+        assert set(vram) == {"gpus", "no_gpu", "error"}
+        assert (vram["no_gpu"] is not None, vram["error"] is not None) == (field == "no_gpu", field == "error")
+        assert (len(vram["gpus"]) > 0) == (field is None)
+        if field == "no_gpu":
+            assert "no NVIDIA driver on this host" in vram["no_gpu"]

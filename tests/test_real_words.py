@@ -104,6 +104,26 @@ def test_every_format_carries_the_same_words_and_language(client: openai.OpenAI)
     assert edits / total <= MAX_WER
 
 
+@pytest.mark.parametrize(("clip", "umlaut"), [("26-ge.flac", "ü"), ("31-ge.flac", "ö")])
+def test_logprobs_bytes_of_a_split_umlaut_are_its_own(client: openai.OpenAI, clip: str, umlaut: str) -> None:
+    """include[]=logprobs on German speech: the tiny byte-level tokenizer writes an umlaut as two tokens,
+    each decoding alone to U+FFFD; their `bytes` are one byte each (C3 BC for ü), not U+FFFD's EF BF BD,
+    and all the tokens' bytes together are the transcript's UTF-8 (json and the streamed done event)."""
+    audio = (SPEECH_DIR / clip).read_bytes()
+    result = client.audio.transcriptions.create(model=MODEL, file=(clip, audio), include=["logprobs"])
+    streamed = None
+    for event in client.audio.transcriptions.create(model=MODEL, file=(clip, audio), include=["logprobs"], stream=True):
+        if event.type == "transcript.text.done":
+            streamed = event.logprobs
+    assert umlaut in result.text
+    for logprobs in (result.logprobs, streamed):
+        assert logprobs is not None
+        raw = [bytes(int(b) for b in item.bytes or []) for item in logprobs]
+        assert b"".join(raw).decode("utf-8") == result.text
+        split = [piece for item, piece in zip(logprobs, raw, strict=True) if item.token == "\ufffd"]
+        assert split == [bytes([byte]) for byte in umlaut.encode("utf-8")]
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="the committed checkpoint was trained on single utterances of 1-5 s: on chunks holding several "

@@ -35,7 +35,7 @@ from qwenasr_appliance.supervisor.supervisor import (
 
 GIB = 1024**3
 H100 = VramProbe(gpus=(GpuInfo(0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, 1 * GIB, "GPU-1", (9, 0)),))
-NO_GPU = VramProbe(error="no NVIDIA driver (Driver Not Loaded)")
+NO_GPU = VramProbe(no_gpu="no NVIDIA driver (Driver Not Loaded)")
 
 
 # -- test doubles ----------------------------------------------------------------------------------
@@ -445,7 +445,8 @@ def test_no_gpu_serves_on_cpu_and_says_why() -> None:
         assert factory.plans == ["cpu-float32"]
         status = supervisor.snapshot()
         assert status.chain[0].reason == "no GPU is visible (no NVIDIA driver (Driver Not Loaded)); serving on CPU"
-        assert status.vram is not None and status.vram.gpus == [] and status.vram.error == NO_GPU.error
+        assert status.vram is not None and status.vram.gpus == [] and status.vram.no_gpu == NO_GPU.no_gpu
+        assert status.vram.error is None  # no GPU on a CPU host is no error
         await supervisor.stop()
 
     run(main)
@@ -531,6 +532,7 @@ def test_a_failing_probe_is_reported_not_raised() -> None:
         status = supervisor.snapshot()
         assert status.plan == "cpu-float32"
         assert status.vram is not None and status.vram.error == "the VRAM probe failed: RuntimeError: nvml exploded"
+        assert status.vram.no_gpu is None
         await supervisor.stop()
 
     run(main)
@@ -838,7 +840,7 @@ def test_expected_gpu_not_visible_serves_on_cpu_degraded(logs: RecordingLogger) 
         assert supervisor.state == "degraded" and supervisor.ready
         assert supervisor.reason is not None
         assert supervisor.reason.startswith("serving on CPU although a GPU is expected (EXPECT_GPU=true)")
-        assert NO_GPU.error is not None and NO_GPU.error in supervisor.reason
+        assert NO_GPU.no_gpu is not None and NO_GPU.no_gpu in supervisor.reason
         # What QwenASRFallbackToCPU keys on: degraded + the cpu plan.
         assert metrics.value("qwenasr_engine_state", state="degraded") == 1.0
         cpu_plan = {"engine": "cpu", "plan": "cpu-float32", "dtype": "float32", "quantization": "none"}
@@ -929,3 +931,26 @@ def test_serving_listeners_hear_each_engine_that_starts_serving() -> None:
         await supervisor.stop()
 
     run(main)
+
+
+@pytest.mark.parametrize(
+    ("probe", "level"),
+    [
+        (NO_GPU, "info"),  # a CPU host: nothing wrong
+        (H100, "info"),
+        (VramProbe(error="NVML initialisation failed: NVMLError: Driver/library version mismatch"), "warning"),
+    ],
+)
+def test_the_probe_is_logged_as_a_fault_only_when_nvml_fails(
+    logs: RecordingLogger, probe: VramProbe, level: str
+) -> None:
+    async def main() -> None:
+        supervisor, _, _ = make(probe=probe)
+        await supervisor.start()
+        assert await supervisor.wait_ready(5)
+        await supervisor.stop()
+
+    run(main)
+    [(logged_level, fields)] = [(lvl, f) for lvl, name, f in logs.events if name == "engine.probe"]
+    assert logged_level == level
+    assert (fields["no_gpu"], fields["error"]) == (probe.no_gpu, probe.error)

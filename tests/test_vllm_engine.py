@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
@@ -67,6 +68,8 @@ from qwenasr_appliance.engines.vllm.inputs import (
 )
 from qwenasr_appliance.supervisor.plans import Plan
 from qwenasr_appliance.workers import WorkerCrashedError
+
+TINY_ASR_EN_DE = Path(__file__).parent / "fixtures" / "tiny-asr-en-de"
 
 T = TypeVar("T")
 
@@ -1051,6 +1054,28 @@ def test_token_logprobs_and_no_speech_prob_come_from_vllm() -> None:
         assert output.no_speech_prob == pytest.approx(0.15)
 
     run(main())
+
+
+def test_token_bytes_come_from_the_vocabulary_when_a_token_splits_a_character() -> None:
+    """A byte-level tokenizer (the tiny checkpoint's: one token per byte) writes `grün` as g, r, C3, BC, n:
+    each half of `ü` decodes alone to U+FFFD, and its `raw` bytes are its own byte, not EF BF BD."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(TINY_ASR_EN_DE))
+    ids = tokenizer.encode("grün", add_special_tokens=False)
+    steps = [{token: -0.1 * (index + 1)} for index, token in enumerate(ids)]
+
+    async def main() -> None:
+        fake = LogprobLLM(steps)
+        fake.tokenizer = tokenizer
+        engine, _ = await loaded(fake)
+        output = await run_to_completion(engine, AUDIO, TranscribeOptions(logprobs=True, language="German"), "de")
+        assert output.logprobs is not None
+        assert [(t.token, t.raw) for t in output.logprobs] == [
+            ("g", b"g"), ("r", b"r"), ("\ufffd", b"\xc3"), ("\ufffd", b"\xbc"), ("n", b"n")
+        ]  # fmt: skip
+        assert b"".join(t.raw for t in output.logprobs) == "grün".encode()
+
+    run(main(), timeout=60)
 
 
 def test_no_speech_prob_is_an_upper_bound_when_the_token_is_not_in_the_top() -> None:

@@ -3,8 +3,9 @@
 Every setting is one environment variable; the names of the original server (`MODEL_ID`, `DTYPE`,
 `QUANT_MODE`, `GPU_MEMORY_UTILIZATION`, `HOST`, `PORT`) keep working. At start-up `.env` in the working
 directory (or the file named by `ENV_FILE`) is read with python-dotenv; a variable set in the real
-environment wins over the file. Invalid values stop start-up with a `ConfigError` that names every
-invalid variable.
+environment wins over the file. An empty or blank value (`PORT=`, as docker compose's `${PORT:-}`, a
+Helm template or a copied `.env.example` give) counts as unset: the file's value, else the default
+applies. Invalid values stop start-up with a `ConfigError` that names every invalid variable.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import dotenv
 import msgspec
@@ -82,7 +83,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_keys: tuple[str, ...] = ()
     protect_ops_endpoints: bool = False
     # The defaults' QUEUE_TIMEOUT_SECONDS + REQUEST_TIMEOUT_SECONDS; load_settings derives it from the
-    # values in effect when SHUTDOWN_GRACE_SECONDS is unset or empty.
+    # values in effect when SHUTDOWN_GRACE_SECONDS is unset (or empty).
     shutdown_grace_seconds: float = 930.0
     client_timeout_seconds: float = 30.0
     http2: bool = False  # plain HTTP/2 (h2c) besides HTTP/1.1; see cli.build_server
@@ -133,7 +134,7 @@ def _parse_bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in {"1", "true", "yes", "on"}:
         return True
-    if value in {"0", "false", "no", "off", ""}:
+    if value in {"0", "false", "no", "off"}:
         return False
     raise ValueError("expected one of true/false, 1/0, yes/no, on/off")
 
@@ -149,11 +150,6 @@ def _parse_float(raw: str) -> float:
     return value
 
 
-def _parse_optional_float(raw: str) -> float | None:
-    """A float, or None for an empty value (the setting's derived default)."""
-    return _parse_float(raw) if raw.strip() else None
-
-
 def _parse_keys(raw: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in raw.split(",") if key.strip())
 
@@ -166,13 +162,6 @@ def _choice(*allowed: str) -> Callable[[str], str]:
         return value
 
     return parse
-
-
-def _text(raw: str) -> str:
-    value = raw.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    return value
 
 
 @dataclass(frozen=True)
@@ -193,7 +182,7 @@ def _range(low: float, high: float, *, low_open: bool = False) -> Callable[[Any]
 
 
 _VARS: dict[str, _Var] = {
-    "MODEL_ID": _Var("model_id", _text),
+    "MODEL_ID": _Var("model_id", str.strip),
     "SERVED_MODEL_NAME": _Var("served_model_name", _parse_keys),
     "ENGINE": _Var("engine", _choice("auto", "vllm", "cpu")),
     "EXPECT_GPU": _Var("expect_gpu", _parse_bool),
@@ -201,14 +190,14 @@ _VARS: dict[str, _Var] = {
     "DTYPE": _Var("dtype", _choice("auto", "bfloat16", "float16", "float32")),
     "QUANT_MODE": _Var("quant_mode", _choice("auto", "bnb-4bit", "none")),
     "GPU_MEMORY_UTILIZATION": _Var("gpu_memory_utilization", _parse_float, _range(0.0, 1.0, low_open=True)),
-    "LOAD_FORMAT": _Var("load_format", _text),
+    "LOAD_FORMAT": _Var("load_format", str.strip),
     "MAX_MODEL_LEN": _Var("max_model_len", _parse_int, _range(0, 1_048_576)),
     "MAX_NUM_SEQS": _Var("max_num_seqs", _parse_int, _range(1, 65_536)),
     "ENFORCE_EAGER": _Var("enforce_eager", _parse_bool),
     "MAX_NEW_TOKENS": _Var("max_new_tokens", _parse_int, _range(1, 32_768)),
     "CHUNK_SECONDS": _Var("chunk_seconds", _parse_float, _range(5.0, 1200.0)),
     "VERBOSE_JSON_CONFIDENCE": _Var("verbose_json_confidence", _parse_bool),
-    "HOST": _Var("host", _text),
+    "HOST": _Var("host", str.strip),
     "PORT": _Var("port", _parse_int, _range(1, 65_535)),
     "MAX_UPLOAD_BYTES": _Var("max_upload_bytes", _parse_int, _range(1024, 2**34)),
     "MAX_AUDIO_SECONDS": _Var("max_audio_seconds", _parse_float, _range(1.0, 86_400.0)),
@@ -224,9 +213,7 @@ _VARS: dict[str, _Var] = {
     "LOG_FORMAT": _Var("log_format", _choice("json", "console")),
     "API_KEYS": _Var("api_keys", _parse_keys),
     "PROTECT_OPS_ENDPOINTS": _Var("protect_ops_endpoints", _parse_bool),
-    "SHUTDOWN_GRACE_SECONDS": _Var(
-        "shutdown_grace_seconds", _parse_optional_float, _range(0.0, MAX_SHUTDOWN_GRACE_SECONDS)
-    ),
+    "SHUTDOWN_GRACE_SECONDS": _Var("shutdown_grace_seconds", _parse_float, _range(0.0, MAX_SHUTDOWN_GRACE_SECONDS)),
     "CLIENT_TIMEOUT_SECONDS": _Var("client_timeout_seconds", _parse_float, _range(1.0, 3600.0)),
     "HTTP2": _Var("http2", _parse_bool),
     "ENGINE_RESTART_MAX": _Var("engine_restart_max", _parse_int, _range(0, 1000)),
@@ -257,12 +244,18 @@ DEFAULT_ENV_FILE = ".env"
 SettingSource = Literal["default", ".env", "environment"]
 
 
+def _is_set(value: str | None) -> TypeGuard[str]:
+    """Whether a setting's text sets it: an absent, empty or blank value leaves the default."""
+    return value is not None and bool(value.strip())
+
+
 @dataclass(frozen=True)
 class Environment:
     """The variables settings are read from: the real environment laid over the settings file.
 
     `values` maps every variable (the appliance's and others, e.g. `HF_HUB_OFFLINE`) to its text;
-    `file_values` holds what the file set; `env_file` is the file read, None when there was none."""
+    `file_values` holds what the file set; `env_file` is the file read, None when there was none;
+    `from_environment` names the variables whose value comes from the real environment."""
 
     values: Mapping[str, str]
     file_values: Mapping[str, str]
@@ -270,10 +263,11 @@ class Environment:
     from_environment: frozenset[str]
 
     def source(self, variable: str) -> SettingSource:
-        """Where `variable`'s value comes from: the real environment, the settings file, or the default."""
-        if variable in self.from_environment:
-            return "environment"
-        return ".env" if variable in self.file_values else "default"
+        """Where `variable`'s value comes from: the real environment, the settings file, or the default
+        (also when the value in effect is empty: that is the default's)."""
+        if not _is_set(self.values.get(variable)):
+            return "default"
+        return "environment" if variable in self.from_environment else ".env"
 
 
 def env_file_path(environ: Mapping[str, str], cwd: Path) -> Path | None:
@@ -292,23 +286,31 @@ def env_file_path(environ: Mapping[str, str], cwd: Path) -> Path | None:
 
 def read_environment(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Environment:
     """The process environment (default `os.environ`) over the settings file found from `cwd` (default:
-    the working directory). A variable without a value in the file (`NAME` alone) is ignored."""
+    the working directory). A variable without a value in the file (`NAME` alone) is ignored, and so is a
+    setting the environment gives an empty value: the file's value (or the default) applies."""
     env = dict(os.environ if environ is None else environ)
     path = env_file_path(env, Path.cwd() if cwd is None else cwd)
     file_values: dict[str, str] = {}
     if path is not None:
         file_values = {k: v for k, v in dotenv.dotenv_values(path).items() if v is not None}
+    # Only the appliance's settings: what an empty value means to other programs (CUDA_VISIBLE_DEVICES=
+    # hides every GPU) is theirs to say.
+    overriding = {k: v for k, v in env.items() if k not in ENV_VARIABLES or _is_set(v)}
     return Environment(
-        values={**file_values, **env}, file_values=file_values, env_file=path, from_environment=frozenset(env)
+        values={**file_values, **overriding},
+        file_values=file_values,
+        env_file=path,
+        from_environment=frozenset(overriding),
     )
 
 
 def apply_env_file(environment: Environment) -> None:
-    """Export what the settings file sets into `os.environ` where the real environment does not set it,
-    so that child processes (granian's workers, vLLM's engine core) and libraries that read the
-    environment themselves (`HF_HUB_OFFLINE`, `HF_TOKEN`) see it too."""
+    """Export what the settings file sets into `os.environ` where the real environment does not set it
+    (or leaves a setting empty), so that child processes (granian's workers, vLLM's engine core) and
+    libraries that read the environment themselves (`HF_HUB_OFFLINE`, `HF_TOKEN`) see it too."""
     for name, value in environment.file_values.items():
-        os.environ.setdefault(name, value)
+        if name not in environment.from_environment:
+            os.environ[name] = value
 
 
 def _read_keys_file(path: str) -> tuple[str, ...]:
@@ -329,21 +331,20 @@ def default_shutdown_grace(queue_timeout_seconds: float, request_timeout_seconds
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build `Settings` from `environ`, or (None) from the process environment over the settings file.
 
+    An empty or blank value leaves a setting at its default (for SHUTDOWN_GRACE_SECONDS the derived one).
     Raises `ConfigError` naming every invalid variable."""
     env = read_environment().values if environ is None else environ
     values: dict[str, Any] = {}
     problems: list[tuple[str, str]] = []
     for name, var in _VARS.items():
         raw = env.get(name)
-        if raw is None:
+        if not _is_set(raw):
             continue
         try:
             value = var.parse(raw)
         except ValueError as exc:
             problems.append((name, f"invalid value {raw!r}: {exc}"))
             continue
-        if value is None:
-            continue  # empty: the derived default
         problem = var.check(value)
         if problem:
             problems.append((name, f"invalid value {raw!r}: {problem}"))

@@ -14,6 +14,7 @@ from qwenasr_appliance import __version__
 from qwenasr_appliance.api.context import AppContext, app_context
 from qwenasr_appliance.api.docs import docs_assets_router, openapi_config
 from qwenasr_appliance.api.errors import EXCEPTION_HANDLERS, MULTIPART_PART_LIMIT
+from qwenasr_appliance.api.head import HeadAsGet
 from qwenasr_appliance.api.live_page import live_page_routes
 from qwenasr_appliance.api.models import ModelsController
 from qwenasr_appliance.api.observer import RequestObserver
@@ -89,8 +90,8 @@ def _lifespan(context: AppContext) -> object:
 def build_litestar(
     settings: Settings, *, engine_factory: EngineFactory | None = None, probe: VramProbeFn | None = None
 ) -> Litestar:
-    """The Litestar app without the outer request observer (tests use it to reach `state`, and pass a
-    fake VRAM `probe`)."""
+    """The Litestar app without the outer ASGI wrappers of `create_app` (request observer, `HEAD` as `GET`);
+    tests use it to reach `state`, and pass a fake VRAM `probe`."""
     supervisor = EngineSupervisor(
         settings, engine_factory=engine_factory or default_engine_factory, probe=probe or probe_vram
     )
@@ -138,7 +139,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         apply_env_file(environment)  # e.g. HF_HUB_OFFLINE set in .env, for the hub library
         settings = load_settings(environment.values)
     configure_logging(settings.log_level, settings.log_format)
-    return RequestObserver(build_litestar(settings, engine_factory=engine_factory))
+    return RequestObserver(HeadAsGet(build_litestar(settings, engine_factory=engine_factory)))
 
 
 __all__ = ["app_context", "build_litestar", "create_app"]

@@ -94,10 +94,7 @@ def to_verbose_json(transcript: Transcript) -> TranscriptionVerboseJSON:
 
 def to_logprobs(transcript: Transcript) -> list[Logprob]:
     """The transcript's tokens in OpenAI's `logprobs` shape."""
-    return [
-        Logprob(token=t.token, logprob=round(t.logprob, 6), bytes=list(t.token.encode("utf-8")))
-        for t in transcript.logprobs
-    ]
+    return [Logprob(token=t.token, logprob=round(t.logprob, 6), bytes=list(t.raw)) for t in transcript.logprobs]
 
 
 def render(transcript: Transcript, response_format: ResponseFormat, *, logprobs: bool = False) -> tuple[bytes, str]:

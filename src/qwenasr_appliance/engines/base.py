@@ -43,10 +43,12 @@ class TranscribeOptions:
 @dataclass(frozen=True)
 class TokenLogprob:
     """One generated token: its text (as decoded alone; a piece of a multi-byte character decodes to
-    U+FFFD) and the natural-log probability the model gave it, before temperature."""
+    U+FFFD), the natural-log probability the model gave it, before temperature, and the bytes it stands
+    for (`raw`: for such a piece its own bytes, not the UTF-8 of U+FFFD; see `engines/token_bytes.py`)."""
 
     token: str
     logprob: float
+    raw: bytes
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def _gpu_plans(settings: Settings, probe: VramProbe, vllm_available: bool) -> tu
     """vLLM plans, or none and why."""
     gpu = probe.first
     if gpu is None:
-        return [], f"no GPU is visible ({probe.error or 'NVML found none'})"
+        return [], f"no GPU is visible ({probe.why_none or 'NVML found none'})"
     if not vllm_available:
         return [], f"a GPU is visible ({gpu.name}) but vLLM is not installed"
     util, util_reason = _usable_util(settings.gpu_memory_utilization, gpu, _aligner_reserve(settings, gpu))

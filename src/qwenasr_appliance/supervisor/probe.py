@@ -4,7 +4,10 @@ NVML counts every GPU of the host (or of the container); CUDA, and so vLLM, sees
 `CUDA_VISIBLE_DEVICES` (indices or UUIDs, in that order). The probe applies the same filter so the
 plans are made for the GPU vLLM will actually use: the first one it returns.
 
-The probe never raises: when no GPU can be seen, `VramProbe.error` says why.
+The probe never raises. When it finds no GPU it says why, in one of two fields: `no_gpu` when this
+host plainly has none to use (no NVIDIA driver or NVML library, NVML lists no device,
+CUDA_VISIBLE_DEVICES hides them all), which is no error on a CPU host; `error` when NVML is there
+but fails (initialisation, queries, unreadable devices), which on a GPU host is a fault to look into.
 """
 
 from __future__ import annotations
@@ -42,14 +45,21 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class VramProbe:
-    """The GPUs visible to CUDA, in CUDA order; `error` explains an empty result."""
+    """The GPUs visible to CUDA, in CUDA order. An empty result is explained by `no_gpu` (the host has
+    no GPU to use: not an error) or by `error` (NVML failed)."""
 
     gpus: tuple[GpuInfo, ...] = ()
     error: str | None = None
+    no_gpu: str | None = None
 
     @property
     def first(self) -> GpuInfo | None:
         return self.gpus[0] if self.gpus else None
+
+    @property
+    def why_none(self) -> str | None:
+        """Why no GPU was found (the error first), None when one was or nothing was said."""
+        return self.error or self.no_gpu
 
 
 def probe_vram(environ: Mapping[str, str] | None = None) -> VramProbe:
@@ -57,15 +67,17 @@ def probe_vram(environ: Mapping[str, str] | None = None) -> VramProbe:
     env = os.environ if environ is None else environ
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and not visible.strip():
-        return VramProbe(error="no GPU visible: CUDA_VISIBLE_DEVICES is empty")
+        return VramProbe(no_gpu="no GPU visible: CUDA_VISIBLE_DEVICES is empty")
     try:
         nvml: Any = importlib.import_module("pynvml")
     except ImportError as exc:
-        return VramProbe(error=f"NVML library not found: the nvidia-ml-py bindings cannot be imported ({exc})")
+        return VramProbe(
+            no_gpu=f"no NVIDIA GPU support installed: the nvidia-ml-py bindings cannot be imported ({exc})"
+        )
     try:
         nvml.nvmlInit()
     except Exception as exc:
-        return VramProbe(error=_describe_init_error(exc))
+        return _init_failure(exc)
     try:
         return _read_devices(nvml, visible)
     except Exception as exc:
@@ -75,13 +87,17 @@ def probe_vram(environ: Mapping[str, str] | None = None) -> VramProbe:
             nvml.nvmlShutdown()
 
 
-def _describe_init_error(exc: Exception) -> str:
+def _init_failure(exc: Exception) -> VramProbe:
+    """No GPU when NVML finds no NVIDIA driver to talk to (what every CPU host answers); an error otherwise."""
     code = getattr(exc, "value", None)
     if code == _NVML_ERROR_LIBRARY_NOT_FOUND:
-        return f"NVML library not found ({exc}); is this a GPU host with the NVIDIA container runtime?"
+        return VramProbe(
+            no_gpu=f"no NVIDIA driver on this host: NVML library not found ({exc}); on a GPU host, run the "
+            "container with the NVIDIA container runtime"
+        )
     if code == _NVML_ERROR_DRIVER_NOT_LOADED:
-        return f"no NVIDIA driver ({exc})"
-    return f"NVML initialisation failed: {type(exc).__name__}: {exc}"
+        return VramProbe(no_gpu=f"no NVIDIA driver loaded on this host ({exc})")
+    return VramProbe(error=f"NVML initialisation failed: {type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True)
@@ -94,14 +110,15 @@ class _Device:
 def _read_devices(nvml: Any, visible: str | None) -> VramProbe:
     count = int(nvml.nvmlDeviceGetCount())
     if count == 0:
-        return VramProbe(error="no GPU visible: NVML reports no devices")
+        return VramProbe(no_gpu="no GPU visible: NVML reports no devices")
     devices = [
         _Device(index, handle, _text(nvml.nvmlDeviceGetUUID(handle)))
         for index, handle in ((i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count))
     ]
     selected = devices if visible is None else _select(nvml, visible, devices)
     if not selected:
-        return VramProbe(error=f"no GPU visible: CUDA_VISIBLE_DEVICES={visible!r} names none of the {count} GPUs")
+        # Hidden on purpose (`-1`) or by mistake: CUDA sees none either way, and NVML worked.
+        return VramProbe(no_gpu=f"no GPU visible: CUDA_VISIBLE_DEVICES={visible!r} names none of the {count} GPUs")
     gpus: list[GpuInfo] = []
     problems: list[str] = []
     for device in selected:

@@ -56,7 +56,11 @@ class GpuStatus(msgspec.Struct, frozen=True):
 
 
 class VramStatus(msgspec.Struct, frozen=True):
+    """The GPUs the VRAM probe found. Without one, `no_gpu` says why when the host simply has none to use
+    (not an error: a CPU host) and `error` when NVML failed (on a GPU host, a fault)."""
+
     gpus: list[GpuStatus]
+    no_gpu: str | None
     error: str | None
 
 
@@ -152,6 +156,7 @@ def vram_status(probe: VramProbe) -> VramStatus:
             )
             for gpu in probe.gpus
         ],
+        no_gpu=probe.no_gpu,
         error=probe.error,
     )
 

@@ -547,7 +547,8 @@ class EngineSupervisor:
         probe = self._probe
         if probe is not None and probe.gpus:
             return "serving on CPU although a GPU is visible"
-        seen = f"no GPU is visible ({probe.error})" if probe is not None and probe.error else "no GPU is visible"
+        why = probe.why_none if probe is not None else None
+        seen = f"no GPU is visible ({why})" if why else "no GPU is visible"
         return f"serving on CPU although a GPU is expected (EXPECT_GPU=true) and {seen}"
 
     def _fail(self, reason: str) -> None:
@@ -565,12 +566,15 @@ class EngineSupervisor:
         for gpu in probe.gpus:
             self._metrics.gpu_memory_total.labels(gpu=str(gpu.index)).set(gpu.total_bytes)
             self._metrics.gpu_memory_free.labels(gpu=str(gpu.index)).set(gpu.free_bytes)
-        logger.info(
+        # A host without a GPU is no fault (`no_gpu`); NVML failing where there is one is (`error`).
+        log = logger.warning if probe.error else logger.info
+        log(
             "engine.probe",
             gpus=[
                 {"index": g.index, "name": g.name, "total_bytes": g.total_bytes, "free_bytes": g.free_bytes}
                 for g in probe.gpus
             ],
+            no_gpu=probe.no_gpu,
             error=probe.error,
         )
         return probe

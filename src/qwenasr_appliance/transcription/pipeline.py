@@ -205,7 +205,7 @@ class TranscriptionService:
             no_speech_prob=output.no_speech_prob,
             truncated=truncated,
             loop_stopped=loop_stopped,
-            tokens=tuple(TokenConfidence(t.token, t.logprob) for t in visible_tokens(tokens)) if text else (),
+            tokens=tuple(TokenConfidence(t.token, t.logprob, t.raw) for t in visible_tokens(tokens)) if text else (),
         )
 
     def _finish(

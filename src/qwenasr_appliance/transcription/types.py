@@ -21,10 +21,12 @@ class TranscriptWord:
 
 @dataclass(frozen=True)
 class TokenConfidence:
-    """One transcript token and its natural-log probability (OpenAI's `logprobs` item)."""
+    """One transcript token, its natural-log probability and the bytes it stands for (OpenAI's `logprobs`
+    item: `token`, `logprob`, `bytes`; a piece of a multi-byte character has text U+FFFD and its own bytes)."""
 
     token: str
     logprob: float
+    raw: bytes
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from qwenasr_appliance.engines.cpu.loading import CPU_DTYPES, load_failure_kind,
 from qwenasr_appliance.engines.no_speech import decision_step, no_speech_token_ids
 from qwenasr_appliance.engines.progress import LoadProgress
 from qwenasr_appliance.engines.prompt import build_prompt
+from qwenasr_appliance.engines.token_bytes import token_bytes, token_texts
 from qwenasr_appliance.logs import adopt_library_loggers
 
 log = logging.getLogger(__name__)
@@ -324,8 +325,11 @@ class CPUEngine:
         torch = self._torch
         steps = torch.log_softmax(torch.stack([step[0] for step in logits[: len(ids)]]).float(), dim=-1)
         chosen = steps[torch.arange(len(ids)), torch.tensor(ids)].tolist()
-        texts = [self._tokenizer.decode([token], skip_special_tokens=True) for token in ids]
-        tokens = tuple(TokenLogprob(token=t, logprob=float(lp)) for t, lp in zip(texts, chosen, strict=True))
+        texts = token_texts(self._tokenizer, ids)
+        raw = token_bytes(self._tokenizer, ids, texts)
+        tokens = tuple(
+            TokenLogprob(token=t, logprob=float(lp), raw=b) for t, lp, b in zip(texts, chosen, raw, strict=True)
+        )
         forced = bool(options.language)
         step = decision_step(texts, forced)
         no_speech: float | None = None

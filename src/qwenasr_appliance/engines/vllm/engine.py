@@ -55,6 +55,7 @@ from qwenasr_appliance.engines.base import (
 from qwenasr_appliance.engines.no_speech import decision_step, no_speech_token_ids
 from qwenasr_appliance.engines.progress import LoadProgress
 from qwenasr_appliance.engines.prompt import build_prompt
+from qwenasr_appliance.engines.token_bytes import token_bytes, token_texts
 from qwenasr_appliance.engines.vllm.common import (
     LLMFactory,
     OutputTap,
@@ -602,10 +603,11 @@ class VLLMEngine:
         tokenizer = attr(self._llm, "tokenizer")
         if tokenizer is None:
             return output
-        texts = [str(tokenizer.decode([token], skip_special_tokens=True)) for token in token_ids]
+        texts = token_texts(tokenizer, token_ids)
+        raw = token_bytes(tokenizer, token_ids, texts)
         tokens = tuple(
-            TokenLogprob(token=t, logprob=float(step[token].logprob))
-            for t, token, step in zip(texts, token_ids, steps, strict=True)
+            TokenLogprob(token=t, logprob=float(step[token].logprob), raw=b)
+            for t, token, step, b in zip(texts, token_ids, steps, raw, strict=True)
         )
         forced = bool(options.language)
         decision = decision_step(texts, forced)
