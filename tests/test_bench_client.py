@@ -28,6 +28,8 @@ from bench.client import (
 from bench.run_all import Plan
 from bench.workload import AudioItem, clip_specs, decode, encode, ensure, synthesize_speech
 
+from tests.test_bench_gpu_busy import three_gpus
+
 # -- workload ----------------------------------------------------------------------------------------
 
 
@@ -316,6 +318,9 @@ def test_offline_ceiling_times_distinct_batches_with_fixed_length_sampling(
     fake.LLM = FakeLLM  # type: ignore[attr-defined]
     fake.SamplingParams = lambda **kwargs: kwargs  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    nvml = three_gpus(busy={1: [90.0, 100.0]})
+    monkeypatch.setitem(sys.modules, "pynvml", nvml.module())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     out = tmp_path / "offline.json"
     args = offline_ceiling.build_parser().parse_args(
         ["--model", str(tmp_path), "--out", str(out), "--batch", "3", "--repeats", "2", "--warmup", "1",
@@ -335,6 +340,25 @@ def test_offline_ceiling_times_distinct_batches_with_fixed_length_sampling(
     assert result["tokens_per_request"] == 7.0 and len(result["repeats"]) == 2
     assert result["throughput"] == max(r["throughput"] for r in result["repeats"])
     assert result["engine_args"]["max_num_seqs"] == 256 and result["engine_args"]["load_format"] == "dummy"
+    # GPU busy around each timed batch only (not the warm-up); the entry carries the best batch's.
+    assert all(r["gpu_busy"]["available"] and r["gpu_busy"]["gpus"][0]["index"] == 1 for r in result["repeats"])
+    assert result["gpu_busy"] is max(result["repeats"], key=lambda r: r["throughput"])["gpu_busy"]
+    assert nvml.calls == ["init", "shutdown"] * 2
+
+
+def test_vllm_cache_state_is_read_where_vllm_keeps_it(tmp_path: Path) -> None:
+    from bench.run_all import vllm_cache
+
+    root = tmp_path / "vllm-cache"
+    assert vllm_cache({"VLLM_CACHE_ROOT": str(root)}) == {"root": str(root), "files": 0, "state": "cold"}
+    (root / "torch_compile_cache" / "abc").mkdir(parents=True)
+    assert vllm_cache({"VLLM_CACHE_ROOT": str(root)})["state"] == "cold"  # folders alone hold nothing
+    (root / "torch_compile_cache" / "abc" / "graph.py").write_text("")
+    (root / "modelinfos.json").write_text("{}")
+    assert vllm_cache({"VLLM_CACHE_ROOT": str(root)}) == {"root": str(root), "files": 2, "state": "warm"}
+    assert vllm_cache({"VLLM_CACHE_ROOT": str(root)}, limit=1)["files"] == 1
+    assert vllm_cache({"XDG_CACHE_HOME": str(tmp_path)})["root"] == str(tmp_path / "vllm")
+    assert vllm_cache({"HOME": str(tmp_path)})["root"] == str(tmp_path / ".cache" / "vllm")
 
 
 def test_the_appliance_must_be_on_vllm_in_benchmark_mode() -> None:

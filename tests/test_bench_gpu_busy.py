@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import statistics
 import sys
 import time
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from bench.client import Target, run_load
 from bench.gpu_busy import GpuBusySampler, gpu_count
+from bench.run_all import busy_words, with_gpus
+from bench.workload import AudioItem
 
 from tests.test_probe import GIB, FakeGpu, FakeNVML, FakeNVMLError
 
@@ -85,6 +91,7 @@ def test_every_gpu_is_summarized_from_the_values_nvml_gave() -> None:
     assert record["seconds"] > 0
     assert nvml.calls == ["init", "shutdown"]
     assert sampler.stop() is record  # stopping twice changes nothing
+    assert busy_words(record).startswith("GPU0 90.0% / GPU1 ")
 
 
 @pytest.mark.parametrize(
@@ -138,6 +145,7 @@ def test_without_the_nvml_bindings_the_record_says_why(monkeypatch: pytest.Monke
     record = sampler.stop()
     assert record["available"] is False and "cannot be imported" in record["reason"]
     assert set(record) == {"available", "reason", "cuda_visible_devices"}  # no numbers at all
+    assert busy_words(record).startswith("not available (NVML not available")
 
 
 @pytest.mark.parametrize(
@@ -181,3 +189,26 @@ def test_a_sampler_that_never_started_reports_nothing() -> None:
     assert record["available"] is False and "never started" in record["reason"]
     with pytest.raises(ValueError):
         GpuBusySampler(0.0)
+
+
+def test_run_load_carries_the_gpu_busy_record(tmp_path: Path) -> None:
+    nvml = three_gpus(busy={0: [95.0]})
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.05)
+        return httpx.Response(200, json={"text": "hello"})
+
+    path = tmp_path / "clip.wav"
+    path.write_bytes(b"RIFF")
+    items = [AudioItem(name=f"{i}.wav", fmt="wav", seconds=30.0, path=path) for i in range(4)]
+    sampler = GpuBusySampler(0.01, environ={"CUDA_VISIBLE_DEVICES": "0"}, nvml=nvml.module())
+    target = Target("appliance", "http://server", "qwen3-asr")
+    load = asyncio.run(run_load(target, items, 2, transport=httpx.MockTransport(handler), gpu_sampler=sampler))
+    summary = load.summary()
+    record = summary["gpu_busy"]
+    assert record["available"] is True and record["gpus"][0]["busy_mean"] == 95.0
+    assert record["gpus"][0]["samples"] >= 1 and nvml.calls == ["init", "shutdown"]
+    assert record["seconds"] >= load.wall_seconds * 0.9
+    entry = with_gpus(dict(summary))
+    assert entry["gpus"] == 1
+    assert "gpus" not in with_gpus({"gpu_busy": {"available": False, "reason": "no NVML"}})
