@@ -17,6 +17,10 @@ clock starts; the multipart body is assembled per request (a byte join).
 run: vLLM's own counters (both servers expose them) give the generated tokens per engine request and how
 requests finished, the appliance's `qwenasr_stage_duration_seconds` gives its per-stage times.
 
+`measured_run` also samples the kernel-busy % of every GPU this machine's CUDA_VISIBLE_DEVICES shows
+(`bench.gpu_busy`, NVML) from the first send to the last answer, as `gpu_busy`: meaningful when the
+client runs on the servers' machine (as `run_all.py` runs it); "not available" where there is no NVML.
+
 Command line (one run, JSON summary on stdout):
     python -m bench.client --url http://127.0.0.1:8001 --model qwen3-asr --format mp3 --concurrency 16 \
         --requests 32 [--field max_completion_tokens=100]
@@ -39,6 +43,7 @@ from typing import Any
 
 import httpx
 
+from bench.gpu_busy import DEFAULT_INTERVAL_SECONDS, GpuBusySampler
 from bench.workload import AudioItem, clip_specs, ensure
 
 TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
@@ -170,10 +175,13 @@ async def run_load(
     request_timeout: float = 600.0,
     fmt: str | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    gpu_sampler: GpuBusySampler | None = None,
 ) -> LoadResult:
     """Send every item once from `concurrency` closed-loop workers; returns every request's result.
 
-    `transport` replaces the network (tests pass an `httpx.MockTransport`).
+    `transport` replaces the network (tests pass an `httpx.MockTransport`). `gpu_sampler` runs from the
+    first send to the last answer (its record is `extra["gpu_busy"]`): reading the files and opening
+    NVML happen before, so neither counts as GPU idle time.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -195,6 +203,8 @@ async def run_load(
         )
         for _ in range(workers)
     ]
+    if gpu_sampler is not None:
+        gpu_sampler.start()
     t0 = time.perf_counter()
     cpu0 = time.process_time()
 
@@ -233,11 +243,14 @@ async def run_load(
                 )
             )
 
+    extra: dict[str, Any] = {}
     try:
         await asyncio.gather(*(worker(client) for client in clients))
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
     finally:
+        if gpu_sampler is not None:
+            extra["gpu_busy"] = gpu_sampler.stop()
         await asyncio.gather(*(client.aclose() for client in clients), return_exceptions=True)
     results.sort(key=lambda r: r.index)
     return LoadResult(
@@ -247,6 +260,7 @@ async def run_load(
         results=results,
         wall_seconds=wall,
         client_cpu_seconds=cpu,
+        extra=extra,
     )
 
 
@@ -390,10 +404,13 @@ async def measured_run(
     request_timeout: float = 600.0,
     fmt: str | None = None,
     settle_seconds: float = 0.5,
+    gpu_busy_interval: float | None = DEFAULT_INTERVAL_SECONDS,
 ) -> dict[str, Any]:
-    """`run_load` between two `/metrics` scrapes: the summary plus token and stage statistics."""
+    """`run_load` between two `/metrics` scrapes: the summary plus token and stage statistics, and the
+    GPU busy record (`gpu_busy`, sampled every `gpu_busy_interval` seconds; None: not sampled)."""
     before = await scrape_metrics(target.base_url, api_key=target.api_key)
-    load = await run_load(target, items, concurrency, request_timeout=request_timeout, fmt=fmt)
+    sampler = GpuBusySampler(gpu_busy_interval) if gpu_busy_interval else None
+    load = await run_load(target, items, concurrency, request_timeout=request_timeout, fmt=fmt, gpu_sampler=sampler)
     await asyncio.sleep(settle_seconds)  # let the servers' metric updates of the last requests land
     after = await scrape_metrics(target.base_url, api_key=target.api_key)
     summary = load.summary()
@@ -417,6 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--field", action="append", default=[], help="extra form field NAME=VALUE (repeatable)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--gpu-busy-interval", type=float, default=DEFAULT_INTERVAL_SECONDS,
+        help="seconds between GPU busy polls of this machine's GPUs (0: none)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     fields = dict(item.split("=", 1) for item in args.field)
     count = args.requests or max(2 * args.concurrency, 16)
@@ -424,7 +445,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.root, clip_specs(args.fmt, range(args.first_index, args.first_index + count), args.clip_seconds)
     )
     target = Target(args.system, args.url, args.model, fields, args.api_key)
-    summary = asyncio.run(measured_run(target, items, args.concurrency, request_timeout=args.timeout, fmt=args.fmt))
+    summary = asyncio.run(
+        measured_run(
+            target, items, args.concurrency, request_timeout=args.timeout, fmt=args.fmt,
+            gpu_busy_interval=args.gpu_busy_interval,
+        )
+    )  # fmt: skip
     summary.pop("latencies", None)
     json.dump(summary, sys.stdout, indent=2)
     print()

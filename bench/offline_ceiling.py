@@ -9,6 +9,8 @@ no multimodal processor cache). No HTTP, no file decoding: the clips are synthes
 Timing: one warm-up batch of other clips, then `--repeats` batches of `--batch` distinct clips (never
 seen before, so vLLM's prefix cache cannot help); throughput = audio seconds / wall seconds of one
 `LLM.generate` call (its input processing included). The best and the median repeat are reported.
+Each timed call's GPU kernel-busy % is sampled (`bench.gpu_busy`) into its repeat; the entry's
+`gpu_busy` is the best repeat's.
 
     python -m bench.offline_ceiling --model /tmp/qwenasr-bench/model-1.7b --out /tmp/offline.json
 """
@@ -26,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.gpu_busy import DEFAULT_INTERVAL_SECONDS, GpuBusySampler, unavailable
 from bench.workload import CLIP_SECONDS, SYNTH_RATE, FloatArray, synthesize_speech
 
 SEED_BASE = 500_000  # clip seeds of their own: nothing here was sent to a server
@@ -117,9 +120,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for index, clips in enumerate(batches):
         batch_inputs = inputs(clips)
         logprobs = with_logprobs is not None and index % 2 == 1
+        sampler = GpuBusySampler(args.gpu_busy_interval) if args.gpu_busy_interval > 0 else None
+        if sampler is not None:
+            sampler.start()
         t0 = time.perf_counter()
-        outputs = llm.generate(batch_inputs, with_logprobs if logprobs else params, use_tqdm=False)
-        wall = time.perf_counter() - t0
+        try:
+            outputs = llm.generate(batch_inputs, with_logprobs if logprobs else params, use_tqdm=False)
+            wall = time.perf_counter() - t0
+        finally:
+            busy = sampler.stop() if sampler is not None else unavailable("not sampled (--gpu-busy-interval 0)")
         tokens = [len(o.outputs[0].token_ids) for o in outputs]
         audio = sum(len(c) for c in clips) / SYNTH_RATE
         repeats.append(
@@ -131,6 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "tokens_min": int(min(tokens)),
                 "tokens_max": int(max(tokens)),
                 "logprobs": logprobs,
+                "gpu_busy": busy,
             }
         )
         print(f"[offline] batch {len(clips)}: {wall:.3f} s, {audio / wall:,.0f} audio-s/s", file=sys.stderr, flush=True)
@@ -155,6 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "throughput": best["throughput"],  # the ceiling: the best repeat
         "throughput_median": round(statistics.median(throughputs), 2),
         "wall_seconds": best["wall_seconds"],
+        "gpu_busy": best["gpu_busy"],
         "tokens_per_request": round(best["output_tokens"] / args.batch, 2),
         "engine_args": {k: v for k, v in engine_args.items() if k != "model"},
         "max_tokens": args.max_tokens,
@@ -181,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument(
+        "--gpu-busy-interval", type=float, default=DEFAULT_INTERVAL_SECONDS,
+        help="seconds between NVML polls of the GPUs' kernel-busy %% during each timed batch (0: none)",
+    )  # fmt: skip
     parser.add_argument(
         "--compare-logprobs",
         type=int,

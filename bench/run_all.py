@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -48,6 +48,7 @@ import httpx
 
 from bench import report as report_mod
 from bench.client import Target, measured_run, run_load
+from bench.gpu_busy import DEFAULT_INTERVAL_SECONDS, gpu_count
 from bench.profile_api import profile_run
 from bench.workload import CLIP_SECONDS, AudioItem, clip_specs, ensure, long_spec
 
@@ -242,6 +243,26 @@ def wait_gpu_free(timeout: float = 90.0) -> None:
     log(f"GPU memory still in use after {timeout:.0f} s: {nvidia_smi('memory.used')} MiB")
 
 
+def vllm_cache(env: Mapping[str, str], limit: int = 10_000) -> dict[str, Any]:
+    """The state of vLLM's cache directory as a server is about to start: "cold" when it holds no file,
+    else "warm" (with how many files, counted up to `limit`).
+
+    The directory is resolved as vLLM does (`vllm.envs.VLLM_CACHE_ROOT`): $VLLM_CACHE_ROOT, else
+    $XDG_CACHE_HOME/vllm, else ~/.cache/vllm; its torch.compile artifacts are what a warm start reuses.
+    "warm" says only that some earlier start (of either server, any configuration) left files there.
+    Caches elsewhere (Triton's, FlashInfer's) are not looked at.
+    """
+    home = Path(env.get("HOME") or Path.home())
+    cache_home = Path(env.get("XDG_CACHE_HOME") or home / ".cache")
+    root = Path(env.get("VLLM_CACHE_ROOT") or cache_home / "vllm").expanduser()
+    files = 0
+    for _dirpath, _dirs, names in os.walk(root):
+        files += len(names)
+        if files >= limit:
+            break
+    return {"root": str(root), "files": min(files, limit), "state": "warm" if files else "cold"}
+
+
 def tail(path: Path, limit: int = 2 * 2**20) -> bytes:
     try:
         with path.open("rb") as handle:
@@ -286,6 +307,7 @@ class Plan:
     max_new_tokens: int
     long_repeats: int = 1
     profile_requests: int = 0
+    gpu_busy_interval: float | None = DEFAULT_INTERVAL_SECONDS  # seconds between NVML polls; None: none
     cells: list[tuple[str, int, list[int]]] = field(default_factory=list)  # (format, concurrency, clip indices)
     warmup: dict[str, list[int]] = field(default_factory=dict)
     profile: list[int] = field(default_factory=list)
@@ -366,15 +388,18 @@ async def bench_server(
             continue
         items = plan.items(audio_root, fmt, indices)
         entry = await measured_run(
-            target, items, n, request_timeout=max(30.0, min(600.0, clock.left() - margin / 2)), fmt=fmt
-        )
+            target, items, n, request_timeout=max(30.0, min(600.0, clock.left() - margin / 2)), fmt=fmt,
+            gpu_busy_interval=plan.gpu_busy_interval,
+        )  # fmt: skip
         entry.update(system=system, clip_seconds=plan.clip_seconds, fields=dict(target.fields))
+        with_gpus(entry)
         results.put("loads", entry)
         tokens = entry.get("tokens") or {}
         log(
             f"{system} {fmt} c={n}: {entry['throughput']:,.0f} audio-s/s, p50 {entry['p50']} s, p95 {entry['p95']} s, "
             f"errors {entry['errors']}, tokens/req {tokens.get('tokens_per_engine_request')}, "
-            f"finished {tokens.get('finished')}, client cpu {entry['client_cpu_fraction']}"
+            f"finished {tokens.get('finished')}, client cpu {entry['client_cpu_fraction']}, "
+            f"GPU busy {busy_words(entry.get('gpu_busy'))}"
         )
     for spec in plan.long_specs():
         if clock.left() < margin + spec.seconds / 100:
@@ -382,8 +407,9 @@ async def bench_server(
             continue
         item = ensure(audio_root, [spec])[0]
         entry = await measured_run(
-            target, [item], 1, request_timeout=max(30.0, min(900.0, clock.left() - margin / 2)), fmt=spec.fmt
-        )
+            target, [item], 1, request_timeout=max(30.0, min(900.0, clock.left() - margin / 2)), fmt=spec.fmt,
+            gpu_busy_interval=plan.gpu_busy_interval,
+        )  # fmt: skip
         wall = entry["max"] if entry["ok"] else None
         long_entry = {
             "system": system,
@@ -398,9 +424,33 @@ async def bench_server(
             "bytes": item.path.stat().st_size,
             "tokens": entry.get("tokens"),
             "stages": entry.get("stages"),
+            "gpu_busy": entry.get("gpu_busy"),
         }
+        with_gpus(long_entry)
         results.put("long_files", long_entry)
-        log(f"{system} long {spec.seconds:g} s {spec.fmt}: wall {wall} s, tokens {entry.get('tokens')}")
+        log(
+            f"{system} long {spec.seconds:g} s {spec.fmt}: wall {wall} s, tokens {entry.get('tokens')}, "
+            f"GPU busy {busy_words(entry.get('gpu_busy'))}"
+        )
+
+
+def with_gpus(entry: dict[str, Any]) -> dict[str, Any]:
+    """Add `gpus`, the number of GPUs the servers could see during the run (NVML, CUDA_VISIBLE_DEVICES),
+    when the GPU busy record knows it: part of the results' keys, so one-GPU and two-GPU runs of the
+    same system, format and concurrency stay apart when merged."""
+    count = gpu_count(entry.get("gpu_busy"))
+    if count is not None:
+        entry["gpus"] = count
+    return entry
+
+
+def busy_words(record: dict[str, Any] | None) -> str:
+    """A GPU busy record in a log line: each GPU's mean percent, or why there is none."""
+    if not record:
+        return "not sampled"
+    if not record.get("available"):
+        return f"not available ({record.get('reason')})"
+    return " / ".join(f"GPU{g['index']} {g['busy_mean']}%" for g in record["gpus"] if g["busy_mean"] is not None)
 
 
 def vllm_server(args: argparse.Namespace, model_dir: Path, pids: PidFile, logs: Path) -> Server:
@@ -568,6 +618,7 @@ def run_server_part(
     system: str, server: Server, target_fields: dict[str, str], args: argparse.Namespace,
     plan: Plan, audio_root: Path, results: Results, clock: Clock, out_dir: Path,
 ) -> None:  # fmt: skip
+    cache = vllm_cache(server.env)
     server.start()
     try:
         # Synthesize the workload while the server starts, in a child process forked from this (still
@@ -582,7 +633,17 @@ def run_server_part(
             synth.join()
         if synth.exitcode != 0:
             raise RuntimeError(f"workload synthesis failed (exit code {synth.exitcode})")
-        info: dict[str, Any] = {"startup_seconds": round(startup, 1), "argv": server.argv}
+        info: dict[str, Any] = {
+            "startup_seconds": round(startup, 1),
+            "argv": server.argv,
+            "cache_state": cache["state"],
+            "vllm_cache": cache,
+            f"startup_seconds_{cache['state']}": round(startup, 1),
+        }
+        # The start-up target compares both servers from the same cache state: keep the other state's
+        # start-up, measured by an earlier call on this machine.
+        earlier = results.data["servers"].get(system, {})
+        info.update({k: v for k, v in earlier.items() if k.startswith("startup_seconds_") and k not in info})
         if system == "appliance":
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 info["status"] = httpx.get(server.url + "/status", timeout=10).json()
@@ -627,6 +688,7 @@ def run_offline(
         "--warmup", str(args.offline_warmup), "--clip-seconds", str(args.clip_seconds),
         "--max-tokens", str(args.max_new_tokens), "--max-num-seqs", str(args.max_num_seqs),
         "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--dtype", args.dtype,
+        "--gpu-busy-interval", str(args.gpu_busy_interval),
     ]  # fmt: skip
     log_path = logs / "offline.log"
     log(f"starting offline ceiling: {' '.join(argv)}")
@@ -644,9 +706,12 @@ def run_offline(
                 _end_group(process.pid)
     (out_dir / "offline.log").write_bytes(tail(log_path))
     if out_file.exists():
-        entry = json.loads(out_file.read_text())
+        entry = with_gpus(json.loads(out_file.read_text()))
         results.put("offline", entry)
-        log(f"offline ceiling: {entry['throughput']:,.0f} audio-s/s (median {entry['throughput_median']:,.0f})")
+        log(
+            f"offline ceiling: {entry['throughput']:,.0f} audio-s/s (median {entry['throughput_median']:,.0f}), "
+            f"GPU busy {busy_words(entry.get('gpu_busy'))}"
+        )
     else:
         log(f"offline ceiling failed (exit {process.returncode}); see {log_path}")
     wait_gpu_free()
@@ -689,6 +754,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--offline-repeats", type=int, default=3)
     parser.add_argument("--offline-warmup", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="processes synthesizing audio (0: all cores)")
+    parser.add_argument(
+        "--gpu-busy-interval", type=float, default=DEFAULT_INTERVAL_SECONDS,
+        help="seconds between NVML polls of the GPUs' kernel-busy %% during every run (0: none)",
+    )  # fmt: skip
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument(
         "--profile", action="store_true", help="appliance only: a last run with the loop-lag probe and py-spy"
@@ -730,6 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup_requests=args.warmup_requests,
         max_new_tokens=args.max_new_tokens,
         long_repeats=args.long_repeats,
+        gpu_busy_interval=args.gpu_busy_interval or None,
     )
     if args.profile and "appliance" in parts:
         plan.profile_requests = plan.requests_for(max(plan.concurrency))
