@@ -22,10 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from tests.hardening import metric_value
 from tests.realtime_support import b64, client, expected_words, of_type, pcm16, recv, recv_until, silence, speech
 from tests.servers import ServerProcess
 from tests.test_faults import assert_worker_stopped_on_its_own
@@ -156,6 +158,8 @@ def test_sigterm_lets_live_sessions_finish_their_turns_then_closes_them(tmp_path
             manual_result = asyncio.create_task(until_closed(manual))
             await asyncio.sleep(0.3)
             refusal, refusal_code = await refused_while_draining()
+            # granian still serves HTTP while the sessions wind down: /metrics shows the refusal.
+            scraped = await asyncio.to_thread(httpx.get, server.url + "/metrics", timeout=5)
             manual_events, manual_code, manual_closed_at = await manual_result
             vad_events, vad_code = await streaming
         return {
@@ -163,6 +167,7 @@ def test_sigterm_lets_live_sessions_finish_their_turns_then_closes_them(tmp_path
             "manual": (manual_events, manual_code, manual_closed_at - sent_at),
             "vad": (vad_events, vad_code),
             "refusal": (refusal, refusal_code),
+            "metrics": scraped.text,
             "sent_at": sent_at,
         }
 
@@ -199,6 +204,8 @@ def test_sigterm_lets_live_sessions_finish_their_turns_then_closes_them(tmp_path
     refusal, refusal_code = result["refusal"]
     assert refusal["type"] == "error" and refusal["error"]["code"] == "server_shutting_down"
     assert refusal_code == 1013
+    assert metric_value(result["metrics"], 'qwenasr_live_sessions_rejected_total{reason="server_shutting_down"}') == 1
+    assert metric_value(result["metrics"], "qwenasr_live_sessions_active") >= 1  # the manual one, at least
 
     assert exit_code == 0
     assert exited_after < grace, "the live sessions held the shutdown past the grace period"

@@ -349,13 +349,13 @@ class _Refused(Exception):
 
 def _open(live: LiveSessions, context: AppContext, emit: Callable[[ServerEvent], None]) -> LiveSession:
     if context.shutdown.draining:
-        live.rejected()
+        live.rejected("server_shutting_down")
         raise _Refused(
             ClientEventError("The server is shutting down.", code="server_shutting_down", error_type="server_error")
         )
     if not context.supervisor.ready:
         reason = context.supervisor.not_ready_reason or "the model is not loaded"
-        live.rejected()
+        live.rejected("engine_unavailable")
         raise _Refused(
             ClientEventError(
                 f"The model is not serving yet: {reason}.", code="engine_unavailable", error_type="server_error"
