@@ -1,8 +1,9 @@
 """Graceful shutdown: in-flight requests get SHUTDOWN_GRACE_SECONDS, then a clear 503, never a cut; live
 sessions end with their transcripts, an `error` event and a close frame, never a dropped socket.
 
-What granian 2.8.7 does on SIGTERM or SIGINT in its worker (read in its source, `granian/server/mp.py`
-and `src/workers.rs`, and measured on a real server: tests/test_realtime_shutdown.py):
+What granian 2.8.7 does on SIGTERM or SIGINT in its worker (read in its source: the Python side as
+installed, `granian/server/mp.py`, the Rust side in the 2.8.1 tree, `src/workers.rs`, `src/asgi/io.rs`;
+measured with 2.8.7 on real servers, raw sockets and tests/test_realtime_shutdown.py):
 
 * HTTP: it closes the listening socket at once (new connections are refused), closes idle keep-alive
   connections, lets every request in flight finish, and only then runs the ASGI lifespan shutdown. Its
