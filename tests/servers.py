@@ -83,12 +83,13 @@ class ServerProcess:
         return cls([sys.executable, "-m", "qwenasr_appliance", "serve"], env, port, log_path, cwd=folder)
 
     @classmethod
-    def with_test_double(cls, env: dict[str, str], log_path: Path) -> ServerProcess:
-        """granian serving the real app around the test double engine."""
+    def with_test_double(cls, env: dict[str, str], log_path: Path, *granian_options: str) -> ServerProcess:
+        """granian serving the real app around the test double engine (`granian_options`: more of its
+        command line options, e.g. `--loop asyncio`)."""
         port = free_port()
         argv = [
             sys.executable, "-m", "granian", "--interface", "asgi", "--factory",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *granian_options,
             "tests.doubles:create_test_app",
         ]  # fmt: skip
         return cls(argv, env, port, log_path)

@@ -223,3 +223,73 @@ def test_switching_the_format_mid_session() -> None:
     events, decoder = asyncio.run(scenario())
     assert decoder.finals == [pytest.approx(2 * SAMPLE_RATE, abs=SAMPLE_RATE // 50)]
     assert types(events).count("session.updated") == 2
+
+
+def test_ending_commits_the_audio_held_as_a_last_turn_whatever_its_length() -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], ScriptedDecoder]:
+        session, decoder, events = make(live_partial_interval_seconds=0.0)
+        session.start()
+        await session.receive(MANUAL)
+        await session.receive(append(pcm16(speech()[:1_200])))  # 50 ms: too little for a client's commit
+        session.stop_accepting("shutdown")
+        session.stop_accepting("shutdown")  # once
+        assert await session.drain(5)
+        await session.close()
+        return events, decoder
+
+    events, decoder = asyncio.run(scenario())
+    assert types(events)[1:] == [
+        "session.updated",
+        "input_audio_buffer.committed",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.completed",
+    ]
+    assert decoder.finals == [800]  # 50 ms at 16 kHz, nothing the resampler held is lost
+
+
+def test_ending_mid_speech_stops_and_commits_the_open_turn() -> None:
+    async def scenario() -> list[dict[str, Any]]:
+        session, _decoder, events = make(live_partial_interval_seconds=0.0)
+        session.start()
+        await session.receive(append(pcm16(speech()[: 24_000 * 2])))  # server VAD: a turn opens
+        assert "input_audio_buffer.speech_started" in types(events)
+        session.stop_accepting("session_expired")
+        assert await session.drain(5)
+        await session.close()
+        return events
+
+    events = asyncio.run(scenario())
+    assert types(events)[-4:] == [
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.completed",
+    ]
+    assert events[-4]["audio_end_ms"] == 2000
+    assert len({e["item_id"] for e in events[-4:]} | {events[1]["item_id"]}) == 1
+
+
+def test_turns_not_transcribed_in_time_fail_once_each() -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], LiveSession]:
+        session, decoder, events = make(live_partial_interval_seconds=0.0)
+        decoder.final_gate = asyncio.Event()  # finals hang until released
+        session.start()
+        await session.receive(MANUAL)
+        for _ in range(2):  # one turn in the final decode, one waiting behind it
+            await session.receive(append(pcm16(speech()[:24_000])))
+            await session.receive(COMMIT)
+        session.stop_accepting("shutdown")
+        assert not await session.drain(0.2)
+        await session.fail_outstanding("gone", code="server_shutting_down")
+        decoder.final_gate.set()  # a decode that ends now must not report as well
+        await asyncio.sleep(0.05)
+        await session.close()
+        return events, session
+
+    events, session = asyncio.run(scenario())
+    committed = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+    failed = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.failed"]
+    assert [e["item_id"] for e in failed] == committed and len(committed) == 2
+    assert {(e["error"]["code"], e["error"]["type"]) for e in failed} == {("server_shutting_down", "server_error")}
+    assert "conversation.item.input_audio_transcription.completed" not in types(events)
+    assert not session.awaiting_finals

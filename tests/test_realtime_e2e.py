@@ -386,6 +386,8 @@ def test_session_limit_idle_timeout_and_disconnects_leak_nothing(server: ServerP
     assert metric_value(text, "qwenasr_live_sessions_active") == 0
     assert metric_value(text, "qwenasr_requests_in_flight") == 0  # no engine request outlived its session
     assert metric_value(text, 'qwenasr_live_sessions_total{reason="rejected"}') >= 1
+    assert metric_value(text, 'qwenasr_live_sessions_rejected_total{reason="session_limit_reached"}') >= 1
+    assert metric_value(text, "qwenasr_live_sessions_limit") == 3
     assert metric_value(text, 'qwenasr_live_sessions_total{reason="idle_timeout"}') >= 1
 
 
@@ -524,6 +526,8 @@ def test_sessions_are_refused_while_the_model_loads(tmp_path: Path) -> None:
         refusal, code = asyncio.run(scenario())
         assert refusal["type"] == "error" and refusal["error"]["code"] == "engine_unavailable"
         assert code == 1013
-        assert metric_value(metrics(process), 'qwenasr_live_sessions_total{reason="rejected"}') == 1
+        text = metrics(process)
+        assert metric_value(text, 'qwenasr_live_sessions_total{reason="rejected"}') == 1
+        assert metric_value(text, 'qwenasr_live_sessions_rejected_total{reason="engine_unavailable"}') == 1
     finally:
         process.stop()

@@ -209,6 +209,18 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.live_sessions_rejected = Counter(
+            "qwenasr_live_sessions_rejected_total",
+            "Live sessions refused as they opened, by the error code sent (session_limit_reached, "
+            'engine_unavailable, server_shutting_down); each also counts in qwenasr_live_sessions_total{reason="rejected"}.',
+            ["reason"],
+            registry=registry,
+        )
+        self.live_sessions_limit = Gauge(
+            "qwenasr_live_sessions_limit",
+            "Live sessions this process holds at once (LIVE_MAX_SESSIONS; 0: live transcription is off).",
+            registry=registry,
+        )
         self.live_audio = Counter(
             "qwenasr_live_audio_seconds_total",
             "Seconds of audio received by live sessions.",

@@ -68,6 +68,12 @@ REQUIRED_METRICS = {
     "live audio seconds": "qwenasr_live_audio_seconds_total",
     "live time to first delta": "qwenasr_live_first_delta_seconds_bucket",
     "live final latency after end of speech": "qwenasr_live_final_latency_seconds_bucket",
+    # Worker processes and live refusals, beside their alerts.
+    "worker processes by state": "qwenasr_worker_processes",
+    "worker processes replaced": "qwenasr_worker_replacements_total",
+    "live sessions limit": "qwenasr_live_sessions_limit",
+    "live sessions refused by reason": "qwenasr_live_sessions_rejected_total",
+    "live turns failed": "qwenasr_live_turns_total",
 }
 
 

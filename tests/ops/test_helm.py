@@ -657,7 +657,7 @@ def test_keda_default_query_on_sample_series(chart: Any, tmp_path: Path) -> None
     ]
     path = tmp_path / "keda-query-test.yaml"
     path.write_text("\n".join(lines) + "\n")
-    result = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True)
+    result = subprocess.run([tool("promtool", "PROMTOOL"), "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -32,6 +32,15 @@ REQUIRED_ALERTS = {
     # Issue 17: absence per release, scrape failures per pod.
     "QwenASRDown",
     "QwenASRTargetDown",
+    # Worker processes replaced or stalled inside a pod that neither restarts nor looks unready to the engine
+    # alerts; live sessions refused at capacity, failing turns and sessions, slow finals.
+    "QwenASRWorkerCrashes",
+    "QwenASRWorkerTimeouts",
+    "QwenASRWorkersUnusable",
+    "QwenASRLiveSessionsAtCapacity",
+    "QwenASRLiveTurnsFailing",
+    "QwenASRLiveSessionErrors",
+    "QwenASRLiveFinalLatencyHigh",
 }
 
 # Series no exporter defines: Prometheus writes them itself for every target.

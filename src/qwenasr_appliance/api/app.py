@@ -139,7 +139,11 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         apply_env_file(environment)  # e.g. HF_HUB_OFFLINE set in .env, for the hub library
         settings = load_settings(environment.values)
     configure_logging(settings.log_level, settings.log_format)
-    return RequestObserver(HeadAsGet(build_litestar(settings, engine_factory=engine_factory)))
+    app = build_litestar(settings, engine_factory=engine_factory)
+    # granian's worker calls this factory just before it installs its signal handlers: the app takes
+    # its stop trigger, so that live sessions wind down before granian cuts WebSockets (shutdown.py).
+    app_context(app.state).shutdown.capture_server_stop()
+    return RequestObserver(HeadAsGet(app))
 
 
 __all__ = ["app_context", "build_litestar", "create_app"]

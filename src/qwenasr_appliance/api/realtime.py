@@ -15,7 +15,21 @@ Close codes after the handshake (each preceded by an `error` event that says why
 1000 idle timeout (`idle_timeout`) or session length reached (`session_expired`); 1001 server shutting
 down (`server_shutting_down`); 1008 a client that reads too slowly (`slow_consumer`: more than
 `LIVE_SEND_QUEUE_EVENTS` events waiting, or one send blocked `LIVE_SEND_TIMEOUT_SECONDS`); 1011 an
-internal error; 1013 try again later (`session_limit_reached`, `engine_unavailable`).
+internal error; 1013 try again later (`session_limit_reached`, `engine_unavailable`, and
+`server_shutting_down` for a session opened while the server drains).
+
+Session length reached and server shutting down end a session the same way: the audio the session
+holds is committed as a last turn (`input_audio_buffer.committed`, after `speech_stopped` in server VAD
+mode); client events from then on are refused, one `error` `session_closed` each (with its `event_id`):
+that audio is not transcribed; every committed turn gets its `...completed` within
+`FINAL_DRAIN_SECONDS` (on shutdown also within the grace period, less `CLOSE_RESERVE_SECONDS` for the
+rest), or else `...failed` with the ending's code (`session_expired`, `server_shutting_down`); then the
+`error` event and the close.
+
+On shutdown the close code is 1001 (going away, RFC 6455 section 7.4.1), not 1012 (service restart,
+IANA registry only): this replica goes away, whether or not one comes back in its place, and the client
+should reconnect through the load balancer to another one; every WebSocket client knows 1001. The
+server's own shutdown waits for these closes (`ShutdownGrace.defer_server_stop`, see shutdown.py).
 """
 
 from __future__ import annotations
@@ -49,6 +63,8 @@ KEY_SUBPROTOCOL_PREFIX: Final = "openai-insecure-api-key."
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_AGAIN = 1000, 1001, 1008, 1011, 1013
 # Committed turns still get their transcripts before the socket closes, for at most this long.
 FINAL_DRAIN_SECONDS: Final = 10.0
+# On shutdown, kept from the grace period for the last events and the close handshake after the drain.
+CLOSE_RESERVE_SECONDS: Final = 1.0
 ERROR_SEND_SECONDS: Final = 1.0
 
 
@@ -210,25 +226,74 @@ async def _first_done(tasks: dict[str, asyncio.Future[Any]]) -> str:
     return "error"
 
 
+# Endings that let committed turns finish: the `...failed` message and code of a turn that does not.
+_WIND_DOWN: Final[dict[str, tuple[str, str]]] = {
+    "session_expired": (
+        "The session reached its maximum length before this turn was transcribed.",
+        "session_expired",
+    ),
+    "shutdown": (
+        "The server shut down before this turn was transcribed; send its audio again in a new session.",
+        "server_shutting_down",
+    ),
+}
+
+
+def _drain_seconds(context: AppContext) -> float:
+    """How long committed turns may take to finish: FINAL_DRAIN_SECONDS; while the server drains, also
+    no longer than the grace period leaves after CLOSE_RESERVE_SECONDS (then it stops, see shutdown.py)."""
+    if not context.shutdown.draining:
+        return FINAL_DRAIN_SECONDS
+    return max(0.0, min(FINAL_DRAIN_SECONDS, context.shutdown.seconds_left() - CLOSE_RESERVE_SECONDS))
+
+
+def _reader_outcome(reader: asyncio.Task[str]) -> str | None:
+    if reader.cancelled():
+        return None
+    if reader.exception() is not None:
+        log.warning("live.reader_failed", error=type(reader.exception()).__name__)
+        return None
+    return reader.result()
+
+
+async def _wind_down(session: LiveSession, reader: asyncio.Task[str], reason: str, context: AppContext) -> str:
+    """End a session whose committed turns still finish (`_WIND_DOWN`): client events are refused from
+    now on, one `session_closed` error each (the reader goes on: the client learns it at once, and the
+    socket keeps being read), the audio held becomes a last turn, and every committed turn gets its final
+    event in time or `...failed`. Returns `reason`, or "client_closed" if the client leaves meanwhile."""
+    session.stop_accepting(reason)
+    draining = asyncio.ensure_future(session.drain(_drain_seconds(context)))
+    watched: set[asyncio.Future[Any]] = {draining, reader}
+    while not draining.done():
+        done, watched = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        if reader in done and _reader_outcome(reader) == "client_closed":
+            draining.cancel()
+            await asyncio.wait({draining})
+            return "client_closed"
+    if not draining.result():
+        message, code = _WIND_DOWN[reason]
+        await session.fail_outstanding(message, code=code)
+    return reason
+
+
 async def _serve(socket: WebSocket[Any, Any, Any], session: LiveSession, outbox: _Outbox, context: AppContext) -> str:
     """Run the session until the client leaves or a limit ends it; returns the reason (END_REASONS)."""
     settings = context.settings
+    reader = asyncio.create_task(_reader(socket, session, settings.live_idle_timeout_seconds))
     watchers: dict[str, asyncio.Future[Any]] = {
-        "reader": asyncio.create_task(_reader(socket, session, settings.live_idle_timeout_seconds)),
+        "reader": reader,
         "slow_consumer": asyncio.ensure_future(outbox.overflowed.wait()),
         "session_expired": asyncio.ensure_future(asyncio.sleep(settings.live_max_session_seconds)),
         "shutdown": asyncio.ensure_future(context.shutdown.began.wait()),
     }
     try:
         reason = await _first_done(watchers)
+        if reason in _WIND_DOWN:
+            reason = await _wind_down(session, reader, reason, context)
     finally:
         for task in watchers.values():
             task.cancel()
         await asyncio.wait(watchers.values(), timeout=ERROR_SEND_SECONDS)
-    if reason in {"session_expired", "shutdown"}:
-        # No new client events; committed turns still get their transcripts.
-        session.stop_accepting(reason)
-        await session.drain(min(FINAL_DRAIN_SECONDS, settings.shutdown_grace_seconds))
     return reason
 
 
@@ -236,7 +301,11 @@ async def _serve(socket: WebSocket[Any, Any, Any], session: LiveSession, outbox:
 async def realtime(socket: WebSocket[Any, Any, Any]) -> None:
     """One transcription session (see the module docstring for the handshake, events and close codes)."""
     context = app_context(socket.app.state)
-    live = live_sessions(socket.app.state)
+    with context.shutdown.defer_server_stop():  # granian would cut the socket: it stops after the close
+        await _run(socket, context, live_sessions(socket.app.state))
+
+
+async def _run(socket: WebSocket[Any, Any, Any], context: AppContext, live: LiveSessions) -> None:
     refusal = _handshake_refusal(socket, context)
     if refusal is not None:
         await socket.receive()  # websocket.connect
@@ -280,13 +349,13 @@ class _Refused(Exception):
 
 def _open(live: LiveSessions, context: AppContext, emit: Callable[[ServerEvent], None]) -> LiveSession:
     if context.shutdown.draining:
-        live.rejected()
+        live.rejected("server_shutting_down")
         raise _Refused(
             ClientEventError("The server is shutting down.", code="server_shutting_down", error_type="server_error")
         )
     if not context.supervisor.ready:
         reason = context.supervisor.not_ready_reason or "the model is not loaded"
-        live.rejected()
+        live.rejected("engine_unavailable")
         raise _Refused(
             ClientEventError(
                 f"The model is not serving yet: {reason}.", code="engine_unavailable", error_type="server_error"

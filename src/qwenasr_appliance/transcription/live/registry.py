@@ -12,6 +12,8 @@ from qwenasr_appliance.transcription.live.session import Emit, LiveSession
 END_REASONS: Final = (
     "client_closed", "idle_timeout", "session_expired", "slow_consumer", "shutdown", "rejected", "error",
 )  # fmt: skip
+# Why a session was refused as it opened: the `error` code the client gets.
+REJECT_REASONS: Final = ("session_limit_reached", "engine_unavailable", "server_shutting_down")
 
 
 class SessionLimitReached(Exception):
@@ -24,19 +26,21 @@ class LiveSessions:
         self.decoder = decoder
         self._metrics = metrics
         self._open: set[LiveSession] = set()
+        metrics.live_sessions_limit.set(settings.live_max_sessions)
 
     @property
     def count(self) -> int:
         return len(self._open)
 
-    def rejected(self) -> None:
-        """Count a session refused before it opened (limit reached, model not serving, shutting down)."""
+    def rejected(self, reason: str) -> None:
+        """Count a session refused before it opened; `reason` is one of REJECT_REASONS."""
         self._metrics.live_sessions.labels(reason="rejected").inc()
+        self._metrics.live_sessions_rejected.labels(reason=reason).inc()
 
     def open(self, emit: Emit) -> LiveSession:
         """A new session, counted; raises SessionLimitReached. Pair with `ended`."""
         if len(self._open) >= self.settings.live_max_sessions:
-            self.rejected()
+            self.rejected("session_limit_reached")
             raise SessionLimitReached
         session = LiveSession(decoder=self.decoder, settings=self.settings, emit=emit, metrics=self._metrics)
         self._open.add(session)

@@ -16,6 +16,11 @@ Events and order for one turn: `input_audio_buffer.speech_started` (server VAD) 
 `stabilizer.py`) → `input_audio_buffer.speech_stopped` (server VAD) → `input_audio_buffer.committed` →
 at most one more delta → `...completed` (or `...failed`). Deltas only append; `completed.transcript` is
 the final decode of the whole turn, which is what the file path gives for the same audio.
+
+Ending (`stop_accepting`: session length reached, server shutting down): no more client events; the
+audio held (an open turn, in manual mode everything since the last commit) is committed as a last
+turn, and every committed turn gets its `completed`, or `failed` when the transport stops waiting
+(`fail_outstanding`).
 """
 
 from __future__ import annotations
@@ -159,6 +164,7 @@ class LiveSession:
         self._partial_task: asyncio.Task[None] | None = None
         self._pending: asyncio.Queue[_CommittedTurn] = asyncio.Queue(MAX_PENDING_TURNS)
         self._final_worker: asyncio.Task[None] | None = None
+        self._current: _CommittedTurn | None = None  # the turn being decoded by the final worker
         self._outstanding = 0  # committed turns whose final event has not been sent
         self.closing_reason: str | None = None
 
@@ -170,8 +176,21 @@ class LiveSession:
         self._emit(SessionCreated(session=session_view(self._config, self.id)))
 
     def stop_accepting(self, reason: str) -> None:
-        """Refuse further client events (`session_closed` errors); what was committed still completes."""
+        """Refuse further client events (`session_closed` errors) and commit the audio the session holds
+        as a last turn, whatever its length (in server VAD mode `speech_stopped` first), so that every
+        byte the session took gets a final event; committed turns still complete. Once; later calls
+        change nothing."""
+        if self.closing_reason is not None:
+            return
         self.closing_reason = reason
+        self._ingest(self._audio.flush())
+        turn = self._turn
+        if turn is None or self._position <= turn.start:
+            return
+        if self._detector is not None:
+            self._emit(SpeechStopped(audio_end_ms=self._position * 1000 // SAMPLE_RATE, item_id=turn.item_id))
+            self._detector.reset(self._position)
+        self._commit(self._position)
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - the caller bounds the wait
         """Wait until every committed turn has its final event; False if `timeout` passed first."""
@@ -181,6 +200,24 @@ class LiveSession:
         except TimeoutError:
             return False
         return True
+
+    async def fail_outstanding(self, message: str, *, code: str) -> None:
+        """Stop the final decodes and send `...failed` (`code`, a server error) for every committed turn
+        without its final event yet, the one being decoded and those queued: no turn the client was told
+        of (`committed`) goes without a final event."""
+        current = self._current
+        worker = self._final_worker
+        if worker is not None:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+            self._final_worker = None
+        turns = [current] if current is not None else []
+        while not self._pending.empty():
+            turns.append(self._pending.get_nowait())
+            self._pending.task_done()
+        self._outstanding = 0
+        for turn in turns:
+            self._fail(turn, message, code=code, error_type="server_error")
 
     @property
     def awaiting_finals(self) -> bool:
@@ -398,9 +435,11 @@ class LiveSession:
     async def _finals(self) -> None:
         while True:
             turn = await self._pending.get()
+            self._current = turn
             try:
                 await self._final(turn)
             finally:
+                self._current = None
                 self._outstanding -= 1
                 self._pending.task_done()
 
