@@ -125,6 +125,7 @@ def test_options_lists_head_wherever_get_is_allowed(client: TestClient) -> None:
         ("GET", "/v1/audio/transcriptions", {"POST", "OPTIONS"}),
         ("HEAD", "/v1/audio/transcriptions", {"POST", "OPTIONS"}),
         ("HEAD", "/v1/audio/translations", {"POST", "OPTIONS"}),
+        ("POST", "/v1/realtime", {"GET", "HEAD", "OPTIONS"}),  # GET: the WebSocket handshake
     ],
 )
 def test_a_method_a_route_does_not_take_is_an_openai_405_with_allow(
@@ -143,6 +144,22 @@ def test_a_method_a_route_does_not_take_is_an_openai_405_with_allow(
         error = answer.json()["error"]
         assert error["type"] == "invalid_request_error" and error["code"] == "method_not_allowed"
         assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_plain_http_to_the_websocket_endpoint_is_426_upgrade_required(
+    client: TestClient,  # type: ignore[type-arg]
+    method: str,
+) -> None:
+    """Someone who opens /v1/realtime in a browser or with curl learns to open a WebSocket instead."""
+    answer = client.request(method, "/v1/realtime", params={"intent": "transcription"})
+    assert answer.status_code == 426
+    assert answer.headers["upgrade"] == "websocket" and answer.headers["connection"] == "Upgrade"
+    if method == "GET":
+        error = answer.json()["error"]
+        assert error["code"] == "upgrade_required" and "WebSocket" in error["message"]
+    with client.websocket_connect("/v1/realtime?intent=transcription") as ws:  # the handshake still works
+        assert ws.receive_json()["type"] == "session.created"
 
 
 def test_head_of_an_unknown_path_is_404_without_a_body(client: TestClient) -> None:  # type: ignore[type-arg]
@@ -248,7 +265,9 @@ async def _never(*_: Any) -> Any:
         (b"get,options", b"get, HEAD, options"),
         (b"GET, HEAD, OPTIONS", b"GET, HEAD, OPTIONS"),
         (b"OPTIONS, POST", b"OPTIONS, POST"),
-        (b"websocket", b"websocket"),
+        (b"websocket", b""),  # RFC 9110: an empty Allow means no method is allowed
+        (b"websocket, GET, OPTIONS", b"GET, HEAD, OPTIONS"),
+        (b"asgi, POST", b"POST"),
     ],
 )
 def test_allow_names_head_only_next_to_get(allow: bytes, expected: bytes) -> None:

@@ -91,7 +91,10 @@ def test_queue_timeout_refuses_with_retry_after(tmp_path: Path) -> None:
     env = {
         "MAX_CONCURRENT_REQUESTS": "1",
         "MAX_QUEUE_SIZE": "50",
-        "QUEUE_TIMEOUT_SECONDS": "0.5",
+        # Not 0.5: with 1 s requests the requests queued at 0.5 s would time out at the very moment the
+        # slot frees (a race this test lost now and then). At 0.7 s, those queued at 0.7 s get the slot
+        # at 1.0 s with 0.4 s to spare, and the rest time out 0.3 s or more before a slot frees.
+        "QUEUE_TIMEOUT_SECONDS": "0.7",
         "DOUBLE_TOKEN_DELAY": "0.25",  # 1 s per request
         "LOG_LEVEL": "warning",
     }

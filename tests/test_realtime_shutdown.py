@@ -160,6 +160,7 @@ def test_sigterm_lets_live_sessions_finish_their_turns_then_closes_them(tmp_path
             refusal, refusal_code = await refused_while_draining()
             # granian still serves HTTP while the sessions wind down: /metrics shows the refusal.
             scraped = await asyncio.to_thread(httpx.get, server.url + "/metrics", timeout=5)
+            readiness = await asyncio.to_thread(httpx.get, server.url + "/ready", timeout=5)
             manual_events, manual_code, manual_closed_at = await manual_result
             vad_events, vad_code = await streaming
         return {
@@ -168,6 +169,7 @@ def test_sigterm_lets_live_sessions_finish_their_turns_then_closes_them(tmp_path
             "vad": (vad_events, vad_code),
             "refusal": (refusal, refusal_code),
             "metrics": scraped.text,
+            "ready": readiness,
             "sent_at": sent_at,
         }
 
@@ -206,6 +208,10 @@ def test_sigterm_lets_live_sessions_finish_their_turns_then_closes_them(tmp_path
     assert refusal_code == 1013
     assert metric_value(result["metrics"], 'qwenasr_live_sessions_rejected_total{reason="server_shutting_down"}') == 1
     assert metric_value(result["metrics"], "qwenasr_live_sessions_active") >= 1  # the manual one, at least
+
+    # Not ready while draining: a probe (or a load balancer) sees the server takes no new work.
+    assert result["ready"].status_code == 503
+    assert result["ready"].json()["reason"].startswith("the server is shutting down")
 
     assert exit_code == 0
     assert exited_after < grace, "the live sessions held the shutdown past the grace period"

@@ -19,7 +19,7 @@ from qwenasr_appliance.api.live_page import live_page_routes
 from qwenasr_appliance.api.models import ModelsController
 from qwenasr_appliance.api.observer import RequestObserver
 from qwenasr_appliance.api.ops import OpsController
-from qwenasr_appliance.api.realtime import live_sessions, realtime
+from qwenasr_appliance.api.realtime import live_sessions, realtime, realtime_without_upgrade
 from qwenasr_appliance.api.request_head import RequestHeadLimit
 from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
@@ -117,6 +117,7 @@ def build_litestar(
             ModelsController,
             OpsController,
             realtime,
+            realtime_without_upgrade,
             *live_page_routes(settings),
             docs_assets_router(),
         ],

@@ -19,13 +19,21 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 _ALLOW = b"allow"
 
 
+# Litestar lists the scope types of a path's other handlers as if they were methods ("websocket, GET"
+# for /v1/realtime); an Allow header names HTTP methods only (RFC 9110 section 10.2.1).
+_NOT_METHODS = {"websocket", "asgi"}
+
+
 def _with_head(allow: bytes) -> bytes:
-    """An `Allow` value with `HEAD` added after `GET` when it lists `GET` and not `HEAD`."""
-    methods = [method.strip() for method in allow.decode("latin-1").split(",") if method.strip()]
+    """An `Allow` value with `HEAD` added after `GET` when it lists `GET` and not `HEAD`, and without
+    Litestar's pseudo-methods `websocket` and `asgi`."""
+    listed = [method.strip() for method in allow.decode("latin-1").split(",") if method.strip()]
+    methods = [method for method in listed if method.lower() not in _NOT_METHODS]
     upper = [method.upper() for method in methods]
-    if "GET" not in upper or "HEAD" in upper:
+    if "GET" in upper and "HEAD" not in upper:
+        methods.insert(upper.index("GET") + 1, "HEAD")
+    if methods == listed:
         return allow
-    methods.insert(upper.index("GET") + 1, "HEAD")
     return ", ".join(methods).encode("latin-1")
 
 

@@ -11,7 +11,7 @@ from litestar.openapi import ResponseSpec
 
 from qwenasr_appliance import __version__
 from qwenasr_appliance.api.auth import require_api_key_for_ops
-from qwenasr_appliance.api.context import request_context
+from qwenasr_appliance.api.context import AppContext, request_context
 from qwenasr_appliance.api.errors import error_responses
 from qwenasr_appliance.api.schemas import (
     HealthResponse,
@@ -42,6 +42,21 @@ def observe_worker_pools() -> str | None:
     return "; ".join(reasons) or None
 
 
+DRAINING_REASON = "the server is shutting down: it finishes the requests it holds and takes no new ones"
+
+
+def readiness(context: AppContext) -> tuple[bool, str | None]:
+    """Whether the server takes new work, and why not: the engine serving (and not held from traffic
+    as a CPU fallback where a GPU is expected), every worker pool usable, and no shutdown under way."""
+    supervisor = context.supervisor
+    # Serving on the CPU where a GPU is expected, with GPU_FALLBACK=not_ready: 503 in state `degraded`.
+    held = supervisor.held_from_traffic
+    workers_down = observe_worker_pools()  # a pool with no usable worker (issue 12)
+    draining = DRAINING_REASON if context.shutdown.draining else None
+    ready = supervisor.ready and held is None and workers_down is None and draining is None
+    return ready, None if ready else (draining or held or supervisor.not_ready_reason or workers_down)
+
+
 class OpsController(Controller):
     path = "/"
     guards = [require_api_key_for_ops]
@@ -61,14 +76,10 @@ class OpsController(Controller):
         },
     )
     async def ready(self, request: Request[Any, Any, State]) -> Response[ReadyResponse]:
-        supervisor = request_context(request).supervisor
-        status = supervisor.snapshot()
-        # Serving on the CPU where a GPU is expected, with GPU_FALLBACK=not_ready: 503 in state `degraded`.
-        held = supervisor.held_from_traffic
-        workers_down = observe_worker_pools()  # a pool with no usable worker (issue 12)
-        ready = supervisor.ready and held is None and workers_down is None
+        context = request_context(request)
+        status = context.supervisor.snapshot()
+        ready, reason = readiness(context)
         permanent = status.state == "failed"
-        reason = held or supervisor.not_ready_reason or workers_down
         body = ReadyResponse(ready=ready, state=status.state, reason=reason, permanent=permanent)
         if ready:
             return Response(body, status_code=200)
@@ -89,9 +100,7 @@ class OpsController(Controller):
             model=settings.model_id,
             served_model_name=settings.model_name,
             uptime_seconds=round(time.monotonic() - context.started_at, 3),
-            ready=context.supervisor.ready  # as /ready says
-            and context.supervisor.held_from_traffic is None
-            and observe_worker_pools() is None,
+            ready=readiness(context)[0],  # as /ready says
             engine=context.supervisor.snapshot(),
             aligner=context.supervisor.aligner.snapshot(),
             queue=QueueStatus(

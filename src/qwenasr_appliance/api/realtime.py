@@ -40,11 +40,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import structlog
-from litestar import WebSocket, websocket
+from litestar import WebSocket, get, websocket
 from litestar.datastructures import State
 
 from qwenasr_appliance.api.auth import key_matches
 from qwenasr_appliance.api.context import AppContext, app_context
+from qwenasr_appliance.api.errors import APIError
 from qwenasr_appliance.transcription.live.events import (
     ClientEventError,
     ErrorEvent,
@@ -295,6 +296,19 @@ async def _serve(socket: WebSocket[Any, Any, Any], session: LiveSession, outbox:
             task.cancel()
         await asyncio.wait(watchers.values(), timeout=ERROR_SEND_SECONDS)
     return reason
+
+
+@get("/v1/realtime", include_in_schema=False, name="realtime_without_upgrade", sync_to_thread=False)
+def realtime_without_upgrade() -> None:
+    """A plain HTTP request to the WebSocket endpoint: 426 Upgrade Required naming the protocol to
+    upgrade to (RFC 9110 section 15.5.22, RFC 6455 section 4.2.2), in OpenAI's error shape."""
+    raise APIError(
+        426,
+        "/v1/realtime speaks the Realtime API over WebSocket: open a WebSocket connection "
+        "(GET with 'Upgrade: websocket'), e.g. client.realtime.connect(extra_query={'intent': 'transcription'}).",
+        code="upgrade_required",
+        headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+    )
 
 
 @websocket("/v1/realtime", name="realtime")
