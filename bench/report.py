@@ -59,11 +59,31 @@ def entry_key(section: str, entry: Entry) -> tuple[Any, ...]:
     raise ValueError(f"unknown section {section!r}")
 
 
+def model_variant(doc: dict[str, Any]) -> str | None:
+    """The model a results document measured: its size, `-noeos` when the EOS token was stripped; None
+    when the document does not say (results written before `meta.model_size`)."""
+    meta = doc.get("meta", {})
+    size = meta.get("model_size")
+    if size is None:
+        return None
+    return f"{size}{'-noeos' if meta.get('strip_eos') else ''}"
+
+
 def merge(documents: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """One results document from several: entries by key (later wins), servers and meta merged."""
+    """One results document from several: entries by key (later wins), servers and meta merged.
+
+    Raises ValueError for documents of different models (`model_variant`): their entries share keys and
+    their start-up times one `servers` record, so one would silently replace the other; report each
+    model on its own."""
     merged: dict[str, Any] = {"schema": 1, "meta": {"invocations": []}, "servers": {}}
     rows: dict[str, dict[tuple[Any, ...], Entry]] = {section: {} for section in SECTIONS}
+    models: dict[str, None] = {}
     for doc in documents:
+        variant = model_variant(doc)
+        if variant is not None:
+            models[variant] = None
+        if len(models) > 1:
+            raise ValueError(f"results of different models ({', '.join(models)}): report each model on its own")
         for section in SECTIONS:
             for entry in doc.get(section, []):
                 rows[section][entry_key(section, entry)] = entry
@@ -601,7 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", type=Path, help="results.json files (later ones win)")
     parser.add_argument("--merged", type=Path, default=None, help="also write the merged results here")
     args = parser.parse_args(argv)
-    data = merge(json.loads(path.read_text()) for path in args.files)
+    try:
+        data = merge(json.loads(path.read_text()) for path in args.files)
+    except ValueError as error:
+        parser.error(str(error))
     if args.merged:
         args.merged.write_text(json.dumps(data, indent=1))
     sys.stdout.write(render(data))

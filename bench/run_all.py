@@ -16,7 +16,7 @@ differ in the base URL and in the form fields that fix the output length (`max_c
 `vllm serve`, whose request has no `ignore_eos`; the appliance fixes it itself in benchmark mode).
 Each run's tokens are checked from vLLM's own counters on `/metrics`.
 
-Results accumulate in `STATE/results.json` (machine-local, kept between calls while the machine is
+Results accumulate in `STATE/results-<model>.json` (one per `--model-size`/`--strip-eos`; machine-local, kept between calls while the machine is
 warm) and after every run are copied to `--out` with a rendered `report.md`, so a call cut short still
 returns what it measured. Several result files can be merged later with `bench/report.py A B ...`.
 
@@ -63,6 +63,13 @@ def log(message: str) -> None:
 
 
 # -- results -----------------------------------------------------------------------------------------
+
+
+def results_file_name(args: argparse.Namespace) -> str:
+    """The state file of this model (size, EOS stripped or not) and mode: a 0.6B run in the same lease
+    as a 1.7B one keeps its own results instead of replacing the 1.7B rows that share its keys."""
+    variant = f"{args.model_size}{'-noeos' if args.strip_eos else ''}"
+    return f"results-{variant}{'-dry' if args.dry_run else ''}.json"
 
 
 class Results:
@@ -781,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     audio_root = state / "audio"
     pids = PidFile(state / "pids.json")
     pids.reap_leftovers()
-    results = Results(state / ("results-dry.json" if args.dry_run else "results.json"), args.out, args.fresh)
+    results = Results(state / results_file_name(args), args.out, args.fresh)
 
     def on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

@@ -626,3 +626,27 @@ def test_the_appliance_runs_with_its_shipped_defaults_except_what_fairness_deman
     assert "admission limit 256 (/status)" in header
     assert "- appliance runs with its shipped defaults except:" in header
     assert "  - `ENGINE=vllm`: " in header and "MAX_CONCURRENT_REQUESTS" not in header
+
+
+def test_merge_refuses_results_of_different_models() -> None:
+    """A 0.6B run's rows share their keys with the 1.7B run's: merged, one would replace the other."""
+    big = {"meta": {"model_size": "1.7b"}, "loads": [_load("appliance", "mp3", 16, 1500.0, 0.3)]}
+    small = {"meta": {"model_size": "0.6b"}, "loads": [_load("appliance", "mp3", 16, 2500.0, 0.2)]}
+    no_eos = {"meta": {"model_size": "1.7b", "strip_eos": True}, "loads": []}
+    unknown = {"loads": [_load("vllm", "mp3", 16, 900.0, 0.5)]}  # written before meta.model_size
+    for pair in ([big, small], [big, no_eos], [small, unknown, big]):
+        with pytest.raises(ValueError, match="different models"):
+            report.merge(pair)
+    assert len(report.merge([big, unknown, dict(big)])["loads"]) == 2
+
+
+def test_each_model_keeps_its_own_state_file() -> None:
+    from bench import run_all
+
+    def name(*argv: str) -> str:
+        return run_all.results_file_name(run_all.build_parser().parse_args(["--out", "/tmp/x", *argv]))
+
+    assert name() == "results-1.7b.json"
+    assert name("--model-size", "0.6b") == "results-0.6b.json"
+    assert name("--strip-eos") == "results-1.7b-noeos.json"
+    assert name("--dry-run") == "results-1.7b-dry.json"
