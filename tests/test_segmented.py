@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -315,3 +316,33 @@ def test_an_eight_channel_aac_file_splits_without_the_planar_crash() -> None:
     joined, _ = _joined(plan, pieces)
     assert plan.channels == 8 and joined.shape == reference.shape
     assert np.abs(joined - reference).max() < 5e-3
+
+
+@pytest.mark.parametrize(("fmt", "rate"), [("wav", 44_100), ("aiff", 44_100), ("flac", 22_050), ("flac", 44_100)])
+@pytest.mark.parametrize("share", [0.5, 0.97])
+def test_a_cut_long_file_is_decoded_and_flagged_as_in_one_pass(
+    stereo_speech: np.ndarray, fmt: str, rate: int, share: float
+) -> None:
+    """A long upload cut short (its header states more than is there) gets what one pass gives: the audio
+    up to the cut, flagged truncated (X-Audio-Truncated). Found: a cut FLAC failed the request ('flac
+    decoder lost sync' in a piece), and a cut WAV or AIFF decoded in pieces was not flagged."""
+    signal = stereo_speech if rate == 44_100 else speech_like(SECONDS, rate, channels=2, seed=12)
+    whole = encode(signal, rate, fmt)
+    data = whole[: int(len(whole) * share)]
+    reference = decode_audio(data, f"x.{fmt}", max_seconds=MAX_SECONDS)
+    decoded, _ = _decode(data, f"x.{fmt}")
+    assert reference.truncated and decoded.truncated
+    assert decoded.duration_seconds == pytest.approx(reference.duration_seconds, abs=1e-9)
+    np.testing.assert_array_equal(decoded.samples, reference.samples)
+    assert not _decode(whole, f"x.{fmt}")[0].truncated
+
+
+def test_pieces_that_end_before_the_stated_length_are_flagged_truncated(stereo_speech: np.ndarray) -> None:
+    """A stream that reads to its end without an error but short of the frame count its header states
+    (a FLAC cut at a frame boundary): the pieces are kept and the result flagged."""
+    data = encode(stereo_speech, 44_100, "flac")
+    with _job(data, "x.flac") as job:
+        pieces = [decode_piece(job, i) for i in range(job.plan.segments)]
+        assert job.plan.declared_end is not None and not assemble(job, pieces).truncated
+        longer = SegmentJob(dataclasses.replace(job.plan, declared_end=job.plan.declared_end + 1), job.files)
+        assert assemble(longer, pieces).truncated

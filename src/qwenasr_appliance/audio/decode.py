@@ -108,7 +108,7 @@ _PYAV_OPEN_EXTRA: Final[dict[str, str]] = (
     {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
 )
 _PYAV_ERRORS: Final = (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError)
-_SF_ERRORS: Final = (sf.SoundFileError, RuntimeError, ValueError, TypeError)
+SF_READ_ERRORS: Final = (sf.SoundFileError, RuntimeError, ValueError, TypeError)
 
 # Content magic of the formats that libsndfile reads completely; anything else that looks like
 # audio goes to FFmpeg first.
@@ -336,7 +336,7 @@ def open_soundfile(data: bytes) -> sf.SoundFile:
         if exc.code == _SF_UNSUPPORTED_ENCODING:
             raise _invalid("it uses an unsupported audio encoding") from exc
         raise _NotRecognised(exc.error_string) from exc
-    except _SF_ERRORS as exc:
+    except SF_READ_ERRORS as exc:
         raise _NotRecognised(str(exc)) from exc
 
 
@@ -386,7 +386,7 @@ def _decode_with_soundfile(data: bytes, max_seconds: float, *, allow_estimated_l
         while True:
             try:
                 block = sound_file.read(block_frames, dtype="float32", always_2d=True, out=buffer)
-            except _SF_ERRORS as exc:
+            except SF_READ_ERRORS as exc:
                 if pipeline.source_frames == 0:
                     raise _invalid("the audio data is damaged") from exc
                 truncated = True
@@ -402,7 +402,9 @@ def _decode_with_soundfile(data: bytes, max_seconds: float, *, allow_estimated_l
         container=container.lower(),
         codec=subtype.lower(),
         decoder="soundfile",
-        truncated=truncated or data_chunk_cut(data),
+        # A stream that ends short of the frame count its header states (a FLAC cut at a frame boundary
+        # reads to its end without an error), like a cut data chunk, is a cut file.
+        truncated=truncated or data_chunk_cut(data) or (not estimated and pipeline.source_frames < frames),
     )
 
 

@@ -36,6 +36,7 @@ from qwenasr_appliance.audio.decode import (
     DURATION_TOLERANCE_SECONDS,
     RESAMPLE_QUALITY,
     SF_ESTIMATED_LENGTH_FORMATS,
+    SF_READ_ERRORS,
     AudioTooLongError,
     DecoderName,
     FrameBatcher,
@@ -45,6 +46,7 @@ from qwenasr_appliance.audio.decode import (
     check_header_duration,
     check_sample_rate,
     clean_in_place,
+    data_chunk_cut,
     known_frames,
     open_pyav,
     open_soundfile,
@@ -90,6 +92,9 @@ class SegmentPlan:
     origin: int
     starts: tuple[int, ...]
     max_seconds: float
+    # Where the header says the stream ends (libsndfile's exact frame count; None for FFmpeg's estimates):
+    # a stream that ends before it was cut, as the one-pass decode flags it.
+    declared_end: int | None = None
 
     @property
     def segments(self) -> int:
@@ -162,6 +167,8 @@ def _plan_soundfile(data: bytes, max_seconds: float, max_segments: int, min_seco
         frames = known_frames(sound_file)
         if container in SF_ESTIMATED_LENGTH_FORMATS or frames is None or sound_file.channels < 1:
             return None
+        if data_chunk_cut(data):  # a cut WAV or AIFF: one pass decodes what is there and flags it
+            return None
         rate = int(sound_file.samplerate)
         check_sample_rate(rate)
         check_header_duration(frames / rate, max_seconds, exact=True)
@@ -180,6 +187,7 @@ def _plan_soundfile(data: bytes, max_seconds: float, max_segments: int, min_seco
             origin=0,
             starts=starts,
             max_seconds=max_seconds,
+            declared_end=frames,
         )
 
 
@@ -297,11 +305,19 @@ def _read_soundfile(data: bytes, plan: SegmentPlan, first: int, until: int | Non
     with open_soundfile(data) as sound_file:
         if int(sound_file.samplerate) != plan.rate:
             raise NotSplittable("the file changed")
-        sound_file.seek(first)
         remaining = math.inf if until is None else until - first
+        try:
+            sound_file.seek(first)
+        except SF_READ_ERRORS as exc:
+            raise NotSplittable(f"cannot seek to a piece: {exc}") from None
         while remaining > 0:
             count = int(min(_SF_BLOCK_FRAMES, remaining))
-            block = sound_file.read(count, dtype="float32", always_2d=True)
+            try:
+                block = sound_file.read(count, dtype="float32", always_2d=True)
+            except SF_READ_ERRORS as exc:
+                # Damaged or cut data (e.g. a cut FLAC: "decoder lost sync"): one pass keeps what decodes
+                # before it and flags the result truncated.
+                raise NotSplittable(f"the audio data broke off: {exc}") from None
             if block.shape[0] == 0:
                 return
             remaining -= block.shape[0]

@@ -299,4 +299,5 @@ def assemble(job: SegmentJob, pieces: list[PieceResult]) -> DecodedAudio:
         container=plan.container,
         codec=plan.codec,
         decoder=plan.decoder,
+        truncated=plan.declared_end is not None and source_end < plan.declared_end,
     )
