@@ -69,6 +69,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "0.0.0.0"  # noqa: S104 - a server in a container listens on all interfaces
     port: int = 8001
     max_upload_bytes: int = 25 * 1024 * 1024
+    # Most bytes of uploads the server holds at once (arriving, queued, being transcribed); 0: a quarter
+    # of the memory the container may use, at least 4 uploads of MAX_UPLOAD_BYTES (`upload_buffer_limit`).
+    upload_buffer_bytes: int = 0
     max_audio_seconds: float = 7200.0
     max_concurrent_requests: int = 0
     max_queue_size: int = 512
@@ -200,6 +203,7 @@ _VARS: dict[str, _Var] = {
     "HOST": _Var("host", str.strip),
     "PORT": _Var("port", _parse_int, _range(1, 65_535)),
     "MAX_UPLOAD_BYTES": _Var("max_upload_bytes", _parse_int, _range(1024, 2**34)),
+    "UPLOAD_BUFFER_BYTES": _Var("upload_buffer_bytes", _parse_int, _range(0, 2**44)),
     "MAX_AUDIO_SECONDS": _Var("max_audio_seconds", _parse_float, _range(1.0, 86_400.0)),
     "MAX_CONCURRENT_REQUESTS": _Var("max_concurrent_requests", _parse_int, _range(0, 100_000)),
     "MAX_QUEUE_SIZE": _Var("max_queue_size", _parse_int, _range(0, 1_000_000)),
@@ -365,6 +369,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values.get("request_timeout_seconds", defaults.request_timeout_seconds),
         )
     settings = Settings(**values)
+    if 0 < settings.upload_buffer_bytes < settings.max_upload_bytes:
+        raise ConfigError(
+            "UPLOAD_BUFFER_BYTES", "must be 0 (automatic) or at least MAX_UPLOAD_BYTES: else no largest upload fits"
+        )
     if settings.max_new_tokens > 0 and settings.max_model_len and settings.max_new_tokens >= settings.max_model_len:
         raise ConfigError("MAX_NEW_TOKENS", "must be smaller than MAX_MODEL_LEN")
     if settings.aligner_model_id and settings.chunk_seconds > MAX_ALIGN_SECONDS:
@@ -374,6 +382,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "(the forced aligner handles at most that much audio at once)",
         )
     return settings
+
+
+UPLOAD_BUFFER_MEMORY_SHARE = 0.25  # of the container's memory, when UPLOAD_BUFFER_BYTES=0
+UPLOAD_BUFFER_MIN_UPLOADS = 4  # ... but room for at least this many of the largest uploads
+
+
+def upload_buffer_limit(settings: Settings, memory_bytes: int | None) -> int:
+    """Bytes of uploads the server holds at once: UPLOAD_BUFFER_BYTES, or when 0 a quarter of
+    `memory_bytes` (the container's memory, `memory.usable_memory_bytes()`), at least 4 uploads of
+    MAX_UPLOAD_BYTES (also when the memory is unknown). Uploads are held in memory once received, and
+    spooled to the temporary directory past 1 MiB while they arrive: the one budget bounds both."""
+    if settings.upload_buffer_bytes:
+        return settings.upload_buffer_bytes
+    floor = UPLOAD_BUFFER_MIN_UPLOADS * settings.max_upload_bytes
+    if memory_bytes is None:
+        return floor
+    return max(floor, int(memory_bytes * UPLOAD_BUFFER_MEMORY_SHARE))
 
 
 # Fast speech is about 4 words (6 Chinese characters) a second; Qwen's tokenizer spends at most about one

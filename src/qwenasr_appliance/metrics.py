@@ -107,6 +107,16 @@ class Metrics:
             "engine's capacity); in-flight over this is the share of slots used.",
             registry=registry,
         )
+        self.upload_buffer = Gauge(
+            "qwenasr_upload_buffer_bytes",
+            "Bytes of uploads the server holds now (arriving, queued or being transcribed).",
+            registry=registry,
+        )
+        self.upload_buffer_limit = Gauge(
+            "qwenasr_upload_buffer_limit_bytes",
+            "Most bytes of uploads held at once (UPLOAD_BUFFER_BYTES); past it uploads get 429.",
+            registry=registry,
+        )
         self.rejected = Counter(
             "qwenasr_requests_rejected_total",
             "Transcription requests refused before processing, by reason.",

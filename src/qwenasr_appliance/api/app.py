@@ -24,9 +24,18 @@ from qwenasr_appliance.api.request_head import RequestHeadLimit
 from qwenasr_appliance.api.shutdown import ShutdownGrace
 from qwenasr_appliance.api.slow_clients import BodyReadTimeout
 from qwenasr_appliance.api.transcriptions import TranscriptionController
-from qwenasr_appliance.config import Settings, apply_env_file, load_settings, read_environment, truncation_risk
+from qwenasr_appliance.api.upload_buffer import UploadBuffer, UploadBufferLimit
+from qwenasr_appliance.config import (
+    Settings,
+    apply_env_file,
+    load_settings,
+    read_environment,
+    truncation_risk,
+    upload_buffer_limit,
+)
 from qwenasr_appliance.cpus import process_cpu_budget
 from qwenasr_appliance.logs import configure_logging
+from qwenasr_appliance.memory import usable_memory_bytes
 from qwenasr_appliance.supervisor.factory import EngineFactory, default_engine_factory
 from qwenasr_appliance.supervisor.probe import VramProbeFn, probe_vram
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
@@ -60,6 +69,9 @@ def _lifespan(context: AppContext) -> object:
             cpu_budget=process_cpu_budget().as_log(),
             decode_workers=context.settings.effective_decode_workers,
             max_concurrent_requests=context.settings.max_concurrent_requests or "engine capacity",
+            # Uploads held at once (UPLOAD_BUFFER_BYTES, or from the container's memory: memory.py).
+            upload_buffer_bytes=context.upload_buffer.limit,
+            memory_bytes=usable_memory_bytes(),
             shutdown_grace_seconds=context.settings.shutdown_grace_seconds,
         )
         risk = truncation_risk(context.settings)
@@ -109,6 +121,7 @@ def build_litestar(
         admission=admission,
         service=service,
         shutdown=ShutdownGrace(settings.shutdown_grace_seconds),
+        upload_buffer=UploadBuffer(upload_buffer_limit(settings, usable_memory_bytes())),
     )
     live = LiveSessions(settings, LiveDecoder(settings, service, supervisor, admission))
     return Litestar(
@@ -122,7 +135,11 @@ def build_litestar(
             docs_assets_router(),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[RequestHeadLimit(), BodyReadTimeout(settings.client_timeout_seconds)],
+        middleware=[
+            RequestHeadLimit(),
+            BodyReadTimeout(settings.client_timeout_seconds),
+            UploadBufferLimit(context.upload_buffer, discard_limit=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES),
+        ],
         lifespan=[_lifespan(context)],  # type: ignore[list-item]
         state=State({"context": context, "live": live}),
         request_max_body_size=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES,

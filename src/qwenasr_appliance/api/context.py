@@ -9,6 +9,7 @@ from litestar import Request
 from litestar.datastructures import State
 
 from qwenasr_appliance.api.shutdown import ShutdownGrace
+from qwenasr_appliance.api.upload_buffer import UploadBuffer
 from qwenasr_appliance.config import Settings
 from qwenasr_appliance.supervisor.supervisor import EngineSupervisor
 from qwenasr_appliance.transcription.admission import AdmissionController
@@ -22,6 +23,7 @@ class AppContext:
     admission: AdmissionController
     service: TranscriptionService
     shutdown: ShutdownGrace
+    upload_buffer: UploadBuffer
     started_at: float = field(default_factory=time.monotonic)
 
 
