@@ -122,6 +122,23 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"{path} did not answer {status} within {timeout}s (last: {last}):\n{self.logs()[-4000:]}")
 
+    def wait_until_answering(self, timeout: float = 60.0) -> None:
+        """Until the HTTP server answers `/health` at all: 200, or 503 once the engine failed for good."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
+            try:
+                response = httpx.get(self.url + "/health", timeout=2)
+                if response.status_code in (200, 503):
+                    return
+                last = f"{response.status_code} {response.text[:300]}"
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.2)
+        raise TimeoutError(f"/health did not answer within {timeout}s (last: {last}):\n{self.logs()[-4000:]}")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)

@@ -54,7 +54,7 @@ def wait_for_aligner(server: ServerProcess, state: str) -> dict[str, object]:
             return aligner
         if aligner["state"] in ("failed", "ready"):
             raise AssertionError(f"aligner {aligner} instead of {state}:\n{server.logs()[-3000:]}")
-        server.wait_until("/health", timeout=1)
+        server.wait_until_answering(timeout=1)
     raise AssertionError(f"the aligner never became {state}")
 
 

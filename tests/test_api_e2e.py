@@ -285,7 +285,7 @@ def test_client_disconnect_cancels_the_work(tmp_path: Path) -> None:
 def test_loading_answers_503_with_retry_after(tmp_path: Path) -> None:
     server = ServerProcess.with_test_double({"DOUBLE_LOAD_DELAY": "30"}, tmp_path / "server.log")
     try:
-        server.wait_until("/health")
+        server.wait_until_answering()
         ready = httpx.get(server.url + "/ready")
         assert ready.status_code == 503 and ready.json()["state"] in {"starting", "probing", "loading"}
         response = post_form(server.url, {"file": ("a.wav", wav_bytes(1.0), "audio/wav")}, {"model": MODEL})

@@ -325,7 +325,7 @@ def test_start_up_failure_is_reported_and_the_process_keeps_serving(
     }[case]
     server = ServerProcess.appliance({**env, "LOG_LEVEL": "info"}, tmp_path / "server.log")
     try:
-        server.wait_until("/health", timeout=60)
+        server.wait_until_answering(timeout=60)
 
         def settled() -> bool:
             return httpx.get(server.url + "/status").json()["engine"]["state"] == "failed"

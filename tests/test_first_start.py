@@ -20,7 +20,7 @@ SAMPLE = Path(__file__).resolve().parent / "fixtures" / "samples" / "ds_LDC93S1.
 def _start_in(folder: Path, env: dict[str, str | None], port: int) -> ServerProcess:
     # ENV_FILE unset: the server finds `.env` in its working directory by itself.
     server = ServerProcess.appliance_in(folder, {"ENV_FILE": None, **env}, port, folder / "server.log")
-    server.wait_until("/health", timeout=60)
+    server.wait_until_answering(timeout=60)
     return server
 
 
@@ -81,7 +81,7 @@ def test_no_hub_fails_in_seconds_permanently_with_what_to_do(tmp_path: Path, hub
         env["HF_HUB_OFFLINE"] = "1"
     server = ServerProcess.appliance(env, tmp_path / "server.log")  # type: ignore[arg-type]
     try:
-        server.wait_until("/health", timeout=60)
+        server.wait_until_answering(timeout=60)
         began = time.monotonic()
         status = _failed_status(server, within=15)
         assert time.monotonic() - began < 10
@@ -93,6 +93,10 @@ def test_no_hub_fails_in_seconds_permanently_with_what_to_do(tmp_path: Path, hub
         ready = httpx.get(server.url + "/ready", timeout=5)
         assert ready.status_code == 503 and "retry-after" not in ready.headers
         assert ready.json()["permanent"] is True and "will not recover without a restart" in ready.json()["reason"]
+        # Liveness fails too: only a restart helps, which is what an orchestrator's liveness probe does.
+        health = httpx.get(server.url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert "MODEL_ID=/path/to/dir" in health.json()["reason"]
         refused = httpx.post(
             server.url + "/v1/audio/transcriptions",
             files={"file": ("a.wav", SAMPLE.read_bytes())},
@@ -117,7 +121,7 @@ def test_status_shows_the_step_and_sigterm_stops_a_hanging_one(tmp_path: Path) -
         endpoint = f"http://127.0.0.1:{hub.getsockname()[1]}"
         server = ServerProcess.appliance(_hub_env(tmp_path, endpoint), tmp_path / "server.log")  # type: ignore[arg-type]
         try:
-            server.wait_until("/health", timeout=60)
+            server.wait_until_answering(timeout=60)
             deadline, step = time.monotonic() + 20, None
             while time.monotonic() < deadline and not (step and endpoint in step["detail"]):
                 step = httpx.get(server.url + "/status", timeout=5).json()["engine"]["step"]

@@ -514,7 +514,7 @@ def test_sessions_are_refused_while_the_model_loads(tmp_path: Path) -> None:
         {"DECODE_WORKERS": "1", "DOUBLE_LOAD_DELAY": "60"}, tmp_path / "server.log"
     )
     try:
-        process.wait_until("/health", timeout=60)
+        process.wait_until_answering(timeout=60)
 
         async def scenario() -> tuple[dict[str, Any], int | None]:
             async with websockets.connect(ws_url(process)) as ws:

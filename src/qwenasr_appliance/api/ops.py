@@ -63,9 +63,24 @@ class OpsController(Controller):
     tags = ["operations"]
     include_in_schema = True
 
-    @get("/health", summary="Liveness: the process answers", responses=error_responses(401))
-    async def health(self) -> HealthResponse:
-        return HealthResponse()
+    @get(
+        "/health",
+        summary="Liveness: the process answers, and its engine has not failed for good",
+        responses={
+            503: ResponseSpec(
+                HealthResponse, description="The engine failed for good: restart the server", generate_examples=False
+            ),
+            **error_responses(401),
+        },
+    )
+    async def health(self, request: Request[Any, Any, State]) -> Response[HealthResponse]:
+        # `failed` is final (every plan failed, or ENGINE_RESTART_MAX deaths): only a restart can bring
+        # the engine back, so a liveness probe that restarts the container is the remedy. Loading,
+        # restarting and draining keep 200: they end by themselves.
+        supervisor = request_context(request).supervisor
+        if supervisor.state == "failed":
+            return Response(HealthResponse(status="failed", reason=supervisor.not_ready_reason), status_code=503)
+        return Response(HealthResponse(status="ok"), status_code=200)
 
     @get(
         "/ready",

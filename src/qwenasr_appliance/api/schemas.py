@@ -95,8 +95,9 @@ class ModelList(msgspec.Struct, kw_only=True):
     data: list[ModelCard]
 
 
-class HealthResponse(msgspec.Struct, kw_only=True):
-    status: Literal["ok"] = "ok"
+class HealthResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    status: Literal["ok", "failed"]
+    reason: str | None = None  # with `failed`: why the engine failed for good
 
 
 class ReadyResponse(msgspec.Struct, kw_only=True):
