@@ -345,7 +345,8 @@ def test_start_up_failure_is_reported_and_the_process_keeps_serving(
         assert refused.status_code == 503 and needle in str(error_of(refused)["message"])
         time.sleep(1.0)  # no crash loop: the process is still the same one, still answering
         assert server.process.poll() is None
-        assert httpx.get(server.url + "/health").status_code == 200
+        health = httpx.get(server.url + "/health")  # failed for good: a liveness probe restarts it
+        assert health.status_code == 503 and needle in health.json()["reason"]
         failed_lines = [line for line in server.logs().splitlines() if '"event": "engine.failed"' in line]
         assert len(failed_lines) == 1 and needle in failed_lines[0]
     finally:
