@@ -391,6 +391,37 @@ def test_session_limit_idle_timeout_and_disconnects_leak_nothing(server: ServerP
     assert metric_value(text, 'qwenasr_live_sessions_total{reason="idle_timeout"}') >= 1
 
 
+def test_an_idle_timeout_mid_turn_transcribes_the_turn_before_closing(server: ServerProcess) -> None:
+    """A recording sent without trailing silence: server VAD never hears the turn end, the client goes
+    quiet waiting for it. The idle timeout commits what the session holds and sends its transcript, then
+    `idle_timeout` and close 1000 (the speech was dropped before, found by a new user's first try)."""
+
+    async def scenario() -> tuple[list[dict[str, Any]], int | None]:
+        async with websockets.connect(ws_url(server), additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            voice = pcm16(speech()[: 24_000 * 2])  # 2 s, ending mid-speech
+            for start in range(0, len(voice), 4_800):
+                await ws.send(
+                    json.dumps({"type": "input_audio_buffer.append", "audio": b64(voice[start : start + 4_800])})
+                )
+            events: list[dict[str, Any]] = []
+            try:
+                while True:
+                    events.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
+            except ConnectionClosed as closed:
+                return events, closed.rcvd.code if closed.rcvd else None
+
+    events, code = asyncio.run(scenario())
+    kinds = [e["type"] for e in events]
+    assert "input_audio_buffer.speech_started" in kinds
+    (committed,) = of_type(events, "input_audio_buffer.committed")
+    (completed,) = of_type(events, "conversation.item.input_audio_transcription.completed")
+    assert completed["item_id"] == committed["item_id"] and completed["transcript"]
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "idle_timeout"
+    assert kinds.index("conversation.item.input_audio_transcription.completed") < len(kinds) - 1
+    assert code == 1000
+
+
 def test_a_client_that_stops_reading_is_disconnected(server: ServerProcess) -> None:
     """A client that reads nothing while one append makes more server events than LIVE_SEND_QUEUE_EVENTS=16
     (speech with many pauses: a burst of turn events) gets close code 1008; the queue never grows past

@@ -18,12 +18,12 @@ down (`server_shutting_down`); 1008 a client that reads too slowly (`slow_consum
 internal error; 1013 try again later (`session_limit_reached`, `engine_unavailable`, and
 `server_shutting_down` for a session opened while the server drains).
 
-Session length reached and server shutting down end a session the same way: the audio the session
+Idle timeout, session length reached and server shutting down end a session the same way: the audio the session
 holds is committed as a last turn (`input_audio_buffer.committed`, after `speech_stopped` in server VAD
 mode); client events from then on are refused, one `error` `session_closed` each (with its `event_id`):
 that audio is not transcribed; every committed turn gets its `...completed` within
 `FINAL_DRAIN_SECONDS` (on shutdown also within the grace period, less `CLOSE_RESERVE_SECONDS` for the
-rest), or else `...failed` with the ending's code (`session_expired`, `server_shutting_down`); then the
+rest), or else `...failed` with the ending's code (`idle_timeout`, `session_expired`, `server_shutting_down`); then the
 `error` event and the close.
 
 On shutdown the close code is 1001 (going away, RFC 6455 section 7.4.1), not 1012 (service restart,
@@ -229,6 +229,12 @@ async def _first_done(tasks: dict[str, asyncio.Future[Any]]) -> str:
 
 # Endings that let committed turns finish: the `...failed` message and code of a turn that does not.
 _WIND_DOWN: Final[dict[str, tuple[str, str]]] = {
+    # A client that stops sending mid-turn (a recording without trailing silence, so server VAD never
+    # hears the turn end) gets that turn transcribed before the close, not dropped.
+    "idle_timeout": (
+        "The session ended for inactivity before this turn was transcribed.",
+        "idle_timeout",
+    ),
     "session_expired": (
         "The session reached its maximum length before this turn was transcribed.",
         "session_expired",
