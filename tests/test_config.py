@@ -325,3 +325,33 @@ def test_check_config_reports_empty_values_as_defaults(
     ]:
         assert report["sources"][name] == "default", name
         assert report["settings"][field] == defaults[field], name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rust_backtrace", ["0", "1"])
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path, rust_backtrace: str) -> None:
+    """granian raises the bind error as a RuntimeError from Rust (with RUST_BACKTRACE=1, the backtrace in
+    its text): the user gets one line naming the address and what to change, exit status 1."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "RUST_BACKTRACE": rust_backtrace,
+        }
+        env.pop("ENV_FILE", None)  # cwd is an empty folder: no .env
+        result = subprocess.run(
+            [sys.executable, "-c", "from qwenasr_appliance.cli import main; raise SystemExit(main(['serve']))"],
+            env=env, capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "backtrace" not in result.stderr.lower()
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("qwenasr-appliance:")]
+    assert f"127.0.0.1:{port}" in line and "Address already in use" in line and "PORT" in line

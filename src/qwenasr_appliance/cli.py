@@ -90,7 +90,21 @@ def _http2_settings(settings: Settings, http2_settings: Any) -> Any:
 
 
 def _serve(settings: Settings) -> int:
-    build_server(settings).serve()
+    server = build_server(settings)
+    try:
+        server.serve()
+    except (RuntimeError, OSError) as exc:
+        # granian binds the socket in Rust and raises the OS error as text ("Address already in use (os
+        # error 98)"): one line naming the address and what to change, not a traceback.
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        if "os error" not in text and not isinstance(exc, OSError):
+            raise
+        print(
+            f"qwenasr-appliance: cannot listen on {settings.host}:{settings.port}: {text}. "
+            "Another process may hold the port: set PORT (or --port) to a free one, or stop that process.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
