@@ -168,6 +168,20 @@ def as_multipart(body: bytes, boundary: str = "hardening-boundary") -> tuple[byt
 
 
 WAV = upload("a.wav", tone_wav)
+TWICE = {
+    "language": (b"en", b"de"),
+    "temperature": (b"0", b"0.2"),
+    "model": (MODEL.encode(),) * 2,
+    "stream": (b"true",) * 2,
+}
+
+
+def sent_twice(name: str) -> tuple[bytes, dict[str, str]]:
+    """A good form with the text field `name` sent twice."""
+    parts = [] if name == "model" else [("model", None, MODEL.encode())]
+    parts += [("file", "a.wav", tone_wav()), *((name, None, value) for value in TWICE[name])]
+    return as_multipart(form(parts))
+
 
 CORPUS: dict[str, Case] = {
     # --- the file itself
@@ -469,6 +483,26 @@ CORPUS: dict[str, Case] = {
         files=WAV,
         data=fields(**{"timestamp_granularities[]": "segment"}),
     ),
+    # The SDKs send `include[]` and `timestamp_granularities[]`; curl users type them without `[]`, and
+    # qs-style encoders as `[0]`: each form names the same field (it was silently ignored).
+    "timestamp granularity unknown, no []": Case(
+        400,
+        "invalid_value",
+        "timestamp_granularities[]",
+        files=WAV,
+        data=fields(response_format="verbose_json", timestamp_granularities="phoneme"),
+    ),
+    "include logprobs with text, no []": Case(
+        400, "invalid_value", "include[]", files=WAV, data=fields(response_format="text", include="logprobs")
+    ),
+    "include logprobs with text, [0]": Case(
+        400, "invalid_value", "include[]", files=WAV, data=fields(response_format="text", **{"include[0]": "logprobs"})
+    ),
+    # A scalar field sent twice: a 400 that says so (it was msgspec's "Expected `str | null`, got `array`").
+    **{
+        f"{name} sent twice": Case(400, "invalid_request", name, raw=functools.partial(sent_twice, name))
+        for name in TWICE
+    },
     "stream not a boolean": Case(400, "invalid_value", "stream", files=WAV, data=fields(stream="maybe")),
     "prompt over the limit": Case(400, "invalid_value", "prompt", files=WAV, data=fields(prompt="p" * 2001)),
     "prompt of 1 MB": Case(400, "invalid_value", "prompt", files=WAV, data=fields(prompt="p" * 1_000_000)),
@@ -570,7 +604,15 @@ def test_huge_upload_is_refused_while_streaming_without_buffering_it(server: Ser
     assert after - before < 32 * 1024 * 1024, f"worker RSS grew by {(after - before) / 2**20:.1f} MiB"
     body = answer.split(b"\r\n\r\n", 1)[1]
     assert b'"error"' in body and b'"message"' in body
+    assert f"at most {MAX_UPLOAD} bytes".encode() in body  # the limit, as the handler's own 413 names it
     assert_still_serves(server.url)
+
+
+def test_a_field_sent_twice_is_named_in_plain_words(server: ServerProcess) -> None:
+    body, headers = sent_twice("language")
+    answer = httpx.post(server.url + TRANSCRIPTIONS, content=body, headers=headers, timeout=30)
+    assert answer.status_code == 400
+    assert error_of(answer)["message"] == "'language' was sent more than once; send each parameter once."
 
 
 def test_upload_bytes_arriving_after_a_small_content_length_are_not_a_new_request(server: ServerProcess) -> None:

@@ -200,7 +200,9 @@ def _validation_details(exc: ValidationException) -> tuple[str, str | None]:
         if missing:
             return f"Missing required parameter: '{missing.group(1)}'.", missing.group(1)
         if key == "file":
-            return "'file' must be exactly one uploaded file (a form part with a filename).", "file"
+            return "'file' must be one uploaded file, sent once.", "file"
+        if key and key != "data" and message.endswith("got `array`"):  # a scalar field sent twice or more
+            return f"'{clip(str(key))}' was sent more than once; send each parameter once.", str(key)
         if key and key != "data" and message:
             return f"Invalid value for '{clip(str(key))}': {message}", str(key)
         if message:
@@ -210,6 +212,16 @@ def _validation_details(exc: ValidationException) -> tuple[str, str | None]:
 
 def api_error_handler(_: Request[Any, Any, Any], exc: APIError) -> Response[ErrorResponse]:
     return exc.to_response()
+
+
+def _too_large_message(request: Request[Any, Any, Any]) -> str:
+    """The 413 of a body over Litestar's `request_max_body_size` (MAX_UPLOAD_BYTES and the form around
+    it), naming the upload limit as the handler's own 413 does."""
+    context = request.app.state.get("context")
+    limit = getattr(getattr(context, "settings", None), "max_upload_bytes", None)
+    if limit is None:
+        return "The request body is larger than the server accepts."
+    return f"The request body is larger than the server accepts: the file may be at most {limit} bytes."
 
 
 def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorResponse]:
@@ -223,7 +235,7 @@ def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) 
     elif status == HTTP_404_NOT_FOUND:
         message, param = f"No route for {clip(request.method, 16)} {clip(request.url.path, 200)}.", None
     elif status == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
-        message, param = "The request body is larger than the server accepts.", "file"
+        message, param = _too_large_message(request), "file"
     else:
         message, param = str(exc.detail), None
     headers = dict(exc.headers or {})

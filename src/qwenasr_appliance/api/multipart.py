@@ -10,6 +10,7 @@ the same `multipart` package (RFC 7578) underneath:
 * the `file` part is the upload whatever its headers say (no `filename`, `filename=""`, only
   `filename*` (RFC 5987), any content type, a nested `multipart/mixed`): the decoder judges the bytes;
   any other part with a filename is an upload too (and then fails validation, naming its field);
+* `include` and `timestamp_granularities` are read with or without `[]` (or `[0]`, `[1]`...);
 * part headers are read as Latin-1 (every byte sequence is valid), then names and filenames as UTF-8
   where they are; a filename is a hint only, its control characters dropped and its length capped;
 * a text field in an unknown charset, or not valid in its charset, is a 400 naming the field;
@@ -42,6 +43,10 @@ from qwenasr_appliance.api.errors import APIError, bad_request, clip, multipart_
 FILE_FIELD: Final = "file"
 MAX_FILENAME_CHARS: Final = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# OpenAI's array fields; the SDKs send `include[]`, curl users type `include`, qs-style encoders
+# `include[0]`: all three name the same field.
+_ARRAY_FIELDS: Final = ("include", "timestamp_granularities")
+_ARRAY_NAME = re.compile(r"^(%s)(?:\[\d*\])?$" % "|".join(_ARRAY_FIELDS))
 _EXTENDED_FILENAME = re.compile(r"""filename\*\s*=\s*("[^"]*"|[^;\s]*)""", re.IGNORECASE)
 
 
@@ -72,6 +77,13 @@ def _filename(segment: MultipartSegment) -> str | None:
         elif name is None:
             return None
     return _CONTROL.sub("", _utf8(name or ""))[:MAX_FILENAME_CHARS]
+
+
+def field_name(name: str) -> str:
+    """The form's name for a part: `include`, `include[]` and `include[0]` are all `include[]` (and the
+    same for `timestamp_granularities`); other names as they are."""
+    match = _ARRAY_NAME.match(name)
+    return f"{match.group(1)}[]" if match else name
 
 
 def _is_upload(segment: MultipartSegment, name: str) -> bool:
@@ -123,7 +135,7 @@ async def parse_form_data(stream: AsyncGenerator[bytes, None], boundary: bytes, 
             while not parser.closed:
                 for event in parser.parse(chunk):
                     if isinstance(event, MultipartSegment):
-                        segment, name, text = event, _utf8(event.name or ""), bytearray()
+                        segment, name, text = event, field_name(_utf8(event.name or "")), bytearray()
                         if _is_upload(event, name):
                             upload = UploadFile(
                                 content_type=event.content_type or "application/octet-stream",
