@@ -139,6 +139,7 @@ def test_engine_death_mid_request_is_503_then_the_engine_comes_back(tmp_path: Pa
         assert status == 200  # the stream had started
         assert events[0]["type"] == "transcript.text.delta"
         assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "engine_restarting"
+        assert set(events[-1]["error"]) == {"message", "type", "param", "code"}  # OpenAI's error shape
 
         # While the supervisor waits out its back-off: not ready, and new requests get 503 with the reason.
         assert ready_status(server) == 503

@@ -40,6 +40,7 @@ def test_the_server_reads_dot_env_from_its_folder_and_the_environment_wins(tmp_p
         server.stop()
     lines = [line for line in server.logs().splitlines() if "server.starting" in line]
     assert lines and not lines[0].lstrip().startswith("{"), "LOG_FORMAT=console from .env renders for humans"
+    assert "\x1b[" not in server.logs(), "colour codes in a log written to a file"
 
     env_port = free_port()
     server = _start_in(

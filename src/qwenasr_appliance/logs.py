@@ -36,8 +36,16 @@ def exception_fields(exc: BaseException) -> dict[str, str]:
     }
 
 
+def _console_colors() -> bool:
+    """Colours only on a terminal, and not with NO_COLOR set (no-color.org): a log redirected to a file
+    otherwise fills with ANSI escapes."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
 def _renderer(fmt: str) -> structlog.types.Processor:
-    return structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+    if fmt == "console":
+        return structlog.dev.ConsoleRenderer(colors=_console_colors())
+    return structlog.processors.JSONRenderer()
 
 
 def granian_log_config(fmt: str) -> dict[str, Any]:

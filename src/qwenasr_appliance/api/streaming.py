@@ -61,6 +61,11 @@ async def sse_events(
     except Exception as exc:
         error = to_api_error(exc)
         METRICS.transcriptions.labels(outcome=outcome(error)).inc()
-        yield _sse({"type": "error", "error": {"message": error.message, "type": error.type, "code": error.code}})
+        yield _sse(
+            {
+                "type": "error",
+                "error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code},
+            }
+        )
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
