@@ -71,7 +71,8 @@ def test_every_served_name_is_accepted_and_the_first_is_listed(aliased_server: S
     client = _client(aliased_server)
     assert [model.id for model in client.models.list().data] == ["qwen3-asr"]
     for name in ("qwen3-asr", "whisper-1", "Qwen/Qwen3-ASR-0.6B"):
-        assert client.models.retrieve(name).id == "qwen3-asr"
+        card = client.models.retrieve(name)
+        assert card.id == name and card.root == "Qwen/Qwen3-ASR-0.6B"  # type: ignore[attr-defined]
         with WAV.open("rb") as audio:
             assert client.audio.transcriptions.create(model=name, file=audio, response_format="text")
 

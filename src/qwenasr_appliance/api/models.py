@@ -1,5 +1,6 @@
 """`GET /v1/models` and `GET /v1/models/{id}`: the one model this server serves, listed under its first
-served name; every accepted name (the other served names, MODEL_ID) retrieves the same card."""
+served name; every accepted name (the other served names, MODEL_ID) retrieves the same card, with that
+name as its `id` (a client that checks `retrieve(name).id == name`, as OpenAI's API answers, passes)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ _CREATED = int(time.time())
 _PREFIX = "/v1/models/"
 
 
-def _card(context: AppContext) -> ModelCard:
+def _card(context: AppContext, model_id: str | None = None) -> ModelCard:
+    """The model's card, under `model_id` (a name the server accepts) or else its first served name."""
     settings = context.settings
     return ModelCard(
-        id=settings.model_name,
+        id=model_id or settings.model_name,
         created=_CREATED,
         owned_by="qwenasr-appliance",
         root=settings.model_id,
@@ -59,4 +61,4 @@ class ModelsController(Controller):
         wanted = _requested_id(request) or model_id.removeprefix("/")
         if wanted not in context.settings.accepted_model_names:
             raise model_not_found(wanted, context.settings.accepted_model_names)
-        return _card(context)
+        return _card(context, wanted)  # as OpenAI's API answers: the card of the model asked for, by its name
