@@ -321,22 +321,34 @@ def test_the_beta_transcription_session_update_is_understood(server: ServerProce
     assert updated["session"]["turn_detection"] is None
 
 
+def assert_refused(error: InvalidStatus, status: int, code: str) -> None:
+    assert error.response.status_code == status
+    assert error.response.headers["Content-Type"] == "application/json"
+    body = json.loads(error.response.body or b"{}")
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == code
+
+
 def test_authentication_header_subprotocol_and_refusals(server: ServerProcess) -> None:
     async def scenario() -> None:
+        # Each refusal is an HTTP answer in OpenAI's error shape that says why (a bare 403 before).
         with pytest.raises(InvalidStatus) as refused:
             async with client(server.url, key="wrong").realtime.connect(extra_query=TRANSCRIPTION):
                 pass
-        assert refused.value.response.status_code == 403
-        with pytest.raises(InvalidStatus):  # a conversation session (another intent) is not served
+        assert_refused(refused.value, 401, "invalid_api_key")
+        assert refused.value.response.headers["WWW-Authenticate"] == "Bearer"
+        with pytest.raises(InvalidStatus) as refused:  # a conversation session (another intent) is not served
             async with websockets.connect(
                 ws_url(server, "intent=conversation"), additional_headers={"Authorization": f"Bearer {KEY}"}
             ):
                 pass
-        with pytest.raises(InvalidStatus):  # an unknown model
+        assert_refused(refused.value, 400, "unsupported_intent")
+        with pytest.raises(InvalidStatus) as refused:  # an unknown model
             async with websockets.connect(
                 ws_url(server, "model=gpt-4o-transcribe"), additional_headers={"Authorization": f"Bearer {KEY}"}
             ):
                 pass
+        assert_refused(refused.value, 404, "model_not_found")
+        assert "qwen3-asr" in json.loads(refused.value.response.body or b"{}")["error"]["message"]
         # ?model= with the served name works through the SDK's own parameter.
         async with client(server.url).realtime.connect(model="qwen3-asr") as conn:
             assert (await recv(conn))["type"] == "session.created"
@@ -345,9 +357,10 @@ def test_authentication_header_subprotocol_and_refusals(server: ServerProcess) -
         async with websockets.connect(ws_url(server), subprotocols=protocols) as ws:  # type: ignore[arg-type]
             assert ws.subprotocol == "realtime"
             assert json.loads(await ws.recv())["type"] == "session.created"
-        with pytest.raises(InvalidStatus):
+        with pytest.raises(InvalidStatus) as refused:
             async with websockets.connect(ws_url(server), subprotocols=["realtime", "openai-insecure-api-key.nope"]):  # type: ignore[list-item]
                 pass
+        assert_refused(refused.value, 401, "invalid_api_key")
 
     asyncio.run(scenario())
 
@@ -514,7 +527,7 @@ def test_the_readme_example_runs(server: ServerProcess, capsys: pytest.CaptureFi
     code = code.replace("http://localhost:8001", server.url).replace("unused-or-your-key", KEY)
     namespace: dict[str, Any] = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    audio = pcm16(np.concatenate([speech("sb_spk1_snt1.wav"), silence(1.0)]))
+    audio = pcm16(speech("sb_spk1_snt1.wav"))  # a recording that ends in speech: the example ends its turn
     asyncio.run(asyncio.wait_for(namespace["main"](audio), 30))
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed.startswith("w1 w2") and printed == expected_words(len(printed.split()) / WPS + 0.01, WPS)

@@ -64,9 +64,11 @@ class APIError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
+
     def to_response(self) -> Response[ErrorResponse]:
-        body = ErrorResponse(ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
-        return Response(body, status_code=self.status_code, headers=self.headers, media_type=MediaType.JSON)
+        return Response(self.body(), status_code=self.status_code, headers=self.headers, media_type=MediaType.JSON)
 
 
 _ERROR_DESCRIPTIONS: dict[int, str] = {

@@ -46,7 +46,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # OpenAI's array fields; the SDKs send `include[]`, curl users type `include`, qs-style encoders
 # `include[0]`: all three name the same field.
 _ARRAY_FIELDS: Final = ("include", "timestamp_granularities")
-_ARRAY_NAME = re.compile(r"^(%s)(?:\[\d*\])?$" % "|".join(_ARRAY_FIELDS))
+_ARRAY_NAME = re.compile(r"^(include|timestamp_granularities)(?:\[\d*\])?$")
 _EXTENDED_FILENAME = re.compile(r"""filename\*\s*=\s*("[^"]*"|[^;\s]*)""", re.IGNORECASE)
 
 

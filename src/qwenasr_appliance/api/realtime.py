@@ -9,7 +9,9 @@ model is refused. Keys, when API_KEYS is set: `Authorization: Bearer <key>` (ser
 for browsers, which cannot set headers on a WebSocket, the subprotocol `openai-insecure-api-key.<key>`
 next to `realtime`, as OpenAI's browser clients send it (`new WebSocket(url, ["realtime",
 "openai-insecure-api-key." + key])`). The server then picks `realtime`, never echoing the key. A refused
-handshake is closed before it is accepted: the client sees HTTP 403.
+handshake gets an HTTP answer in OpenAI's error shape instead of the upgrade (ASGI's WebSocket Denial
+Response, which granian speaks): 401 `invalid_api_key`, 400 `unsupported_intent`, 404 `model_not_found`;
+under a server without that extension, a bare HTTP 403.
 
 Close codes after the handshake (each preceded by an `error` event that says why, when one can be sent):
 1000 idle timeout (`idle_timeout`) or session length reached (`session_expired`); 1001 server shutting
@@ -39,13 +41,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import msgspec
 import structlog
 from litestar import WebSocket, get, websocket
 from litestar.datastructures import State
 
 from qwenasr_appliance.api.auth import key_matches
 from qwenasr_appliance.api.context import AppContext, app_context
-from qwenasr_appliance.api.errors import APIError
+from qwenasr_appliance.api.errors import APIError, bad_request, clip, model_not_found, unauthorized
 from qwenasr_appliance.transcription.live.events import (
     ClientEventError,
     ErrorEvent,
@@ -92,17 +95,38 @@ def _authorized(socket: WebSocket[Any, Any, Any], keys: tuple[str, ...]) -> bool
     )
 
 
-def _handshake_refusal(socket: WebSocket[Any, Any, Any], context: AppContext) -> str | None:
-    """Why the handshake is refused (for the log), or None."""
-    if not _authorized(socket, context.settings.api_keys):
-        return "unauthorized"
+def _handshake_refusal(socket: WebSocket[Any, Any, Any], context: AppContext) -> APIError | None:
+    """Why the handshake is refused, as the error the client gets, or None."""
+    settings = context.settings
+    if not _authorized(socket, settings.api_keys):
+        return unauthorized()
     intent = socket.query_params.get("intent")
     if intent is not None and intent != "transcription":
-        return "unsupported_intent"
+        return bad_request(
+            f"This server serves transcription sessions only: connect with ?intent=transcription, not "
+            f"'{clip(intent)}'.",
+            param="intent",
+            code="unsupported_intent",
+        )
     model = socket.query_params.get("model")
-    if model is not None and model.strip() not in {context.settings.model_name, context.settings.model_id}:
-        return "model_not_found"
+    if model is not None and model.strip() not in {settings.model_name, settings.model_id}:
+        return model_not_found(model, (settings.model_name, settings.model_id))
     return None
+
+
+async def _deny(socket: WebSocket[Any, Any, Any], error: APIError) -> None:
+    """Refuse the handshake with `error` as an HTTP answer (its status, OpenAI's error body) where the
+    server speaks ASGI's WebSocket Denial Response extension (granian does), else by closing before the
+    accept (the client then sees a bare HTTP 403)."""
+    await socket.receive()  # websocket.connect
+    if "websocket.http.response" not in (socket.scope.get("extensions") or {}):
+        await socket.close(code=CLOSE_POLICY)
+        return
+    body = msgspec.json.encode(error.body())
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
+    await socket.send({"type": "websocket.http.response.start", "status": error.status_code, "headers": headers})
+    await socket.send({"type": "websocket.http.response.body", "body": body, "more_body": False})
 
 
 class _Outbox:
@@ -328,9 +352,8 @@ async def realtime(socket: WebSocket[Any, Any, Any]) -> None:
 async def _run(socket: WebSocket[Any, Any, Any], context: AppContext, live: LiveSessions) -> None:
     refusal = _handshake_refusal(socket, context)
     if refusal is not None:
-        await socket.receive()  # websocket.connect
-        await socket.close(code=CLOSE_POLICY)  # before accept: the client gets HTTP 403
-        log.info("live.refused", reason=refusal)
+        await _deny(socket, refusal)
+        log.info("live.refused", reason=refusal.code, status=refusal.status_code)
         return
     offered = _offered_subprotocols(socket)
     await socket.accept(subprotocols=SUBPROTOCOL if SUBPROTOCOL in offered else None)
