@@ -762,3 +762,42 @@ def test_chart_down_alert_is_per_release(rendered: dict[str, Rendered], tmp_path
         [tool("promtool", "PROMTOOL"), "test", "rules", str(tests_file)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- platform-engineer review: each finding, rendered and validated -------------------------------
+
+
+def validate_strict(objects: Rendered) -> int:
+    """Every rendered non-CRD object against the Kubernetes schemas (kubernetes-validate, strict)."""
+    kubernetes_validate = module("kubernetes_validate")
+    problems, checked = [], 0
+    for kind, docs in objects.items():
+        if kind == "NOTES":
+            continue
+        for obj in docs:
+            doc = {k: v for k, v in obj.items() if k != "_template"}
+            if doc["apiVersion"].startswith(CRD_API_GROUPS):
+                continue
+            for version in KUBE_VERSIONS:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    problems.append(f"{kind}/{doc['metadata']['name']} @ {version}: {exc.message} at {list(exc.path)}")
+            checked += 1
+    assert not problems, "\n".join(problems)
+    return checked
+
+
+def test_recreate_strategy_renders_no_rolling_update(chart: Any) -> None:
+    """Review 6: `strategy: {type: Recreate}` merged the default rollingUpdate in: the API server refuses
+    a Recreate strategy that carries rollingUpdate."""
+    objects = render(chart, {"strategy": {"type": "Recreate"}})
+    assert one(objects, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    validate_strict(objects)
+    notes = objects["NOTES"][0]["text"]
+    assert "Recreate" in notes  # an upgrade stops every pod before the new ones have loaded the model
+    rolling = render(chart, {"strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}})
+    assert one(rolling, "Deployment")["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+    }
