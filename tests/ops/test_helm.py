@@ -801,3 +801,24 @@ def test_recreate_strategy_renders_no_rolling_update(chart: Any) -> None:
         "type": "RollingUpdate",
         "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
     }
+
+
+def test_pod_disruption_budget_needs_one_bound(chart: Any, helm: Any) -> None:
+    """Review 12: both bounds null passed the schema and rendered `maxUnavailable:` without a value."""
+    both_null = {"podDisruptionBudget": {"maxUnavailable": None, "minAvailable": None}}
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(both_null)
+    with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)):
+        chart.render(both_null, name=RELEASE, namespace=NAMESPACE)
+    # Either bound alone renders, and a disabled budget needs none.
+    for values, expected in (
+        ({"maxUnavailable": None, "minAvailable": 1}, {"minAvailable": 1}),
+        ({"maxUnavailable": "50%"}, {"maxUnavailable": "50%"}),
+        ({"minAvailable": "50%"}, {"minAvailable": "50%"}),
+    ):
+        objects = render(chart, {"podDisruptionBudget": values})
+        spec = one(objects, "PodDisruptionBudget")["spec"]
+        assert {k: v for k, v in spec.items() if k != "selector"} == expected, values
+        validate_strict(objects)
+    objects = render(chart, {"podDisruptionBudget": {"enabled": False, "maxUnavailable": None}})
+    assert "PodDisruptionBudget" not in objects
