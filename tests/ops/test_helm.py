@@ -407,6 +407,8 @@ BAD_VALUES = {
     "typo at the top level": {"replicas": 2},
     "empty model id": {"config": {"modelId": ""}},
     "zero GPUs": {"gpu": {"count": 0}},
+    # Review 10: one engine per process and no tensor-parallel setting: a second GPU would sit idle.
+    "two GPUs per pod": {"gpu": {"count": 2}},
     "bad service type": {"service": {"type": "External"}},
     "bad image digest": {"image": {"digest": "latest"}},
     "api key with a comma": {"apiKeys": {"keys": ["abcdefgh,ijklmnop"]}},
