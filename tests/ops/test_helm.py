@@ -140,11 +140,14 @@ def test_full_values_enable_every_feature(rendered: dict[str, Rendered]) -> None
     full = rendered["full"]
     expected = {
         "Deployment", "Service", "ServiceAccount", "Secret", "PersistentVolumeClaim", "Ingress",
-        "HorizontalPodAutoscaler", "ServiceMonitor", "PodMonitor", "PrometheusRule", "PodDisruptionBudget",
+        "HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "PodDisruptionBudget",
         "NetworkPolicy", "ConfigMap", "Pod",
     }  # fmt: skip
     assert expected <= set(full), f"missing: {expected - set(full)}"
-    assert "ScaledObject" in rendered["keda-cpu-airgapped"]
+    # One monitor per release (both scrape every pod twice): the PodMonitor renders in the KEDA values.
+    assert "PodMonitor" not in full
+    assert {"ScaledObject", "PodMonitor"} <= set(rendered["keda-cpu-airgapped"])
+    assert "ServiceMonitor" not in rendered["keda-cpu-airgapped"]
     assert "HorizontalPodAutoscaler" not in rendered["keda-cpu-airgapped"]
     default = rendered["default"]
     assert {"Deployment", "Service", "ServiceAccount", "PersistentVolumeClaim", "PodDisruptionBudget"} <= set(default)
@@ -153,11 +156,13 @@ def test_full_values_enable_every_feature(rendered: dict[str, Rendered]) -> None
 
 def test_custom_resources_are_well_formed(rendered: dict[str, Rendered]) -> None:
     """CRDs have no bundled schema: check what would break them (selectors, ports, required fields)."""
-    full = rendered["full"]
-    service = one(full, "Service")
-    pod_labels = one(full, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    for kind, endpoints_key in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
-        monitor = one(full, kind)
+    service = one(rendered["full"], "Service")
+    for name, kind, endpoints_key in (
+        ("full", "ServiceMonitor", "endpoints"),
+        ("keda-cpu-airgapped", "PodMonitor", "podMetricsEndpoints"),
+    ):
+        pod_labels = one(rendered[name], "Deployment")["spec"]["template"]["metadata"]["labels"]
+        monitor = one(rendered[name], kind)
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
         target_labels = service["metadata"]["labels"] if kind == "ServiceMonitor" else pod_labels
@@ -452,6 +457,11 @@ GUARDED = {
         "could never scale back up",
     ),
     "progress deadline under the startup budget": ({"progressDeadlineSeconds": 600}, "startup budget"),
+    # Review 9: both monitors scrape every pod twice (dashboard totals and KEDA's load doubled).
+    "service and pod monitors together": (
+        {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+        "scrape every pod twice",
+    ),
     "caches on a read-only model volume": (
         {"cache": {"volume": "modelVolume"}, "modelCache": {"readOnly": True}},
         "writable volume",

@@ -224,6 +224,9 @@ Consistency checks that JSON schema cannot express.
 {{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
 {{- fail "autoscaling.enabled and keda.enabled are alternatives: KEDA creates its own HPA. Enable one of them." }}
 {{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
+{{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled would scrape every pod twice (dashboard totals, alerts and KEDA's load doubled): enable one of them" }}
+{{- end }}
 {{- if and .Values.keda.enabled (lt (int .Values.keda.minReplicaCount) 1) }}
 {{- fail "keda.minReplicaCount must be at least 1: the scaling metric comes from the appliance's own pods, so with zero pods nothing reports load and KEDA could never scale back up" }}
 {{- end }}
