@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,9 @@ VALUES_FILES = {
     "statefulset-keda": CHART / "ci" / "statefulset-values.yaml",
 }
 CRD_API_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
+# The target label the chart's monitors add from the pods' app.kubernetes.io/instance label
+# (podTargetLabels): the release's series are selected by it, never by a pod-name pattern.
+RELEASE_LABEL = "app_kubernetes_io_instance"
 
 
 def load_values(name: str) -> dict[str, Any]:
@@ -732,12 +736,12 @@ def test_chart_down_alert_is_per_release(rendered: dict[str, Rendered], tmp_path
     alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
     assert all(r["annotations"]["runbook_url"].startswith("https://runbooks.example.com/qwenasr#") for r in alerts)
     (down,) = [r for r in alerts if r["alert"] == "QwenASRDown"]
-    assert down["expr"] == 'absent(qwenasr_build_info{namespace="speech", pod=~"asr-qwenasr-appliance-[0-9]+"})'
+    assert down["expr"] == f'absent(qwenasr_build_info{{namespace="speech", {RELEASE_LABEL}="asr"}})'
     rules_file = tmp_path / "rendered.rules.yaml"
     rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-    other = 'qwenasr_build_info{namespace="other", pod="asr-qwenasr-appliance-0", version="0.1.0"}'
-    ours = 'qwenasr_build_info{namespace="speech", pod="asr-qwenasr-appliance-0", version="0.1.0"}'
-    similar = 'qwenasr_build_info{namespace="speech", pod="asr-qwenasr-appliance-x-0", version="0.1.0"}'
+    other = f'qwenasr_build_info{{namespace="other", {RELEASE_LABEL}="asr", pod="asr-qwenasr-appliance-0"}}'
+    ours = f'qwenasr_build_info{{namespace="speech", {RELEASE_LABEL}="asr", pod="asr-qwenasr-appliance-0"}}'
+    similar = f'qwenasr_build_info{{namespace="speech", {RELEASE_LABEL}="asr-x", pod="asr-x-qwenasr-appliance-0"}}'
     tests = {
         "rule_files": [str(rules_file)],
         "evaluation_interval": "1m",
@@ -756,7 +760,7 @@ def test_chart_down_alert_is_per_release(rendered: dict[str, Rendered], tmp_path
                         "alertname": "QwenASRDown",
                         "exp_alerts": [
                             {
-                                "exp_labels": {"severity": "critical", "namespace": "speech"},
+                                "exp_labels": {"severity": "critical", "namespace": "speech", RELEASE_LABEL: "asr"},
                                 "exp_annotations": {
                                     **{k: v for k, v in down["annotations"].items() if k != "summary"},
                                     "summary": "No qwenasr-appliance target in speech has been scraped for 10 minutes.",
@@ -834,3 +838,113 @@ def test_pod_disruption_budget_needs_one_bound(chart: Any, helm: Any) -> None:
         validate_strict(objects)
     objects = render(chart, {"podDisruptionBudget": {"enabled": False, "maxUnavailable": None}})
     assert "PodDisruptionBudget" not in objects
+
+
+def promtool_test(tmp_path: Path, tests: dict[str, Any], name: str = "case") -> None:
+    path = tmp_path / f"{name}.test.yaml"
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run([tool("promtool", "PROMTOOL"), "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+LONG_RELEASE = "speech-recognition-production-europe-west4-blue"  # fullname truncated to 63 characters
+
+
+def generated_pod_name(base: str, suffix: str) -> str:
+    """A pod name from generateName: Kubernetes truncates the base to 58 characters, then adds 5."""
+    return base[:58] + suffix
+
+
+@pytest.mark.parametrize("workload_kind", ["Deployment", "StatefulSet"])
+def test_release_series_are_selected_by_an_exact_label(chart: Any, tmp_path: Path, workload_kind: str) -> None:
+    """Review 8: the pod-name regex `<fullname>-[a-z0-9]+-[a-z0-9]+` missed every pod of a long release
+    (the generated name is cut to 58 characters, the second dash is gone: QwenASRDown fired forever,
+    KEDA read 0) and matched a sibling release `<fullname>-eu` (StatefulSet pods `<fullname>-eu-0`).
+    The monitors add the pods' app.kubernetes.io/instance label as a target label, and the KEDA query
+    and QwenASRDown select on it: promtool shows both right for a long name and next to a sibling."""
+    values: dict[str, Any] = {
+        "workloadKind": workload_kind,
+        "keda": {"enabled": True},
+        "metrics": {"podMonitor": {"enabled": True}},
+        "prometheusRule": {"enabled": True},
+    }
+    if workload_kind == "Deployment":
+        values["modelCache"] = {"accessModes": ["ReadWriteMany"]}
+    by_kind: Rendered = {}
+    for path, text in chart.render(values, name=LONG_RELEASE, namespace=NAMESPACE, is_install=True).items():
+        if not path.endswith("NOTES.txt"):
+            for doc in yaml.safe_load_all(text):
+                if doc:
+                    by_kind.setdefault(doc["kind"], []).append(doc)
+    fullname = workload(by_kind)["metadata"]["name"]
+    assert len(fullname) == 63
+    pod_labels = workload(by_kind)["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["app.kubernetes.io/instance"] == LONG_RELEASE
+    assert one(by_kind, "PodMonitor")["spec"]["podTargetLabels"] == ["app.kubernetes.io/instance"]
+    # The ServiceMonitor adds the same label.
+    service_monitor = render(chart, {"metrics": {"serviceMonitor": {"enabled": True}}})
+    assert one(service_monitor, "ServiceMonitor")["spec"]["podTargetLabels"] == ["app.kubernetes.io/instance"]
+    selector = f'namespace="{NAMESPACE}", {RELEASE_LABEL}="{LONG_RELEASE}"'
+    query = one(by_kind, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    assert "pod=~" not in query and query.count(selector) == 5, query
+    rule = one(by_kind, "PrometheusRule")
+    (down,) = [r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "QwenASRDown"]
+    assert down["expr"] == f"absent(qwenasr_build_info{{{selector}}})"
+
+    if workload_kind == "Deployment":
+        ours = [generated_pod_name(f"{fullname}-7d9f8c6b5", s) for s in ("x2k9q", "p8m4z")]
+    else:
+        ours = [f"{fullname}-0", f"{fullname}-1"]
+    if workload_kind == "Deployment":  # the former pattern missed every pod of this release
+        assert not any(re.fullmatch(f"{fullname}-[a-z0-9]+-[a-z0-9]+", pod) for pod in ours)
+    sibling = f"{fullname}-eu"  # another release, fullnameOverride <fullname>-eu, StatefulSet pods
+    series: list[dict[str, str]] = []
+    for metric, (busy, limit) in {
+        "qwenasr_requests_in_flight": ("32x20", None),
+        "qwenasr_requests_queued": ("0x20", None),
+        "qwenasr_concurrency_limit": (None, "64x20"),
+        "qwenasr_build_info": ("1x20", "1x20"),
+    }.items():
+        for pod in ours:
+            labels = f'namespace="{NAMESPACE}", {RELEASE_LABEL}="{LONG_RELEASE}", pod="{pod}"'
+            series.append({"series": f"{metric}{{{labels}}}", "values": busy or limit or ""})
+        for pod in (f"{sibling}-0", f"{sibling}-1"):  # busy sibling: 128 queued each, must not count
+            labels = f'namespace="{NAMESPACE}", {RELEASE_LABEL}="{LONG_RELEASE}-eu", pod="{pod}"'
+            value = {"qwenasr_requests_queued": "128x60", "qwenasr_requests_in_flight": "64x60"}.get(metric, "64x60")
+            series.append({"series": f"{metric}{{{labels}}}", "values": "1x60" if metric.endswith("info") else value})
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    tests = {
+        "rule_files": [str(rules_file)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                # Two pods at 32 of 64: one replica's worth of work; the sibling's load is not ours.
+                "promql_expr_test": [{"expr": query, "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]}],
+                "alert_rule_test": [
+                    {"eval_time": "15m", "alertname": "QwenASRDown", "exp_alerts": []},
+                    # Ours gone after 20 m, the sibling still up: the alert fires for this release.
+                    {
+                        "eval_time": "40m",
+                        "alertname": "QwenASRDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "critical",
+                                    "namespace": NAMESPACE,
+                                    RELEASE_LABEL: LONG_RELEASE,
+                                },
+                                "exp_annotations": {
+                                    **{k: v for k, v in down["annotations"].items() if k != "summary"},
+                                    "summary": f"No qwenasr-appliance target in {NAMESPACE} has been scraped for 10 minutes.",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    promtool_test(tmp_path, tests, f"release-{workload_kind}")

@@ -174,16 +174,17 @@ qwenasr_concurrency_limit gauge (images before it): config.maxConcurrentRequests
 {{- end }}
 
 {{/*
-Regex matching the pod names of this release (Deployment: <fullname>-<hash>-<id>; StatefulSet:
-<fullname>-<ordinal>), for PromQL selectors on the `pod` target label.
+PromQL matchers of this release's series: the namespace and the target label the chart's
+ServiceMonitor/PodMonitor add from the pods' app.kubernetes.io/instance label (podTargetLabels). Exact
+labels, not a pod-name pattern: generated pod names are cut to 58 characters (a long release loses the
+dashes a pattern needs) and `<fullname>-...` also matches a sibling release named `<fullname>-eu`.
 */}}
-{{- define "qwenasr.podRegex" -}}
-{{- $fullname := include "qwenasr.fullname" . }}
-{{- if eq .Values.workloadKind "StatefulSet" }}
-{{- printf "%s-[0-9]+" $fullname }}
-{{- else }}
-{{- printf "%s-[a-z0-9]+-[a-z0-9]+" $fullname }}
+{{- define "qwenasr.releaseTargetLabel" -}}
+app_kubernetes_io_instance
 {{- end }}
+
+{{- define "qwenasr.releaseMatchers" -}}
+{{- printf "namespace=\"%s\", %s=\"%s\"" .Release.Namespace (include "qwenasr.releaseTargetLabel" .) .Release.Name }}
 {{- end }}
 
 {{/*
