@@ -33,6 +33,7 @@ CRD_API_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
 # The target label the chart's monitors add from the pods' app.kubernetes.io/instance label
 # (podTargetLabels): the release's series are selected by it, never by a pod-name pattern.
 RELEASE_LABEL = "app_kubernetes_io_instance"
+SCRAPED: dict[str, Any] = {"metrics": {"serviceMonitor": {"enabled": True}}}  # KEDA needs a chart monitor
 
 
 def load_values(name: str) -> dict[str, Any]:
@@ -451,16 +452,25 @@ GUARDED = {
     "aligner with chunks over 180 s": ({"config": {"alignerModelId": "x/y", "chunkSeconds": 300}}, "180"),
     # Issue 17: autoscaling on one shared ReadWriteOnce claim, KEDA from zero, a deadline under the budget.
     "hpa on a shared ReadWriteOnce claim": ({"autoscaling": {"enabled": True}}, "ReadWriteOnce model volume"),
-    "keda on a shared ReadWriteOnce claim": ({"keda": {"enabled": True}}, "workloadKind: StatefulSet"),
+    "keda on a shared ReadWriteOnce claim": (
+        {"keda": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
+        "workloadKind: StatefulSet",
+    ),
     "hpa on a shared ReadWriteOncePod claim": (
         {"autoscaling": {"enabled": True}, "modelCache": {"accessModes": ["ReadWriteOncePod"]}},
         "ReadWriteOnce",
     ),
     "keda scaling to zero": (
-        {"keda": {"enabled": True, "minReplicaCount": 0}, "workloadKind": "StatefulSet"},
+        {"keda": {"enabled": True, "minReplicaCount": 0}, "workloadKind": "StatefulSet", **SCRAPED},
         "could never scale back up",
     ),
     "progress deadline under the startup budget": ({"progressDeadlineSeconds": 600}, "startup budget"),
+    # Review 1: without a monitor of the chart nothing carries the labels the default query selects: no
+    # data would read as no load (or, without vector(0), hold KEDA in its fallback for good).
+    "keda without a service or pod monitor": (
+        {"keda": {"enabled": True}, "workloadKind": "StatefulSet"},
+        "ServiceMonitor or a PodMonitor",
+    ),
     # Review 9: both monitors scrape every pod twice (dashboard totals and KEDA's load doubled).
     "service and pod monitors together": (
         {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
@@ -613,12 +623,12 @@ def test_keda_scales_on_capacity_with_a_fallback(rendered: dict[str, Rendered]) 
         (trigger,) = spec["triggers"]
         assert trigger["metricType"] == "AverageValue"  # KEDA's fallback needs it
         query = trigger["metadata"]["query"]
-        live, values_derived, empty = split_or(query)
+        live, values_derived = split_or(query)  # no `or vector(0)`: missing data is not zero load
         # Each pod's load over its live admission limit (the engine's capacity when MAX_CONCURRENT_REQUESTS=0)...
         assert live.startswith("sum((") and "/ qwenasr_concurrency_limit{" in live, query
         # ...or, for pods of an image without that gauge, over the limit derived from the values.
         assert values_derived.endswith(f"/ {capacity})"), query
-        assert empty == "vector(0)"
+        assert trigger["metadata"]["ignoreNullValues"] == "false"
         assert "qwenasr_concurrency_limit" in metric_names(query)
         assert metric_names(query) <= sample_names(registry_exposition())
         assert query.count(f'namespace="{NAMESPACE}"') == 5
@@ -641,7 +651,7 @@ def split_or(query: str) -> list[str]:
 
 
 def test_keda_default_capacity_follows_the_engine(chart: Any) -> None:
-    objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}})
+    objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}, **SCRAPED})
     query = one(objects, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
     assert split_or(query)[1].endswith("/ 256)")
 
@@ -649,7 +659,7 @@ def test_keda_default_capacity_follows_the_engine(chart: Any) -> None:
 def test_keda_default_query_on_sample_series(chart: Any, tmp_path: Path) -> None:
     """The default query's value for two pods: one running 256 of 256 with 64 queued, one idle
     that fell back to the CPU engine (limit 1): 1.25 + 0 replicas' worth of work. promtool evaluates it."""
-    objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}})
+    objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}, **SCRAPED})
     rendered_query = one(objects, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
     selector = rendered_query[rendered_query.index("{") + 1 : rendered_query.index("}")]
     assert f'namespace="{NAMESPACE}"' in selector
@@ -948,3 +958,60 @@ def test_release_series_are_selected_by_an_exact_label(chart: Any, tmp_path: Pat
         ],
     }
     promtool_test(tmp_path, tests, f"release-{workload_kind}")
+
+
+def test_keda_falls_back_when_the_load_is_missing(chart: Any, rendered: dict[str, Rendered], tmp_path: Path) -> None:
+    """Review 1: the default query ended in `or vector(0)`, so missing series (no monitor, relabelling
+    that drops the labels, a NetworkPolicy in Prometheus' way) read as zero load: KEDA's fallback, which
+    acts only on query errors, never did, and KEDA scaled down. Now the query is empty without data and
+    the trigger sets ignoreNullValues "false" (KEDA's default true turns an empty result into 0), so an
+    empty result is an error and `fallback` holds maxReplicaCount."""
+    for name in ("statefulset-keda", "keda-cpu-airgapped"):
+        spec = one(rendered[name], "ScaledObject")["spec"]
+        (trigger,) = spec["triggers"]
+        query = trigger["metadata"]["query"]
+        assert "vector(" not in query, query
+        assert trigger["metadata"]["ignoreNullValues"] == "false"
+        assert spec["fallback"]["replicas"] == spec["maxReplicaCount"]
+    # The chart's own KEDA example is scraped (it enabled KEDA without any monitor).
+    keda_values = load_values("keda-cpu-airgapped")["metrics"]
+    assert keda_values["podMonitor"]["enabled"] or keda_values["serviceMonitor"]["enabled"]
+    # Either monitor suffices; a custom query (the user's own selection) needs none.
+    for values in (
+        {"metrics": {"podMonitor": {"enabled": True}}},
+        SCRAPED,
+        {"keda": {"enabled": True, "prometheus": {"query": "sum(my_recorded_load)"}}},
+    ):
+        objects = render(chart, merged_values({"workloadKind": "StatefulSet", "keda": {"enabled": True}}, values))
+        assert "ScaledObject" in objects
+        validate_strict(objects)
+    # promtool: only another release's series (no data for ours): the query is empty, not 0.
+    query = one(rendered["statefulset-keda"], "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    others = f'namespace="{NAMESPACE}", {RELEASE_LABEL}="asr-eu", pod="asr-eu-qwenasr-appliance-0"'
+    series = [
+        {"series": f"{metric}{{{others}}}", "values": "5x10"}
+        for metric in ("qwenasr_requests_queued", "qwenasr_requests_in_flight", "qwenasr_concurrency_limit")
+    ]
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [{"expr": query, "eval_time": "5m", "exp_samples": []}],
+            }
+        ],
+    }
+    promtool_test(tmp_path, tests, "keda-no-data")
+
+
+def merged_values(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of two values dicts (extra wins)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merged_values(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -228,6 +228,9 @@ Consistency checks that JSON schema cannot express.
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
 {{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled would scrape every pod twice (dashboard totals, alerts and KEDA's load doubled): enable one of them" }}
 {{- end }}
+{{- if and .Values.keda.enabled (not .Values.keda.prometheus.query) (not (or .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled)) }}
+{{- fail "keda.enabled needs metrics.serviceMonitor.enabled or metrics.podMonitor.enabled: KEDA's default query reads the load of this release's series, which only a ServiceMonitor or a PodMonitor of this chart labels (app_kubernetes_io_instance). Without them there is no data, and KEDA would sit in its fallback. Enable one, or set keda.prometheus.query to your own query" }}
+{{- end }}
 {{- if and .Values.keda.enabled (lt (int .Values.keda.minReplicaCount) 1) }}
 {{- fail "keda.minReplicaCount must be at least 1: the scaling metric comes from the appliance's own pods, so with zero pods nothing reports load and KEDA could never scale back up" }}
 {{- end }}
