@@ -1015,3 +1015,42 @@ def merged_values(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]
         else:
             merged[key] = value
     return merged
+
+
+def test_keda_scales_down_as_slowly_as_the_hpa(chart: Any, rendered: dict[str, Rendered]) -> None:
+    """Review 3: `keda.advanced` was empty, so the HPA KEDA creates scaled down after 300 s, any number
+    of pods at once, each costing a model load of up to 15 min to get back. KEDA's HPA now gets
+    autoscaling.behavior by default (horizontalPodAutoscalerConfig.behavior); cooldownPeriod is only
+    KEDA's scale-to-zero delay (which the chart refuses), and values.yaml says so."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for name in ("statefulset-keda", "keda-cpu-airgapped"):
+        advanced = one(rendered[name], "ScaledObject")["spec"]["advanced"]
+        behavior = advanced["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior == defaults["autoscaling"]["behavior"], name
+        scale_down = behavior["scaleDown"]
+        assert scale_down["stabilizationWindowSeconds"] >= 900
+        assert scale_down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
+    # Explicit settings win, other advanced keys pass through.
+    custom = {"scaleDown": {"stabilizationWindowSeconds": 1800}}
+    objects = render(
+        chart,
+        {
+            "workloadKind": "StatefulSet",
+            **SCRAPED,
+            "keda": {
+                "enabled": True,
+                "advanced": {
+                    "restoreToOriginalReplicaCount": True,
+                    "horizontalPodAutoscalerConfig": {"name": "asr-hpa", "behavior": custom},
+                },
+            },
+        },
+    )
+    advanced = one(objects, "ScaledObject")["spec"]["advanced"]
+    assert advanced == {
+        "restoreToOriginalReplicaCount": True,
+        "horizontalPodAutoscalerConfig": {"name": "asr-hpa", "behavior": custom},
+    }
+    values_text = (CHART / "values.yaml").read_text()
+    comment = values_text[: values_text.index("  cooldownPeriod:")].rsplit("\n  # --", 1)[1]
+    assert "zero" in comment and "before scaling to minReplicaCount" not in comment, comment
