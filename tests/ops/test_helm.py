@@ -518,7 +518,7 @@ def test_gpu_pods_get_the_nvidia_runtime_toleration_and_expect_gpu(rendered: dic
         env = env_of(appliance_container(rendered[name]))
         assert spec["runtimeClassName"] == "nvidia", name
         assert spec["tolerations"].count(gpu_toleration) == 1, name  # full values list it too: not twice
-        assert env["EXPECT_GPU"] == "true" and env["GPU_FALLBACK"] == "degraded", name
+        assert env["EXPECT_GPU"] == "true" and env["GPU_FALLBACK"] == "not_ready", name
     cpu = rendered["keda-cpu-airgapped"]
     spec = server_pod_spec(cpu)
     assert "runtimeClassName" not in spec and gpu_toleration not in spec.get("tolerations", [])
@@ -1054,3 +1054,25 @@ def test_keda_scales_down_as_slowly_as_the_hpa(chart: Any, rendered: dict[str, R
     values_text = (CHART / "values.yaml").read_text()
     comment = values_text[: values_text.index("  cooldownPeriod:")].rsplit("\n  # --", 1)[1]
     assert "zero" in comment and "before scaling to minReplicaCount" not in comment, comment
+
+
+def test_gpu_pods_that_lost_the_gpu_are_not_ready_by_default(chart: Any, helm: Any) -> None:
+    """Review 2: with GPU_FALLBACK=degraded a pod that lost its GPU served on the CPU as ready, with an
+    admission limit of 1: its queue grew and KEDA scaled to max. When the chart requests a GPU it now
+    sets not_ready (the pod leaves the Service, QwenASRFallbackToCPU still fires); an explicit
+    config.gpuFallback wins, and without a GPU the setting does not matter (EXPECT_GPU=false)."""
+    config = module("qwenasr_appliance.config")
+    cases = {
+        "default": ({}, "true", "not_ready"),
+        "explicit degraded": ({"config": {"gpuFallback": "degraded"}}, "true", "degraded"),
+        "explicit not_ready": ({"config": {"gpuFallback": "not_ready"}}, "true", "not_ready"),
+        "cpu only": ({"gpu": {"enabled": False}, "config": {"engine": "cpu"}}, "false", "degraded"),
+    }
+    for case, (values, expect_gpu, fallback) in cases.items():
+        env = env_of(appliance_container(render(chart, values)))
+        assert (env["EXPECT_GPU"], env["GPU_FALLBACK"]) == (expect_gpu, fallback), case
+        settings = config.load_settings({"EXPECT_GPU": env["EXPECT_GPU"], "GPU_FALLBACK": env["GPU_FALLBACK"]})
+        assert settings.gpu_fallback == fallback
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["config"]["gpuFallback"] == ""
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"config": {"gpuFallback": "ready"}})
