@@ -1076,3 +1076,30 @@ def test_gpu_pods_that_lost_the_gpu_are_not_ready_by_default(chart: Any, helm: A
     assert yaml.safe_load((CHART / "values.yaml").read_text())["config"]["gpuFallback"] == ""
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema({"config": {"gpuFallback": "ready"}})
+
+
+def test_app_outlasts_the_ingress_keepalive(chart: Any, helm: Any, rendered: dict[str, Rendered]) -> None:
+    """Review 4: ingress-nginx keeps idle upstream connections 60 s (`upstream-keepalive-timeout`, a
+    controller-wide ConfigMap setting) while the app closed idle keep-alive connections after
+    CLIENT_TIMEOUT_SECONDS (30 s): nginx reused sockets the app had closed and POSTs failed with 502.
+    With the Ingress on, the rendered CLIENT_TIMEOUT_SECONDS is at least
+    ingress.upstreamKeepaliveTimeoutSeconds + 5."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert defaults["ingress"]["upstreamKeepaliveTimeoutSeconds"] == 60  # ingress-nginx's default
+    ingress = {"ingress": {"enabled": True}}
+    cases = {
+        "no ingress: the app's setting": ({}, 30),
+        "ingress: above nginx's 60 s": (ingress, 65),
+        "a controller keeping connections 75 s": ({"ingress": {"enabled": True, "upstreamKeepaliveTimeoutSeconds": 75}}, 80),
+        "controller without upstream keep-alive": ({"ingress": {"enabled": True, "upstreamKeepaliveTimeoutSeconds": 0}}, 30),
+        "a longer explicit timeout stays": ({**ingress, "config": {"clientTimeoutSeconds": 120}}, 120),
+    }
+    config = module("qwenasr_appliance.config")
+    for case, (values, expected) in cases.items():
+        env = env_of(appliance_container(render(chart, values)))
+        assert float(env["CLIENT_TIMEOUT_SECONDS"]) == expected, case
+        assert config.load_settings({"CLIENT_TIMEOUT_SECONDS": env["CLIENT_TIMEOUT_SECONDS"]}).client_timeout_seconds == expected
+    env = env_of(appliance_container(rendered["statefulset-keda"]))  # ci values with an Ingress
+    assert float(env["CLIENT_TIMEOUT_SECONDS"]) > defaults["ingress"]["upstreamKeepaliveTimeoutSeconds"]
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"ingress": {"upstreamKeepaliveTimeoutSeconds": 3600}})  # app's cap: 3600

@@ -188,6 +188,21 @@ app_kubernetes_io_instance
 {{- end }}
 
 {{/*
+CLIENT_TIMEOUT_SECONDS: config.clientTimeoutSeconds, raised with an Ingress to at least the
+controller's idle upstream keep-alive (ingress.upstreamKeepaliveTimeoutSeconds) + 5 s. The app closes
+idle keep-alive connections after it (granian's header read timeout); below nginx's, nginx reuses a
+socket the app has just closed and a POST fails with 502.
+*/}}
+{{- define "qwenasr.clientTimeoutSeconds" -}}
+{{- $timeout := float64 .Values.config.clientTimeoutSeconds }}
+{{- $keepalive := int .Values.ingress.upstreamKeepaliveTimeoutSeconds }}
+{{- if and .Values.ingress.enabled (gt $keepalive 0) }}
+{{- $timeout = maxf $timeout (add $keepalive 5) }}
+{{- end }}
+{{- $timeout }}
+{{- end }}
+
+{{/*
 Plain number for an env value: integers without exponent (YAML numbers arrive as float64).
 */}}
 {{- define "qwenasr.number" -}}
@@ -204,7 +219,7 @@ The appliance's environment, one variable per `config` key (names from config.py
 {{- $gpuFallback := $c.gpuFallback | default (ternary "not_ready" "degraded" .Values.gpu.enabled) }}
 {{- $text := dict "GPU_FALLBACK" $gpuFallback "MODEL_ID" $c.modelId "SERVED_MODEL_NAME" $c.servedModelName "ENGINE" $c.engine "DTYPE" $c.dtype "QUANT_MODE" $c.quantMode "LOAD_FORMAT" $c.loadFormat "LOG_LEVEL" $c.logLevel "LOG_FORMAT" $c.logFormat "ALIGNER_MODEL_ID" $c.alignerModelId }}
 {{- $bool := dict "ENFORCE_EAGER" $c.enforceEager "PROTECT_OPS_ENDPOINTS" $c.protectOpsEndpoints "HTTP2" $c.http2 "VERBOSE_JSON_CONFIDENCE" $c.verboseJsonConfidence "EXPECT_GPU" .Values.gpu.enabled "LIVE_PAGE" $c.livePage }}
-{{- $num := dict "GPU_MEMORY_UTILIZATION" $c.gpuMemoryUtilization "MAX_MODEL_LEN" $c.maxModelLen "MAX_NUM_SEQS" $c.maxNumSeqs "MAX_NEW_TOKENS" $c.maxNewTokens "CHUNK_SECONDS" $c.chunkSeconds "MAX_UPLOAD_BYTES" $c.maxUploadBytes "MAX_AUDIO_SECONDS" $c.maxAudioSeconds "MAX_CONCURRENT_REQUESTS" $c.maxConcurrentRequests "MAX_QUEUE_SIZE" $c.maxQueueSize "QUEUE_TIMEOUT_SECONDS" $c.queueTimeoutSeconds "REQUEST_TIMEOUT_SECONDS" $c.requestTimeoutSeconds "WORKER_TIMEOUT_SECONDS" $c.workerTimeoutSeconds "MAX_PROMPT_CHARS" $c.maxPromptChars "DECODE_WORKERS" $c.decodeWorkers "CPU_THREADS" $c.cpuThreads "SHUTDOWN_GRACE_SECONDS" (include "qwenasr.shutdownGraceSeconds" . | float64) "CLIENT_TIMEOUT_SECONDS" $c.clientTimeoutSeconds "ENGINE_RESTART_MAX" $c.engineRestartMax "ENGINE_RESTART_BACKOFF_SECONDS" $c.engineRestartBackoffSeconds "ALIGNER_GPU_MEMORY_UTILIZATION" $c.alignerGpuMemoryUtilization }}
+{{- $num := dict "GPU_MEMORY_UTILIZATION" $c.gpuMemoryUtilization "MAX_MODEL_LEN" $c.maxModelLen "MAX_NUM_SEQS" $c.maxNumSeqs "MAX_NEW_TOKENS" $c.maxNewTokens "CHUNK_SECONDS" $c.chunkSeconds "MAX_UPLOAD_BYTES" $c.maxUploadBytes "MAX_AUDIO_SECONDS" $c.maxAudioSeconds "MAX_CONCURRENT_REQUESTS" $c.maxConcurrentRequests "MAX_QUEUE_SIZE" $c.maxQueueSize "QUEUE_TIMEOUT_SECONDS" $c.queueTimeoutSeconds "REQUEST_TIMEOUT_SECONDS" $c.requestTimeoutSeconds "WORKER_TIMEOUT_SECONDS" $c.workerTimeoutSeconds "MAX_PROMPT_CHARS" $c.maxPromptChars "DECODE_WORKERS" $c.decodeWorkers "CPU_THREADS" $c.cpuThreads "SHUTDOWN_GRACE_SECONDS" (include "qwenasr.shutdownGraceSeconds" . | float64) "CLIENT_TIMEOUT_SECONDS" (include "qwenasr.clientTimeoutSeconds" . | float64) "ENGINE_RESTART_MAX" $c.engineRestartMax "ENGINE_RESTART_BACKOFF_SECONDS" $c.engineRestartBackoffSeconds "ALIGNER_GPU_MEMORY_UTILIZATION" $c.alignerGpuMemoryUtilization }}
 {{- $live := dict "LIVE_MAX_SESSIONS" $c.liveMaxSessions "LIVE_MAX_SESSION_SECONDS" $c.liveMaxSessionSeconds "LIVE_IDLE_TIMEOUT_SECONDS" $c.liveIdleTimeoutSeconds "LIVE_MAX_APPEND_BYTES" $c.liveMaxAppendBytes "LIVE_MAX_TURN_SECONDS" $c.liveMaxTurnSeconds "LIVE_PARTIAL_INTERVAL_SECONDS" $c.livePartialIntervalSeconds "LIVE_SEND_QUEUE_EVENTS" $c.liveSendQueueEvents "LIVE_SEND_TIMEOUT_SECONDS" $c.liveSendTimeoutSeconds }}
 {{- $num = merge $num $live }}
 {{- range $name, $value := $text }}
