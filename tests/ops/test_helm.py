@@ -471,6 +471,28 @@ GUARDED = {
         {"keda": {"enabled": True}, "workloadKind": "StatefulSet"},
         "ServiceMonitor or a PodMonitor",
     ),
+    # Review 5: /health and /ready need the key, probes get 401, the pod restarts forever.
+    "ops endpoints protected, probes without a key": (
+        {"config": {"protectOpsEndpoints": True}, "apiKeys": {"existingSecret": "keys"}},
+        "probes.httpHeaders",
+    ),
+    "ops endpoints protected, probes with another header": (
+        {
+            "config": {"protectOpsEndpoints": True},
+            "apiKeys": {"existingSecret": "keys"},
+            "probes": {"httpHeaders": [{"name": "X-Probe", "value": "kubelet"}]},
+        },
+        "Authorization",
+    ),
+    "ops endpoints protected, scraped without credentials": (
+        {
+            "config": {"protectOpsEndpoints": True},
+            "apiKeys": {"existingSecret": "keys"},
+            "probes": {"httpHeaders": [{"name": "Authorization", "value": "Bearer probe-key-0123"}]},
+            "metrics": {"podMonitor": {"enabled": True}},
+        },
+        "metrics.podMonitor.authorization",
+    ),
     # Review 9: both monitors scrape every pod twice (dashboard totals and KEDA's load doubled).
     "service and pod monitors together": (
         {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
@@ -1103,3 +1125,29 @@ def test_app_outlasts_the_ingress_keepalive(chart: Any, helm: Any, rendered: dic
     assert float(env["CLIENT_TIMEOUT_SECONDS"]) > defaults["ingress"]["upstreamKeepaliveTimeoutSeconds"]
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema({"ingress": {"upstreamKeepaliveTimeoutSeconds": 3600}})  # app's cap: 3600
+
+
+def test_protected_ops_endpoints_with_probe_credentials(chart: Any) -> None:
+    """Review 5: with config.protectOpsEndpoints the probes need an Authorization header (refused
+    without: see GUARDED); given one, every probe carries it and the monitor its authorization."""
+    header = {"name": "authorization", "value": "Bearer probe-key-0123"}  # header names: any case
+    objects = render(
+        chart,
+        {
+            "config": {"protectOpsEndpoints": True},
+            "apiKeys": {"existingSecret": "keys"},
+            "probes": {"httpHeaders": [header]},
+            "metrics": {
+                "serviceMonitor": {
+                    "enabled": True,
+                    "authorization": {"type": "Bearer", "credentials": {"name": "scrape", "key": "token"}},
+                }
+            },
+        },
+    )
+    container = appliance_container(objects)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["httpHeaders"] == [header], probe
+    assert one(objects, "ServiceMonitor")["spec"]["endpoints"][0]["authorization"]["type"] == "Bearer"
+    assert env_of(container)["PROTECT_OPS_ENDPOINTS"] == "true"
+    validate_strict(objects)

@@ -246,6 +246,22 @@ Consistency checks that JSON schema cannot express.
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
 {{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled would scrape every pod twice (dashboard totals, alerts and KEDA's load doubled): enable one of them" }}
 {{- end }}
+{{- if .Values.config.protectOpsEndpoints }}
+{{- $probeAuth := false }}
+{{- range .Values.probes.httpHeaders }}
+{{- if eq (lower .name) "authorization" }}{{ $probeAuth = true }}{{ end }}
+{{- end }}
+{{- $probed := or .Values.probes.startup.enabled .Values.probes.readiness.enabled .Values.probes.liveness.enabled }}
+{{- if and $probed (not $probeAuth) }}
+{{- fail "config.protectOpsEndpoints puts /health and /ready behind the API keys: the probes would get 401, the startup probe would fail after its budget and the pod restart forever. Either add an Authorization header to the probes (probes.httpHeaders: [{name: Authorization, value: 'Bearer <one of the API keys>'}]; the value is plain text in the pod spec, so use a key kept for probes), or keep config.protectOpsEndpoints false and keep /metrics and /status private with networkPolicy (allowExternal: false) instead" }}
+{{- end }}
+{{- range $kind := list "serviceMonitor" "podMonitor" }}
+{{- $monitor := index $.Values.metrics $kind }}
+{{- if and $monitor.enabled (not $monitor.authorization) }}
+{{- fail (printf "config.protectOpsEndpoints puts /metrics behind the API keys but metrics.%s.authorization is empty: every scrape would get 401 (no dashboards, QwenASRDown firing, KEDA without data). Set it, e.g. {type: Bearer, credentials: {name: <Secret>, key: <key holding an API key>}}" $kind) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and .Values.keda.enabled (not .Values.keda.prometheus.query) (not (or .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled)) }}
 {{- fail "keda.enabled needs metrics.serviceMonitor.enabled or metrics.podMonitor.enabled: KEDA's default query reads the load of this release's series, which only a ServiceMonitor or a PodMonitor of this chart labels (app_kubernetes_io_instance). Without them there is no data, and KEDA would sit in its fallback. Enable one, or set keda.prometheus.query to your own query" }}
 {{- end }}
