@@ -493,6 +493,22 @@ GUARDED = {
         },
         "metrics.podMonitor.authorization",
     ),
+    # Review 13: a shared existing claim is as ReadWriteOnce as a created one unless declared otherwise.
+    "hpa on an existing claim of unknown access": (
+        {"autoscaling": {"enabled": True}, "modelCache": {"existingClaim": "weights"}},
+        "modelCache.existingClaimAccessMode",
+    ),
+    "keda on an existing ReadWriteOnce claim": (
+        {
+            "keda": {"enabled": True},
+            **SCRAPED,
+            "workloadKind": "StatefulSet",
+            "modelCache": {"existingClaim": "weights", "existingClaimAccessMode": "ReadWriteOnce"},
+        },
+        "ReadWriteMany",
+    ),
+    "extraEnv repeating a config variable": ({"extraEnv": [{"name": "MAX_NUM_SEQS", "value": "8"}]}, "config.maxNumSeqs"),
+    "extraEnv repeating HF_HOME": ({"extraEnv": [{"name": "HF_HOME", "value": "/x"}]}, "modelCache.mountPath"),
     # Review 9: both monitors scrape every pod twice (dashboard totals and KEDA's load doubled).
     "service and pod monitors together": (
         {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
@@ -1150,4 +1166,48 @@ def test_protected_ops_endpoints_with_probe_credentials(chart: Any) -> None:
         assert container[probe]["httpGet"]["httpHeaders"] == [header], probe
     assert one(objects, "ServiceMonitor")["spec"]["endpoints"][0]["authorization"]["type"] == "Bearer"
     assert env_of(container)["PROTECT_OPS_ENDPOINTS"] == "true"
+    validate_strict(objects)
+
+
+def test_extra_env_never_repeats_a_chart_variable(chart: Any, helm: Any, rendered: dict[str, Rendered]) -> None:
+    """Review 13: extraEnv could repeat a variable the chart sets (MAX_NUM_SEQS, HF_HOME, ...): two env
+    entries of one name, the later silently winning. Each name the chart renders, in the server or the
+    prefetch container, is refused in extraEnv with the value to set instead; other names pass."""
+    full = rendered["full"]
+    names = set(env_of(appliance_container(full))) | set(env_of(server_pod_spec(full)["initContainers"][0]))
+    names -= {item["name"] for item in load_values("full")["extraEnv"]}
+    names |= {"HF_HUB_OFFLINE", "EXPECT_GPU", "GPU_FALLBACK"}
+    config_keys = set(yaml.safe_load((CHART / "values.yaml").read_text())["config"])
+    for name in sorted(names):
+        with pytest.raises(helm.HelmRenderError, match=rf"extraEnv sets {name}, which the chart (sets|fixes)") as caught:
+            chart.render({"extraEnv": [{"name": name, "value": "1"}]}, name=RELEASE, namespace=NAMESPACE)
+        instead = re.search(r"use (\S+) instead", str(caught.value))
+        assert instead, str(caught.value)
+        if instead[1].startswith("config."):
+            assert instead[1].removeprefix("config.") in config_keys, (name, instead[1])
+    objects = render(chart, {"extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]})
+    assert env_of(appliance_container(objects))["HTTPS_PROXY"] == "http://proxy:3128"
+
+
+def test_existing_claim_declared_shared_may_autoscale(chart: Any) -> None:
+    """Review 13: an existingClaim skipped the ReadWriteOnce check; now its declared access mode
+    (modelCache.existingClaimAccessMode, default ReadWriteOnce: the chart cannot see the claim) decides."""
+    for mode in ("ReadWriteMany", "ReadOnlyMany"):
+        objects = render(
+            chart,
+            {
+                "autoscaling": {"enabled": True},
+                "modelCache": {"existingClaim": "weights", "existingClaimAccessMode": mode, "readOnly": mode == "ReadOnlyMany"},
+            },
+        )
+        assert "HorizontalPodAutoscaler" in objects
+        validate_strict(objects)
+    assert load_values("keda-cpu-airgapped")["modelCache"]["existingClaimAccessMode"] == "ReadOnlyMany"
+
+
+def test_prefetch_has_bounded_resources(rendered: dict[str, Rendered], chart: Any) -> None:
+    """Review 13: the prefetch init container ran without requests or limits (`resources: {}`)."""
+    objects = render(chart, {"modelCache": {"prefetch": {"enabled": True}}})
+    resources = server_pod_spec(objects)["initContainers"][0]["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
     validate_strict(objects)

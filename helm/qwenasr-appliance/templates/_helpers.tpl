@@ -262,6 +262,28 @@ Consistency checks that JSON schema cannot express.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- /* extraEnv must not repeat a variable the chart sets: two entries of one name, the later silently
+       winning over the value the chart derived (and checked). Each name maps to the value to set. */}}
+{{- $fixed := dict "HOST" "0.0.0.0 (every address of the pod): use networkPolicy instead to limit who reaches it" "PORT" "8001 (the container port the probes, Service and monitors target): use service.port instead for the Service's port" }}
+{{- $owners := dict "HF_HOME" "modelCache.mountPath" "HF_TOKEN" "huggingface.token.existingSecret" "HF_HUB_OFFLINE" "huggingface.offline" "API_KEYS" "apiKeys.existingSecret" "EXPECT_GPU" "gpu.enabled" }}
+{{- range (include "qwenasr.configEnv" . | fromYamlArray) }}
+{{- if not (hasKey $owners .name) }}
+{{- $_ := set $owners .name (printf "config.%s" (.name | lower | camelcase | untitle)) }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- $name := .name }}
+{{- with get $fixed $name }}
+{{- fail (printf "extraEnv sets %s, which the chart fixes at %s" $name .) }}
+{{- end }}
+{{- with get $owners $name }}
+{{- fail (printf "extraEnv sets %s, which the chart sets from %s: use %s instead (a second env entry of the same name would silently override the chart's)" $name . .) }}
+{{- end }}
+{{- end }}
+{{- /* An existing claim shared by every replica: the chart cannot see its access mode, the user declares it. */}}
+{{- if and (or .Values.autoscaling.enabled .Values.keda.enabled) .Values.modelCache.enabled .Values.modelCache.existingClaim (not (has .Values.modelCache.existingClaimAccessMode (list "ReadWriteMany" "ReadOnlyMany"))) }}
+{{- fail (printf "autoscaling/KEDA with modelCache.existingClaim %q shared by every replica, declared %s (modelCache.existingClaimAccessMode): pods that land on other nodes cannot mount it and stay ContainerCreating. If the claim is ReadWriteMany or ReadOnlyMany, say so in modelCache.existingClaimAccessMode; otherwise drop existingClaim and use workloadKind: StatefulSet (one volume per replica)" .Values.modelCache.existingClaim .Values.modelCache.existingClaimAccessMode) }}
+{{- end }}
 {{- if and .Values.keda.enabled (not .Values.keda.prometheus.query) (not (or .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled)) }}
 {{- fail "keda.enabled needs metrics.serviceMonitor.enabled or metrics.podMonitor.enabled: KEDA's default query reads the load of this release's series, which only a ServiceMonitor or a PodMonitor of this chart labels (app_kubernetes_io_instance). Without them there is no data, and KEDA would sit in its fallback. Enable one, or set keda.prometheus.query to your own query" }}
 {{- end }}
