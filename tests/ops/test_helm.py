@@ -387,11 +387,28 @@ def test_prometheus_rule_is_the_deploy_rules(rendered: dict[str, Rendered], tmp_
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def dashboard_of(objects: Rendered) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(ConfigMap, data key, dashboard) of the chart's dashboard ConfigMap."""
+    (config_map,) = [c for c in objects["ConfigMap"] if hook_of(c) is None]
+    ((key, text),) = config_map["data"].items()
+    return config_map, key, json.loads(text)
+
+
 def test_dashboard_config_map_is_the_deploy_dashboard(rendered: dict[str, Rendered]) -> None:
-    (config_map,) = [c for c in rendered["full"]["ConfigMap"] if hook_of(c) is None]
+    config_map, key, dashboard = dashboard_of(rendered["full"])
     assert config_map["metadata"]["namespace"] == "monitoring"
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(config_map["data"]["qwenasr-appliance.json"]) == json.loads(DASHBOARD.read_text())
+    assert key.endswith(".json")
+    source = json.loads(DASHBOARD.read_text())
+    # The same dashboard, made per release: uid, title and the namespace variable's default.
+    per_release = {"uid", "title", "templating"}
+    assert {k: v for k, v in dashboard.items() if k not in per_release} == {
+        k: v for k, v in source.items() if k not in per_release
+    }
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    for variable in source["templating"]["list"]:
+        if variable["name"] != "namespace":
+            assert variables[variable["name"]] == variable
 
 
 def test_notes_render(rendered: dict[str, Rendered]) -> None:
@@ -1211,3 +1228,43 @@ def test_prefetch_has_bounded_resources(rendered: dict[str, Rendered], chart: An
     resources = server_pod_spec(objects)["initContainers"][0]["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
     validate_strict(objects)
+
+
+def test_dashboard_is_per_release(chart: Any) -> None:
+    """Review 14: the dashboard's uid was fixed (`qwenasr-appliance`): two releases shipping it collided
+    in Grafana's sidecar (one dashboard replaced the other; same title in a folder, same file name,
+    and with grafanaDashboard.namespace the same ConfigMap name). Each release now gets its own uid,
+    title, file and ConfigMap name; deploy/grafana stays the standalone dashboard (uid qwenasr-appliance)."""
+    source = json.loads(DASHBOARD.read_text())
+    assert source["uid"] == "qwenasr-appliance"
+    seen: dict[str, set[str]] = {"uid": set(), "title": set(), "key": set(), "configmap": set()}
+    releases = [
+        ("asr", "speech"),
+        ("asr", "other"),  # same release name in another namespace, same dashboard namespace
+        ("asr-eu", "speech"),
+        (LONG_RELEASE, "speech-recognition-production"),
+    ]
+    for release, namespace in releases:
+        values = {"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}}
+        by_kind: Rendered = {}
+        for path, text in chart.render(values, name=release, namespace=namespace, is_install=True).items():
+            if not path.endswith("NOTES.txt"):
+                for doc in yaml.safe_load_all(text):
+                    if doc:
+                        by_kind.setdefault(doc["kind"], []).append(doc)
+        config_map, key, dashboard = dashboard_of(by_kind)
+        assert 0 < len(dashboard["uid"]) <= 40 and re.fullmatch(r"[a-zA-Z0-9_-]+", dashboard["uid"])
+        assert release in dashboard["title"] and namespace in dashboard["title"]
+        (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "namespace"]
+        assert variable["current"]["value"] == [namespace]
+        for kind, value in (
+            ("uid", dashboard["uid"]), ("title", dashboard["title"]), ("key", key),
+            ("configmap", config_map["metadata"]["name"]),
+        ):  # fmt: skip
+            assert value not in seen[kind], (kind, value)
+            seen[kind].add(value)
+        assert validate_strict(by_kind) >= 1
+    # Stable across upgrades: the same release renders the same uid.
+    again = render(chart, {"grafanaDashboard": {"enabled": True}})
+    first = render(chart, {"grafanaDashboard": {"enabled": True}})
+    assert dashboard_of(again)[2]["uid"] == dashboard_of(first)[2]["uid"]
