@@ -1013,6 +1013,10 @@ def test_release_series_are_selected_by_an_exact_label(chart: Any, tmp_path: Pat
         ],
     }
     promtool_test(tmp_path, tests, f"release-{workload_kind}")
+    # Rules without a monitor of the chart: NOTES name the label a scrape config of one's own must add.
+    notes = render(chart, {"prometheusRule": {"enabled": True}})["NOTES"][0]["text"]
+    assert RELEASE_LABEL in notes
+    assert RELEASE_LABEL not in render(chart, {"prometheusRule": {"enabled": True}, **SCRAPED})["NOTES"][0]["text"]
 
 
 def test_keda_falls_back_when_the_load_is_missing(chart: Any, rendered: dict[str, Rendered], tmp_path: Path) -> None:
@@ -1268,3 +1272,68 @@ def test_dashboard_is_per_release(chart: Any) -> None:
     again = render(chart, {"grafanaDashboard": {"enabled": True}})
     first = render(chart, {"grafanaDashboard": {"enabled": True}})
     assert dashboard_of(again)[2]["uid"] == dashboard_of(first)[2]["uid"]
+
+
+def notes_of(chart: Any, values: dict[str, Any]) -> str:
+    text: str = render(chart, values)["NOTES"][0]["text"]
+    return text
+
+
+def test_notes_warn_about_rollouts(chart: Any) -> None:
+    """Review 11: NOTES warn (a) that a surge pod needing a ReadWriteOnce volume may stay Pending when
+    the volume's node has no free GPU, (b) that a StatefulSet of one replica is an outage of a model load
+    at every upgrade (stop first), (c) that modelCache.size/storageClass cannot change on a StatefulSet
+    (volumeClaimTemplates are immutable)."""
+    surge_rwo = "may stay Pending"
+    one_replica = "StatefulSet of one replica"
+    immutable = "volumeClaimTemplates"
+    cases: list[tuple[dict[str, Any], set[str]]] = [
+        ({}, {surge_rwo}),
+        ({"modelCache": {"accessModes": ["ReadWriteMany"]}}, set()),
+        ({"modelCache": {"existingClaim": "w"}}, {surge_rwo}),
+        ({"modelCache": {"existingClaim": "w", "existingClaimAccessMode": "ReadOnlyMany", "readOnly": True}}, set()),
+        ({"strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}}, set()),
+        ({"modelCache": {"enabled": False}}, set()),
+        ({"workloadKind": "StatefulSet"}, {one_replica, immutable}),
+        ({"workloadKind": "StatefulSet", "replicaCount": 2}, {immutable}),
+        ({"workloadKind": "StatefulSet", "keda": {"enabled": True}, **SCRAPED}, {one_replica, immutable}),
+        ({"workloadKind": "StatefulSet", "keda": {"enabled": True, "minReplicaCount": 2}, **SCRAPED}, {immutable}),
+        ({"workloadKind": "StatefulSet", "replicaCount": 2, "modelCache": {"existingClaim": "w"}}, set()),
+    ]
+    for values, expected in cases:
+        notes = notes_of(chart, values)
+        found = {marker for marker in (surge_rwo, one_replica, immutable) if marker in notes}
+        assert found == expected, (values, found)
+    notes = notes_of(chart, {"workloadKind": "StatefulSet"})
+    assert "modelCache.size" in notes and "modelCache.storageClass" in notes and "--cascade=orphan" in notes
+
+
+def test_notes_follow_the_test_and_ingress_settings(chart: Any, rendered: dict[str, Rendered]) -> None:
+    """Review 15: NOTES printed `helm test` with tests.enabled false, and port-forward/127.0.0.1
+    instructions with an Ingress on; the helm test image is a mutable tag by default, and NOTES say
+    how to pin it."""
+    assert "helm test" not in notes_of(chart, {"tests": {"enabled": False}})
+    assert "helm test asr" in notes_of(chart, {})
+    # Full values: Ingress on /v1 with TLS.
+    full = rendered["full"]["NOTES"][0]["text"]
+    assert "curl -s https://asr.example.com/v1/audio/transcriptions" in full
+    assert "127.0.0.1" not in full and "port-forward" not in full
+    # /status is not under /v1: the in-cluster address, not a URL the Ingress does not route.
+    assert "http://asr-qwenasr-appliance.speech.svc:80/status" in full
+    # Ingress on / without TLS.
+    sts = rendered["statefulset-keda"]["NOTES"][0]["text"]
+    assert "curl -s http://asr.example.com/v1/audio/transcriptions" in sts and "http://asr.example.com/status" in sts
+    assert "127.0.0.1" not in sts and "port-forward" not in sts
+    default = rendered["default"]["NOTES"][0]["text"]
+    assert "port-forward service/asr-qwenasr-appliance" in default and "http://127.0.0.1:8001/status" in default
+    # The default test image is a tag: NOTES say how to pin it; a digest silences that.
+    assert "tests.image.digest" in default
+    assert "tests.image.digest" not in full
+    assert "tests.image.digest" not in notes_of(chart, {"tests": {"enabled": False}})
+
+
+def test_readme_no_longer_says_the_admission_limit_is_not_exported() -> None:
+    """Review 15: the app exports qwenasr_concurrency_limit (KEDA's default query divides by it)."""
+    readme = (CHART / "README.md").read_text()
+    assert "admission limit is not exported" not in readme
+    assert "qwenasr_concurrency_limit" in readme
