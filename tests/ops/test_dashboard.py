@@ -258,7 +258,9 @@ def with_variables(expr: str, **values: str) -> str:
 
 @pytest.mark.parametrize("metric", ["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"])
 def test_gpu_panels_read_both_dcgm_label_schemes(dashboard: dict[str, Any], tmp_path: Path, metric: str) -> None:
-    (panel,) = [p for p in iter_panels(dashboard["panels"]) if any(metric in t.get("expr", "") for t in p.get("targets", []))]
+    (panel,) = [
+        p for p in iter_panels(dashboard["panels"]) if any(metric in t.get("expr", "") for t in p.get("targets", []))
+    ]
     (target,) = panel["targets"]
     assert "exported_namespace" in target["expr"] and "exported_pod" in target["expr"]
     series = [{"series": f"{metric}{labels}", "values": f"{value}x10"} for labels, value in DCGM_SERIES.items()]

@@ -524,7 +524,10 @@ GUARDED = {
         },
         "ReadWriteMany",
     ),
-    "extraEnv repeating a config variable": ({"extraEnv": [{"name": "MAX_NUM_SEQS", "value": "8"}]}, "config.maxNumSeqs"),
+    "extraEnv repeating a config variable": (
+        {"extraEnv": [{"name": "MAX_NUM_SEQS", "value": "8"}]},
+        "config.maxNumSeqs",
+    ),
     "extraEnv repeating HF_HOME": ({"extraEnv": [{"name": "HF_HOME", "value": "/x"}]}, "modelCache.mountPath"),
     # Review 9: both monitors scrape every pod twice (dashboard totals and KEDA's load doubled).
     "service and pod monitors together": (
@@ -941,6 +944,7 @@ def test_release_series_are_selected_by_an_exact_label(chart: Any, tmp_path: Pat
             for doc in yaml.safe_load_all(text):
                 if doc:
                     by_kind.setdefault(doc["kind"], []).append(doc)
+    validate_strict(by_kind)
     fullname = workload(by_kind)["metadata"]["name"]
     assert len(fullname) == 63
     pod_labels = workload(by_kind)["spec"]["template"]["metadata"]["labels"]
@@ -987,7 +991,9 @@ def test_release_series_are_selected_by_an_exact_label(chart: Any, tmp_path: Pat
                 "interval": "1m",
                 "input_series": series,
                 # Two pods at 32 of 64: one replica's worth of work; the sibling's load is not ours.
-                "promql_expr_test": [{"expr": query, "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]}],
+                "promql_expr_test": [
+                    {"expr": query, "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]}
+                ],
                 "alert_rule_test": [
                     {"eval_time": "15m", "alertname": "QwenASRDown", "exp_alerts": []},
                     # Ours gone after 20 m, the sibling still up: the alert fires for this release.
@@ -1128,7 +1134,9 @@ def test_gpu_pods_that_lost_the_gpu_are_not_ready_by_default(chart: Any, helm: A
         "cpu only": ({"gpu": {"enabled": False}, "config": {"engine": "cpu"}}, "false", "degraded"),
     }
     for case, (values, expect_gpu, fallback) in cases.items():
-        env = env_of(appliance_container(render(chart, values)))
+        objects = render(chart, values)
+        validate_strict(objects)
+        env = env_of(appliance_container(objects))
         assert (env["EXPECT_GPU"], env["GPU_FALLBACK"]) == (expect_gpu, fallback), case
         settings = config.load_settings({"EXPECT_GPU": env["EXPECT_GPU"], "GPU_FALLBACK": env["GPU_FALLBACK"]})
         assert settings.gpu_fallback == fallback
@@ -1149,15 +1157,26 @@ def test_app_outlasts_the_ingress_keepalive(chart: Any, helm: Any, rendered: dic
     cases = {
         "no ingress: the app's setting": ({}, 30),
         "ingress: above nginx's 60 s": (ingress, 65),
-        "a controller keeping connections 75 s": ({"ingress": {"enabled": True, "upstreamKeepaliveTimeoutSeconds": 75}}, 80),
-        "controller without upstream keep-alive": ({"ingress": {"enabled": True, "upstreamKeepaliveTimeoutSeconds": 0}}, 30),
+        "a controller keeping connections 75 s": (
+            {"ingress": {"enabled": True, "upstreamKeepaliveTimeoutSeconds": 75}},
+            80,
+        ),
+        "controller without upstream keep-alive": (
+            {"ingress": {"enabled": True, "upstreamKeepaliveTimeoutSeconds": 0}},
+            30,
+        ),
         "a longer explicit timeout stays": ({**ingress, "config": {"clientTimeoutSeconds": 120}}, 120),
     }
     config = module("qwenasr_appliance.config")
     for case, (values, expected) in cases.items():
-        env = env_of(appliance_container(render(chart, values)))
+        objects = render(chart, values)
+        validate_strict(objects)
+        env = env_of(appliance_container(objects))
         assert float(env["CLIENT_TIMEOUT_SECONDS"]) == expected, case
-        assert config.load_settings({"CLIENT_TIMEOUT_SECONDS": env["CLIENT_TIMEOUT_SECONDS"]}).client_timeout_seconds == expected
+        assert (
+            config.load_settings({"CLIENT_TIMEOUT_SECONDS": env["CLIENT_TIMEOUT_SECONDS"]}).client_timeout_seconds
+            == expected
+        )
     env = env_of(appliance_container(rendered["statefulset-keda"]))  # ci values with an Ingress
     assert float(env["CLIENT_TIMEOUT_SECONDS"]) > defaults["ingress"]["upstreamKeepaliveTimeoutSeconds"]
     with pytest.raises(helm.HelmValuesError):
@@ -1200,7 +1219,9 @@ def test_extra_env_never_repeats_a_chart_variable(chart: Any, helm: Any, rendere
     names |= {"HF_HUB_OFFLINE", "EXPECT_GPU", "GPU_FALLBACK"}
     config_keys = set(yaml.safe_load((CHART / "values.yaml").read_text())["config"])
     for name in sorted(names):
-        with pytest.raises(helm.HelmRenderError, match=rf"extraEnv sets {name}, which the chart (sets|fixes)") as caught:
+        with pytest.raises(
+            helm.HelmRenderError, match=rf"extraEnv sets {name}, which the chart (sets|fixes)"
+        ) as caught:
             chart.render({"extraEnv": [{"name": name, "value": "1"}]}, name=RELEASE, namespace=NAMESPACE)
         instead = re.search(r"use (\S+) instead", str(caught.value))
         assert instead, str(caught.value)
@@ -1218,7 +1239,11 @@ def test_existing_claim_declared_shared_may_autoscale(chart: Any) -> None:
             chart,
             {
                 "autoscaling": {"enabled": True},
-                "modelCache": {"existingClaim": "weights", "existingClaimAccessMode": mode, "readOnly": mode == "ReadOnlyMany"},
+                "modelCache": {
+                    "existingClaim": "weights",
+                    "existingClaimAccessMode": mode,
+                    "readOnly": mode == "ReadOnlyMany",
+                },
             },
         )
         assert "HorizontalPodAutoscaler" in objects
@@ -1301,7 +1326,9 @@ def test_notes_warn_about_rollouts(chart: Any) -> None:
         ({"workloadKind": "StatefulSet", "replicaCount": 2, "modelCache": {"existingClaim": "w"}}, set()),
     ]
     for values, expected in cases:
-        notes = notes_of(chart, values)
+        objects = render(chart, values)
+        validate_strict(objects)
+        notes = objects["NOTES"][0]["text"]
         found = {marker for marker in (surge_rwo, one_replica, immutable) if marker in notes}
         assert found == expected, (values, found)
     notes = notes_of(chart, {"workloadKind": "StatefulSet"})
