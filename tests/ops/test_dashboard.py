@@ -14,7 +14,10 @@ named in `EXTERNAL_METRICS` with its exporter, and allowed only in the dashboard
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,6 +39,7 @@ from tests.ops.opstools import (
     metric_names,
     registry_exposition,
     sample_names,
+    tool,
     variable_query_names,
 )
 
@@ -227,3 +231,59 @@ def test_compose_provisions_the_dashboard_and_rules() -> None:
     config = yaml.safe_load((COMPOSE.parent / prometheus_mounts["/etc/prometheus/prometheus.yml"]).read_text())
     assert config["rule_files"] == ["/etc/prometheus/rules/*.yaml"]
     assert config["scrape_configs"][0]["static_configs"][0]["targets"] == ["appliance:8001"]
+
+
+# Review 7: the GPU Operator's dcgm-exporter ServiceMonitor has honorLabels false, so the workload's
+# labels arrive as exported_namespace/exported_pod (namespace/pod name the exporter's own pod); with
+# honorLabels true (or a plain scrape) they are namespace/pod. Series of both schemes, an idle GPU and
+# another workload's GPU: the panels show exactly the appliance's pods, labelled namespace/pod/gpu.
+DCGM_SERIES = {
+    # honorLabels true: the workload's labels as they are
+    '{namespace="speech", pod="asr-qwenasr-appliance-0", gpu="0", job="dcgm", instance="10.0.0.5:9400"}': 80,
+    # honorLabels false: the exporter's pod in namespace/pod, the workload's in exported_*
+    '{namespace="gpu-operator", pod="nvidia-dcgm-exporter-x1", exported_namespace="speech", '
+    'exported_pod="asr-qwenasr-appliance-1", gpu="0", job="dcgm", instance="10.0.0.6:9400"}': 60,
+    '{namespace="gpu-operator", pod="nvidia-dcgm-exporter-x1", exported_namespace="ml", '
+    'exported_pod="trainer-0", gpu="1", job="dcgm", instance="10.0.0.6:9400"}': 99,
+    '{namespace="gpu-operator", pod="nvidia-dcgm-exporter-x1", gpu="2", job="dcgm", instance="10.0.0.6:9400"}': 0,
+}
+APPLIANCE_PODS = {"asr-qwenasr-appliance-0": 80, "asr-qwenasr-appliance-1": 60}
+
+
+def with_variables(expr: str, **values: str) -> str:
+    """Grafana's substitution of the dashboard variables (not `$1` of label_replace)."""
+    expr = grafana_to_promql(expr)
+    return re.sub(r"\$(namespace|job|instance|pod)\b", lambda m: values.get(m[1], ".*"), expr)
+
+
+@pytest.mark.parametrize("metric", ["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"])
+def test_gpu_panels_read_both_dcgm_label_schemes(dashboard: dict[str, Any], tmp_path: Path, metric: str) -> None:
+    (panel,) = [
+        p for p in iter_panels(dashboard["panels"]) if any(metric in t.get("expr", "") for t in p.get("targets", []))
+    ]
+    (target,) = panel["targets"]
+    assert "exported_namespace" in target["expr"] and "exported_pod" in target["expr"]
+    series = [{"series": f"{metric}{labels}", "values": f"{value}x10"} for labels, value in DCGM_SERIES.items()]
+    for pod in APPLIANCE_PODS:
+        labels = f'namespace="speech", pod="{pod}", job="asr-qwenasr-appliance", instance="{pod}:8001"'
+        series.append({"series": f"qwenasr_build_info{{{labels}}}", "values": "1x10"})
+
+    def samples(pods: dict[str, int]) -> list[dict[str, Any]]:
+        return [{"labels": f'{{namespace="speech", pod="{pod}", gpu="0"}}', "value": v} for pod, v in pods.items()]
+
+    cases = [
+        {"expr": with_variables(target["expr"]), "eval_time": "5m", "exp_samples": samples(APPLIANCE_PODS)},
+        {
+            "expr": with_variables(target["expr"], namespace="speech", pod="asr-qwenasr-appliance-1"),
+            "eval_time": "5m",
+            "exp_samples": samples({"asr-qwenasr-appliance-1": 60}),
+        },
+        {"expr": with_variables(target["expr"], namespace="ml"), "eval_time": "5m", "exp_samples": []},
+    ]
+    tests = {"rule_files": [], "evaluation_interval": "1m",
+             "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": cases}]}  # fmt: skip
+    path = tmp_path / "dcgm.test.yaml"
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run([tool("promtool", "PROMTOOL"), "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "{{pod}}" in target["legendFormat"]

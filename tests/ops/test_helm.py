@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,10 @@ VALUES_FILES = {
     "statefulset-keda": CHART / "ci" / "statefulset-values.yaml",
 }
 CRD_API_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
+# The target label the chart's monitors add from the pods' app.kubernetes.io/instance label
+# (podTargetLabels): the release's series are selected by it, never by a pod-name pattern.
+RELEASE_LABEL = "app_kubernetes_io_instance"
+SCRAPED: dict[str, Any] = {"metrics": {"serviceMonitor": {"enabled": True}}}  # KEDA needs a chart monitor
 
 
 def load_values(name: str) -> dict[str, Any]:
@@ -140,11 +145,14 @@ def test_full_values_enable_every_feature(rendered: dict[str, Rendered]) -> None
     full = rendered["full"]
     expected = {
         "Deployment", "Service", "ServiceAccount", "Secret", "PersistentVolumeClaim", "Ingress",
-        "HorizontalPodAutoscaler", "ServiceMonitor", "PodMonitor", "PrometheusRule", "PodDisruptionBudget",
+        "HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "PodDisruptionBudget",
         "NetworkPolicy", "ConfigMap", "Pod",
     }  # fmt: skip
     assert expected <= set(full), f"missing: {expected - set(full)}"
-    assert "ScaledObject" in rendered["keda-cpu-airgapped"]
+    # One monitor per release (both scrape every pod twice): the PodMonitor renders in the KEDA values.
+    assert "PodMonitor" not in full
+    assert {"ScaledObject", "PodMonitor"} <= set(rendered["keda-cpu-airgapped"])
+    assert "ServiceMonitor" not in rendered["keda-cpu-airgapped"]
     assert "HorizontalPodAutoscaler" not in rendered["keda-cpu-airgapped"]
     default = rendered["default"]
     assert {"Deployment", "Service", "ServiceAccount", "PersistentVolumeClaim", "PodDisruptionBudget"} <= set(default)
@@ -153,11 +161,13 @@ def test_full_values_enable_every_feature(rendered: dict[str, Rendered]) -> None
 
 def test_custom_resources_are_well_formed(rendered: dict[str, Rendered]) -> None:
     """CRDs have no bundled schema: check what would break them (selectors, ports, required fields)."""
-    full = rendered["full"]
-    service = one(full, "Service")
-    pod_labels = one(full, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    for kind, endpoints_key in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
-        monitor = one(full, kind)
+    service = one(rendered["full"], "Service")
+    for name, kind, endpoints_key in (
+        ("full", "ServiceMonitor", "endpoints"),
+        ("keda-cpu-airgapped", "PodMonitor", "podMetricsEndpoints"),
+    ):
+        pod_labels = one(rendered[name], "Deployment")["spec"]["template"]["metadata"]["labels"]
+        monitor = one(rendered[name], kind)
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
         target_labels = service["metadata"]["labels"] if kind == "ServiceMonitor" else pod_labels
@@ -377,11 +387,28 @@ def test_prometheus_rule_is_the_deploy_rules(rendered: dict[str, Rendered], tmp_
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def dashboard_of(objects: Rendered) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(ConfigMap, data key, dashboard) of the chart's dashboard ConfigMap."""
+    (config_map,) = [c for c in objects["ConfigMap"] if hook_of(c) is None]
+    ((key, text),) = config_map["data"].items()
+    return config_map, key, json.loads(text)
+
+
 def test_dashboard_config_map_is_the_deploy_dashboard(rendered: dict[str, Rendered]) -> None:
-    (config_map,) = [c for c in rendered["full"]["ConfigMap"] if hook_of(c) is None]
+    config_map, key, dashboard = dashboard_of(rendered["full"])
     assert config_map["metadata"]["namespace"] == "monitoring"
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(config_map["data"]["qwenasr-appliance.json"]) == json.loads(DASHBOARD.read_text())
+    assert key.endswith(".json")
+    source = json.loads(DASHBOARD.read_text())
+    # The same dashboard, made per release: uid, title and the namespace variable's default.
+    per_release = {"uid", "title", "templating"}
+    assert {k: v for k, v in dashboard.items() if k not in per_release} == {
+        k: v for k, v in source.items() if k not in per_release
+    }
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    for variable in source["templating"]["list"]:
+        if variable["name"] != "namespace":
+            assert variables[variable["name"]] == variable
 
 
 def test_notes_render(rendered: dict[str, Rendered]) -> None:
@@ -407,6 +434,8 @@ BAD_VALUES = {
     "typo at the top level": {"replicas": 2},
     "empty model id": {"config": {"modelId": ""}},
     "zero GPUs": {"gpu": {"count": 0}},
+    # Review 10: one engine per process and no tensor-parallel setting: a second GPU would sit idle.
+    "two GPUs per pod": {"gpu": {"count": 2}},
     "bad service type": {"service": {"type": "External"}},
     "bad image digest": {"image": {"digest": "latest"}},
     "api key with a comma": {"apiKeys": {"keys": ["abcdefgh,ijklmnop"]}},
@@ -440,16 +469,71 @@ GUARDED = {
     "aligner with chunks over 180 s": ({"config": {"alignerModelId": "x/y", "chunkSeconds": 300}}, "180"),
     # Issue 17: autoscaling on one shared ReadWriteOnce claim, KEDA from zero, a deadline under the budget.
     "hpa on a shared ReadWriteOnce claim": ({"autoscaling": {"enabled": True}}, "ReadWriteOnce model volume"),
-    "keda on a shared ReadWriteOnce claim": ({"keda": {"enabled": True}}, "workloadKind: StatefulSet"),
+    "keda on a shared ReadWriteOnce claim": (
+        {"keda": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
+        "workloadKind: StatefulSet",
+    ),
     "hpa on a shared ReadWriteOncePod claim": (
         {"autoscaling": {"enabled": True}, "modelCache": {"accessModes": ["ReadWriteOncePod"]}},
         "ReadWriteOnce",
     ),
     "keda scaling to zero": (
-        {"keda": {"enabled": True, "minReplicaCount": 0}, "workloadKind": "StatefulSet"},
+        {"keda": {"enabled": True, "minReplicaCount": 0}, "workloadKind": "StatefulSet", **SCRAPED},
         "could never scale back up",
     ),
     "progress deadline under the startup budget": ({"progressDeadlineSeconds": 600}, "startup budget"),
+    # Review 1: without a monitor of the chart nothing carries the labels the default query selects: no
+    # data would read as no load (or, without vector(0), hold KEDA in its fallback for good).
+    "keda without a service or pod monitor": (
+        {"keda": {"enabled": True}, "workloadKind": "StatefulSet"},
+        "ServiceMonitor or a PodMonitor",
+    ),
+    # Review 5: /health and /ready need the key, probes get 401, the pod restarts forever.
+    "ops endpoints protected, probes without a key": (
+        {"config": {"protectOpsEndpoints": True}, "apiKeys": {"existingSecret": "keys"}},
+        "probes.httpHeaders",
+    ),
+    "ops endpoints protected, probes with another header": (
+        {
+            "config": {"protectOpsEndpoints": True},
+            "apiKeys": {"existingSecret": "keys"},
+            "probes": {"httpHeaders": [{"name": "X-Probe", "value": "kubelet"}]},
+        },
+        "Authorization",
+    ),
+    "ops endpoints protected, scraped without credentials": (
+        {
+            "config": {"protectOpsEndpoints": True},
+            "apiKeys": {"existingSecret": "keys"},
+            "probes": {"httpHeaders": [{"name": "Authorization", "value": "Bearer probe-key-0123"}]},
+            "metrics": {"podMonitor": {"enabled": True}},
+        },
+        "metrics.podMonitor.authorization",
+    ),
+    # Review 13: a shared existing claim is as ReadWriteOnce as a created one unless declared otherwise.
+    "hpa on an existing claim of unknown access": (
+        {"autoscaling": {"enabled": True}, "modelCache": {"existingClaim": "weights"}},
+        "modelCache.existingClaimAccessMode",
+    ),
+    "keda on an existing ReadWriteOnce claim": (
+        {
+            "keda": {"enabled": True},
+            **SCRAPED,
+            "workloadKind": "StatefulSet",
+            "modelCache": {"existingClaim": "weights", "existingClaimAccessMode": "ReadWriteOnce"},
+        },
+        "ReadWriteMany",
+    ),
+    "extraEnv repeating a config variable": (
+        {"extraEnv": [{"name": "MAX_NUM_SEQS", "value": "8"}]},
+        "config.maxNumSeqs",
+    ),
+    "extraEnv repeating HF_HOME": ({"extraEnv": [{"name": "HF_HOME", "value": "/x"}]}, "modelCache.mountPath"),
+    # Review 9: both monitors scrape every pod twice (dashboard totals and KEDA's load doubled).
+    "service and pod monitors together": (
+        {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+        "scrape every pod twice",
+    ),
     "caches on a read-only model volume": (
         {"cache": {"volume": "modelVolume"}, "modelCache": {"readOnly": True}},
         "writable volume",
@@ -492,7 +576,7 @@ def test_gpu_pods_get_the_nvidia_runtime_toleration_and_expect_gpu(rendered: dic
         env = env_of(appliance_container(rendered[name]))
         assert spec["runtimeClassName"] == "nvidia", name
         assert spec["tolerations"].count(gpu_toleration) == 1, name  # full values list it too: not twice
-        assert env["EXPECT_GPU"] == "true" and env["GPU_FALLBACK"] == "degraded", name
+        assert env["EXPECT_GPU"] == "true" and env["GPU_FALLBACK"] == "not_ready", name
     cpu = rendered["keda-cpu-airgapped"]
     spec = server_pod_spec(cpu)
     assert "runtimeClassName" not in spec and gpu_toleration not in spec.get("tolerations", [])
@@ -597,12 +681,12 @@ def test_keda_scales_on_capacity_with_a_fallback(rendered: dict[str, Rendered]) 
         (trigger,) = spec["triggers"]
         assert trigger["metricType"] == "AverageValue"  # KEDA's fallback needs it
         query = trigger["metadata"]["query"]
-        live, values_derived, empty = split_or(query)
+        live, values_derived = split_or(query)  # no `or vector(0)`: missing data is not zero load
         # Each pod's load over its live admission limit (the engine's capacity when MAX_CONCURRENT_REQUESTS=0)...
         assert live.startswith("sum((") and "/ qwenasr_concurrency_limit{" in live, query
         # ...or, for pods of an image without that gauge, over the limit derived from the values.
         assert values_derived.endswith(f"/ {capacity})"), query
-        assert empty == "vector(0)"
+        assert trigger["metadata"]["ignoreNullValues"] == "false"
         assert "qwenasr_concurrency_limit" in metric_names(query)
         assert metric_names(query) <= sample_names(registry_exposition())
         assert query.count(f'namespace="{NAMESPACE}"') == 5
@@ -625,7 +709,7 @@ def split_or(query: str) -> list[str]:
 
 
 def test_keda_default_capacity_follows_the_engine(chart: Any) -> None:
-    objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}})
+    objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}, **SCRAPED})
     query = one(objects, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
     assert split_or(query)[1].endswith("/ 256)")
 
@@ -633,7 +717,7 @@ def test_keda_default_capacity_follows_the_engine(chart: Any) -> None:
 def test_keda_default_query_on_sample_series(chart: Any, tmp_path: Path) -> None:
     """The default query's value for two pods: one running 256 of 256 with 64 queued, one idle
     that fell back to the CPU engine (limit 1): 1.25 + 0 replicas' worth of work. promtool evaluates it."""
-    objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}})
+    objects = render(chart, {"workloadKind": "StatefulSet", "keda": {"enabled": True}, **SCRAPED})
     rendered_query = one(objects, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
     selector = rendered_query[rendered_query.index("{") + 1 : rendered_query.index("}")]
     assert f'namespace="{NAMESPACE}"' in selector
@@ -720,12 +804,12 @@ def test_chart_down_alert_is_per_release(rendered: dict[str, Rendered], tmp_path
     alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
     assert all(r["annotations"]["runbook_url"].startswith("https://runbooks.example.com/qwenasr#") for r in alerts)
     (down,) = [r for r in alerts if r["alert"] == "QwenASRDown"]
-    assert down["expr"] == 'absent(qwenasr_build_info{namespace="speech", pod=~"asr-qwenasr-appliance-[0-9]+"})'
+    assert down["expr"] == f'absent(qwenasr_build_info{{namespace="speech", {RELEASE_LABEL}="asr"}})'
     rules_file = tmp_path / "rendered.rules.yaml"
     rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-    other = 'qwenasr_build_info{namespace="other", pod="asr-qwenasr-appliance-0", version="0.1.0"}'
-    ours = 'qwenasr_build_info{namespace="speech", pod="asr-qwenasr-appliance-0", version="0.1.0"}'
-    similar = 'qwenasr_build_info{namespace="speech", pod="asr-qwenasr-appliance-x-0", version="0.1.0"}'
+    other = f'qwenasr_build_info{{namespace="other", {RELEASE_LABEL}="asr", pod="asr-qwenasr-appliance-0"}}'
+    ours = f'qwenasr_build_info{{namespace="speech", {RELEASE_LABEL}="asr", pod="asr-qwenasr-appliance-0"}}'
+    similar = f'qwenasr_build_info{{namespace="speech", {RELEASE_LABEL}="asr-x", pod="asr-x-qwenasr-appliance-0"}}'
     tests = {
         "rule_files": [str(rules_file)],
         "evaluation_interval": "1m",
@@ -744,7 +828,7 @@ def test_chart_down_alert_is_per_release(rendered: dict[str, Rendered], tmp_path
                         "alertname": "QwenASRDown",
                         "exp_alerts": [
                             {
-                                "exp_labels": {"severity": "critical", "namespace": "speech"},
+                                "exp_labels": {"severity": "critical", "namespace": "speech", RELEASE_LABEL: "asr"},
                                 "exp_annotations": {
                                     **{k: v for k, v in down["annotations"].items() if k != "summary"},
                                     "summary": "No qwenasr-appliance target in speech has been scraped for 10 minutes.",
@@ -762,3 +846,521 @@ def test_chart_down_alert_is_per_release(rendered: dict[str, Rendered], tmp_path
         [tool("promtool", "PROMTOOL"), "test", "rules", str(tests_file)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- platform-engineer review: each finding, rendered and validated -------------------------------
+
+
+def validate_strict(objects: Rendered) -> int:
+    """Every rendered non-CRD object against the Kubernetes schemas (kubernetes-validate, strict)."""
+    kubernetes_validate = module("kubernetes_validate")
+    problems, checked = [], 0
+    for kind, docs in objects.items():
+        if kind == "NOTES":
+            continue
+        for obj in docs:
+            doc = {k: v for k, v in obj.items() if k != "_template"}
+            if doc["apiVersion"].startswith(CRD_API_GROUPS):
+                continue
+            for version in KUBE_VERSIONS:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    problems.append(f"{kind}/{doc['metadata']['name']} @ {version}: {exc.message} at {list(exc.path)}")
+            checked += 1
+    assert not problems, "\n".join(problems)
+    return checked
+
+
+def test_recreate_strategy_renders_no_rolling_update(chart: Any) -> None:
+    """Review 6: `strategy: {type: Recreate}` merged the default rollingUpdate in: the API server refuses
+    a Recreate strategy that carries rollingUpdate."""
+    objects = render(chart, {"strategy": {"type": "Recreate"}})
+    assert one(objects, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    validate_strict(objects)
+    notes = objects["NOTES"][0]["text"]
+    assert "Recreate" in notes  # an upgrade stops every pod before the new ones have loaded the model
+    rolling = render(chart, {"strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}})
+    assert one(rolling, "Deployment")["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+    }
+
+
+def test_pod_disruption_budget_needs_one_bound(chart: Any, helm: Any) -> None:
+    """Review 12: both bounds null passed the schema and rendered `maxUnavailable:` without a value."""
+    both_null = {"podDisruptionBudget": {"maxUnavailable": None, "minAvailable": None}}
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(both_null)
+    with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)):
+        chart.render(both_null, name=RELEASE, namespace=NAMESPACE)
+    # Either bound alone renders, and a disabled budget needs none.
+    for values, expected in (
+        ({"maxUnavailable": None, "minAvailable": 1}, {"minAvailable": 1}),
+        ({"maxUnavailable": "50%"}, {"maxUnavailable": "50%"}),
+        ({"minAvailable": "50%"}, {"minAvailable": "50%"}),
+    ):
+        objects = render(chart, {"podDisruptionBudget": values})
+        spec = one(objects, "PodDisruptionBudget")["spec"]
+        assert {k: v for k, v in spec.items() if k != "selector"} == expected, values
+        validate_strict(objects)
+    objects = render(chart, {"podDisruptionBudget": {"enabled": False, "maxUnavailable": None}})
+    assert "PodDisruptionBudget" not in objects
+
+
+def promtool_test(tmp_path: Path, tests: dict[str, Any], name: str = "case") -> None:
+    path = tmp_path / f"{name}.test.yaml"
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run([tool("promtool", "PROMTOOL"), "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+LONG_RELEASE = "speech-recognition-production-europe-west4-blue"  # fullname truncated to 63 characters
+
+
+def generated_pod_name(base: str, suffix: str) -> str:
+    """A pod name from generateName: Kubernetes truncates the base to 58 characters, then adds 5."""
+    return base[:58] + suffix
+
+
+@pytest.mark.parametrize("workload_kind", ["Deployment", "StatefulSet"])
+def test_release_series_are_selected_by_an_exact_label(chart: Any, tmp_path: Path, workload_kind: str) -> None:
+    """Review 8: the pod-name regex `<fullname>-[a-z0-9]+-[a-z0-9]+` missed every pod of a long release
+    (the generated name is cut to 58 characters, the second dash is gone: QwenASRDown fired forever,
+    KEDA read 0) and matched a sibling release `<fullname>-eu` (StatefulSet pods `<fullname>-eu-0`).
+    The monitors add the pods' app.kubernetes.io/instance label as a target label, and the KEDA query
+    and QwenASRDown select on it: promtool shows both right for a long name and next to a sibling."""
+    values: dict[str, Any] = {
+        "workloadKind": workload_kind,
+        "keda": {"enabled": True},
+        "metrics": {"podMonitor": {"enabled": True}},
+        "prometheusRule": {"enabled": True},
+    }
+    if workload_kind == "Deployment":
+        values["modelCache"] = {"accessModes": ["ReadWriteMany"]}
+    by_kind: Rendered = {}
+    for path, text in chart.render(values, name=LONG_RELEASE, namespace=NAMESPACE, is_install=True).items():
+        if not path.endswith("NOTES.txt"):
+            for doc in yaml.safe_load_all(text):
+                if doc:
+                    by_kind.setdefault(doc["kind"], []).append(doc)
+    validate_strict(by_kind)
+    fullname = workload(by_kind)["metadata"]["name"]
+    assert len(fullname) == 63
+    pod_labels = workload(by_kind)["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["app.kubernetes.io/instance"] == LONG_RELEASE
+    assert one(by_kind, "PodMonitor")["spec"]["podTargetLabels"] == ["app.kubernetes.io/instance"]
+    # The ServiceMonitor adds the same label.
+    service_monitor = render(chart, {"metrics": {"serviceMonitor": {"enabled": True}}})
+    assert one(service_monitor, "ServiceMonitor")["spec"]["podTargetLabels"] == ["app.kubernetes.io/instance"]
+    selector = f'namespace="{NAMESPACE}", {RELEASE_LABEL}="{LONG_RELEASE}"'
+    query = one(by_kind, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    assert "pod=~" not in query and query.count(selector) == 5, query
+    rule = one(by_kind, "PrometheusRule")
+    (down,) = [r for g in rule["spec"]["groups"] for r in g["rules"] if r.get("alert") == "QwenASRDown"]
+    assert down["expr"] == f"absent(qwenasr_build_info{{{selector}}})"
+
+    if workload_kind == "Deployment":
+        ours = [generated_pod_name(f"{fullname}-7d9f8c6b5", s) for s in ("x2k9q", "p8m4z")]
+    else:
+        ours = [f"{fullname}-0", f"{fullname}-1"]
+    if workload_kind == "Deployment":  # the former pattern missed every pod of this release
+        assert not any(re.fullmatch(f"{fullname}-[a-z0-9]+-[a-z0-9]+", pod) for pod in ours)
+    sibling = f"{fullname}-eu"  # another release, fullnameOverride <fullname>-eu, StatefulSet pods
+    series: list[dict[str, str]] = []
+    for metric, (busy, limit) in {
+        "qwenasr_requests_in_flight": ("32x20", None),
+        "qwenasr_requests_queued": ("0x20", None),
+        "qwenasr_concurrency_limit": (None, "64x20"),
+        "qwenasr_build_info": ("1x20", "1x20"),
+    }.items():
+        for pod in ours:
+            labels = f'namespace="{NAMESPACE}", {RELEASE_LABEL}="{LONG_RELEASE}", pod="{pod}"'
+            series.append({"series": f"{metric}{{{labels}}}", "values": busy or limit or ""})
+        for pod in (f"{sibling}-0", f"{sibling}-1"):  # busy sibling: 128 queued each, must not count
+            labels = f'namespace="{NAMESPACE}", {RELEASE_LABEL}="{LONG_RELEASE}-eu", pod="{pod}"'
+            value = {"qwenasr_requests_queued": "128x60", "qwenasr_requests_in_flight": "64x60"}.get(metric, "64x60")
+            series.append({"series": f"{metric}{{{labels}}}", "values": "1x60" if metric.endswith("info") else value})
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    tests = {
+        "rule_files": [str(rules_file)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                # Two pods at 32 of 64: one replica's worth of work; the sibling's load is not ours.
+                "promql_expr_test": [
+                    {"expr": query, "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]}
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "15m", "alertname": "QwenASRDown", "exp_alerts": []},
+                    # Ours gone after 20 m, the sibling still up: the alert fires for this release.
+                    {
+                        "eval_time": "40m",
+                        "alertname": "QwenASRDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "critical",
+                                    "namespace": NAMESPACE,
+                                    RELEASE_LABEL: LONG_RELEASE,
+                                },
+                                "exp_annotations": {
+                                    **{k: v for k, v in down["annotations"].items() if k != "summary"},
+                                    "summary": f"No qwenasr-appliance target in {NAMESPACE} has been scraped for 10 minutes.",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    promtool_test(tmp_path, tests, f"release-{workload_kind}")
+    # Rules without a monitor of the chart: NOTES name the label a scrape config of one's own must add.
+    notes = render(chart, {"prometheusRule": {"enabled": True}})["NOTES"][0]["text"]
+    assert RELEASE_LABEL in notes
+    assert RELEASE_LABEL not in render(chart, {"prometheusRule": {"enabled": True}, **SCRAPED})["NOTES"][0]["text"]
+
+
+def test_keda_falls_back_when_the_load_is_missing(chart: Any, rendered: dict[str, Rendered], tmp_path: Path) -> None:
+    """Review 1: the default query ended in `or vector(0)`, so missing series (no monitor, relabelling
+    that drops the labels, a NetworkPolicy in Prometheus' way) read as zero load: KEDA's fallback, which
+    acts only on query errors, never did, and KEDA scaled down. Now the query is empty without data and
+    the trigger sets ignoreNullValues "false" (KEDA's default true turns an empty result into 0), so an
+    empty result is an error and `fallback` holds maxReplicaCount."""
+    for name in ("statefulset-keda", "keda-cpu-airgapped"):
+        spec = one(rendered[name], "ScaledObject")["spec"]
+        (trigger,) = spec["triggers"]
+        query = trigger["metadata"]["query"]
+        assert "vector(" not in query, query
+        assert trigger["metadata"]["ignoreNullValues"] == "false"
+        assert spec["fallback"]["replicas"] == spec["maxReplicaCount"]
+    # The chart's own KEDA example is scraped (it enabled KEDA without any monitor).
+    keda_values = load_values("keda-cpu-airgapped")["metrics"]
+    assert keda_values["podMonitor"]["enabled"] or keda_values["serviceMonitor"]["enabled"]
+    # Either monitor suffices; a custom query (the user's own selection) needs none.
+    for values in (
+        {"metrics": {"podMonitor": {"enabled": True}}},
+        SCRAPED,
+        {"keda": {"enabled": True, "prometheus": {"query": "sum(my_recorded_load)"}}},
+    ):
+        objects = render(chart, merged_values({"workloadKind": "StatefulSet", "keda": {"enabled": True}}, values))
+        assert "ScaledObject" in objects
+        validate_strict(objects)
+    # promtool: only another release's series (no data for ours): the query is empty, not 0.
+    query = one(rendered["statefulset-keda"], "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    others = f'namespace="{NAMESPACE}", {RELEASE_LABEL}="asr-eu", pod="asr-eu-qwenasr-appliance-0"'
+    series = [
+        {"series": f"{metric}{{{others}}}", "values": "5x10"}
+        for metric in ("qwenasr_requests_queued", "qwenasr_requests_in_flight", "qwenasr_concurrency_limit")
+    ]
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [{"expr": query, "eval_time": "5m", "exp_samples": []}],
+            }
+        ],
+    }
+    promtool_test(tmp_path, tests, "keda-no-data")
+
+
+def merged_values(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of two values dicts (extra wins)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merged_values(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def test_keda_scales_down_as_slowly_as_the_hpa(chart: Any, rendered: dict[str, Rendered]) -> None:
+    """Review 3: `keda.advanced` was empty, so the HPA KEDA creates scaled down after 300 s, any number
+    of pods at once, each costing a model load of up to 15 min to get back. KEDA's HPA now gets
+    autoscaling.behavior by default (horizontalPodAutoscalerConfig.behavior); cooldownPeriod is only
+    KEDA's scale-to-zero delay (which the chart refuses), and values.yaml says so."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for name in ("statefulset-keda", "keda-cpu-airgapped"):
+        advanced = one(rendered[name], "ScaledObject")["spec"]["advanced"]
+        behavior = advanced["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior == defaults["autoscaling"]["behavior"], name
+        scale_down = behavior["scaleDown"]
+        assert scale_down["stabilizationWindowSeconds"] >= 900
+        assert scale_down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
+    # Explicit settings win, other advanced keys pass through.
+    custom = {"scaleDown": {"stabilizationWindowSeconds": 1800}}
+    objects = render(
+        chart,
+        {
+            "workloadKind": "StatefulSet",
+            **SCRAPED,
+            "keda": {
+                "enabled": True,
+                "advanced": {
+                    "restoreToOriginalReplicaCount": True,
+                    "horizontalPodAutoscalerConfig": {"name": "asr-hpa", "behavior": custom},
+                },
+            },
+        },
+    )
+    advanced = one(objects, "ScaledObject")["spec"]["advanced"]
+    assert advanced == {
+        "restoreToOriginalReplicaCount": True,
+        "horizontalPodAutoscalerConfig": {"name": "asr-hpa", "behavior": custom},
+    }
+    values_text = (CHART / "values.yaml").read_text()
+    comment = values_text[: values_text.index("  cooldownPeriod:")].rsplit("\n  # --", 1)[1]
+    assert "zero" in comment and "before scaling to minReplicaCount" not in comment, comment
+
+
+def test_gpu_pods_that_lost_the_gpu_are_not_ready_by_default(chart: Any, helm: Any) -> None:
+    """Review 2: with GPU_FALLBACK=degraded a pod that lost its GPU served on the CPU as ready, with an
+    admission limit of 1: its queue grew and KEDA scaled to max. When the chart requests a GPU it now
+    sets not_ready (the pod leaves the Service, QwenASRFallbackToCPU still fires); an explicit
+    config.gpuFallback wins, and without a GPU the setting does not matter (EXPECT_GPU=false)."""
+    config = module("qwenasr_appliance.config")
+    cases = {
+        "default": ({}, "true", "not_ready"),
+        "explicit degraded": ({"config": {"gpuFallback": "degraded"}}, "true", "degraded"),
+        "explicit not_ready": ({"config": {"gpuFallback": "not_ready"}}, "true", "not_ready"),
+        "cpu only": ({"gpu": {"enabled": False}, "config": {"engine": "cpu"}}, "false", "degraded"),
+    }
+    for case, (values, expect_gpu, fallback) in cases.items():
+        objects = render(chart, values)
+        validate_strict(objects)
+        env = env_of(appliance_container(objects))
+        assert (env["EXPECT_GPU"], env["GPU_FALLBACK"]) == (expect_gpu, fallback), case
+        settings = config.load_settings({"EXPECT_GPU": env["EXPECT_GPU"], "GPU_FALLBACK": env["GPU_FALLBACK"]})
+        assert settings.gpu_fallback == fallback
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["config"]["gpuFallback"] == ""
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"config": {"gpuFallback": "ready"}})
+
+
+def test_app_outlasts_the_ingress_keepalive(chart: Any, helm: Any, rendered: dict[str, Rendered]) -> None:
+    """Review 4: ingress-nginx keeps idle upstream connections 60 s (`upstream-keepalive-timeout`, a
+    controller-wide ConfigMap setting) while the app closed idle keep-alive connections after
+    CLIENT_TIMEOUT_SECONDS (30 s): nginx reused sockets the app had closed and POSTs failed with 502.
+    With the Ingress on, the rendered CLIENT_TIMEOUT_SECONDS is at least
+    ingress.upstreamKeepaliveTimeoutSeconds + 5."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert defaults["ingress"]["upstreamKeepaliveTimeoutSeconds"] == 60  # ingress-nginx's default
+    ingress = {"ingress": {"enabled": True}}
+    cases = {
+        "no ingress: the app's setting": ({}, 30),
+        "ingress: above nginx's 60 s": (ingress, 65),
+        "a controller keeping connections 75 s": (
+            {"ingress": {"enabled": True, "upstreamKeepaliveTimeoutSeconds": 75}},
+            80,
+        ),
+        "controller without upstream keep-alive": (
+            {"ingress": {"enabled": True, "upstreamKeepaliveTimeoutSeconds": 0}},
+            30,
+        ),
+        "a longer explicit timeout stays": ({**ingress, "config": {"clientTimeoutSeconds": 120}}, 120),
+    }
+    config = module("qwenasr_appliance.config")
+    for case, (values, expected) in cases.items():
+        objects = render(chart, values)
+        validate_strict(objects)
+        env = env_of(appliance_container(objects))
+        assert float(env["CLIENT_TIMEOUT_SECONDS"]) == expected, case
+        assert (
+            config.load_settings({"CLIENT_TIMEOUT_SECONDS": env["CLIENT_TIMEOUT_SECONDS"]}).client_timeout_seconds
+            == expected
+        )
+    env = env_of(appliance_container(rendered["statefulset-keda"]))  # ci values with an Ingress
+    assert float(env["CLIENT_TIMEOUT_SECONDS"]) > defaults["ingress"]["upstreamKeepaliveTimeoutSeconds"]
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"ingress": {"upstreamKeepaliveTimeoutSeconds": 3600}})  # app's cap: 3600
+
+
+def test_protected_ops_endpoints_with_probe_credentials(chart: Any) -> None:
+    """Review 5: with config.protectOpsEndpoints the probes need an Authorization header (refused
+    without: see GUARDED); given one, every probe carries it and the monitor its authorization."""
+    header = {"name": "authorization", "value": "Bearer probe-key-0123"}  # header names: any case
+    objects = render(
+        chart,
+        {
+            "config": {"protectOpsEndpoints": True},
+            "apiKeys": {"existingSecret": "keys"},
+            "probes": {"httpHeaders": [header]},
+            "metrics": {
+                "serviceMonitor": {
+                    "enabled": True,
+                    "authorization": {"type": "Bearer", "credentials": {"name": "scrape", "key": "token"}},
+                }
+            },
+        },
+    )
+    container = appliance_container(objects)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["httpHeaders"] == [header], probe
+    assert one(objects, "ServiceMonitor")["spec"]["endpoints"][0]["authorization"]["type"] == "Bearer"
+    assert env_of(container)["PROTECT_OPS_ENDPOINTS"] == "true"
+    validate_strict(objects)
+
+
+def test_extra_env_never_repeats_a_chart_variable(chart: Any, helm: Any, rendered: dict[str, Rendered]) -> None:
+    """Review 13: extraEnv could repeat a variable the chart sets (MAX_NUM_SEQS, HF_HOME, ...): two env
+    entries of one name, the later silently winning. Each name the chart renders, in the server or the
+    prefetch container, is refused in extraEnv with the value to set instead; other names pass."""
+    full = rendered["full"]
+    names = set(env_of(appliance_container(full))) | set(env_of(server_pod_spec(full)["initContainers"][0]))
+    names -= {item["name"] for item in load_values("full")["extraEnv"]}
+    names |= {"HF_HUB_OFFLINE", "EXPECT_GPU", "GPU_FALLBACK"}
+    config_keys = set(yaml.safe_load((CHART / "values.yaml").read_text())["config"])
+    for name in sorted(names):
+        with pytest.raises(
+            helm.HelmRenderError, match=rf"extraEnv sets {name}, which the chart (sets|fixes)"
+        ) as caught:
+            chart.render({"extraEnv": [{"name": name, "value": "1"}]}, name=RELEASE, namespace=NAMESPACE)
+        instead = re.search(r"use (\S+) instead", str(caught.value))
+        assert instead, str(caught.value)
+        if instead[1].startswith("config."):
+            assert instead[1].removeprefix("config.") in config_keys, (name, instead[1])
+    objects = render(chart, {"extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]})
+    assert env_of(appliance_container(objects))["HTTPS_PROXY"] == "http://proxy:3128"
+
+
+def test_existing_claim_declared_shared_may_autoscale(chart: Any) -> None:
+    """Review 13: an existingClaim skipped the ReadWriteOnce check; now its declared access mode
+    (modelCache.existingClaimAccessMode, default ReadWriteOnce: the chart cannot see the claim) decides."""
+    for mode in ("ReadWriteMany", "ReadOnlyMany"):
+        objects = render(
+            chart,
+            {
+                "autoscaling": {"enabled": True},
+                "modelCache": {
+                    "existingClaim": "weights",
+                    "existingClaimAccessMode": mode,
+                    "readOnly": mode == "ReadOnlyMany",
+                },
+            },
+        )
+        assert "HorizontalPodAutoscaler" in objects
+        validate_strict(objects)
+    assert load_values("keda-cpu-airgapped")["modelCache"]["existingClaimAccessMode"] == "ReadOnlyMany"
+
+
+def test_prefetch_has_bounded_resources(rendered: dict[str, Rendered], chart: Any) -> None:
+    """Review 13: the prefetch init container ran without requests or limits (`resources: {}`)."""
+    objects = render(chart, {"modelCache": {"prefetch": {"enabled": True}}})
+    resources = server_pod_spec(objects)["initContainers"][0]["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
+    validate_strict(objects)
+
+
+def test_dashboard_is_per_release(chart: Any) -> None:
+    """Review 14: the dashboard's uid was fixed (`qwenasr-appliance`): two releases shipping it collided
+    in Grafana's sidecar (one dashboard replaced the other; same title in a folder, same file name,
+    and with grafanaDashboard.namespace the same ConfigMap name). Each release now gets its own uid,
+    title, file and ConfigMap name; deploy/grafana stays the standalone dashboard (uid qwenasr-appliance)."""
+    source = json.loads(DASHBOARD.read_text())
+    assert source["uid"] == "qwenasr-appliance"
+    seen: dict[str, set[str]] = {"uid": set(), "title": set(), "key": set(), "configmap": set()}
+    releases = [
+        ("asr", "speech"),
+        ("asr", "other"),  # same release name in another namespace, same dashboard namespace
+        ("asr-eu", "speech"),
+        (LONG_RELEASE, "speech-recognition-production"),
+    ]
+    for release, namespace in releases:
+        values = {"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}}
+        by_kind: Rendered = {}
+        for path, text in chart.render(values, name=release, namespace=namespace, is_install=True).items():
+            if not path.endswith("NOTES.txt"):
+                for doc in yaml.safe_load_all(text):
+                    if doc:
+                        by_kind.setdefault(doc["kind"], []).append(doc)
+        config_map, key, dashboard = dashboard_of(by_kind)
+        assert 0 < len(dashboard["uid"]) <= 40 and re.fullmatch(r"[a-zA-Z0-9_-]+", dashboard["uid"])
+        assert release in dashboard["title"] and namespace in dashboard["title"]
+        (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "namespace"]
+        assert variable["current"]["value"] == [namespace]
+        for kind, value in (
+            ("uid", dashboard["uid"]), ("title", dashboard["title"]), ("key", key),
+            ("configmap", config_map["metadata"]["name"]),
+        ):  # fmt: skip
+            assert value not in seen[kind], (kind, value)
+            seen[kind].add(value)
+        assert validate_strict(by_kind) >= 1
+    # Stable across upgrades: the same release renders the same uid.
+    again = render(chart, {"grafanaDashboard": {"enabled": True}})
+    first = render(chart, {"grafanaDashboard": {"enabled": True}})
+    assert dashboard_of(again)[2]["uid"] == dashboard_of(first)[2]["uid"]
+
+
+def notes_of(chart: Any, values: dict[str, Any]) -> str:
+    text: str = render(chart, values)["NOTES"][0]["text"]
+    return text
+
+
+def test_notes_warn_about_rollouts(chart: Any) -> None:
+    """Review 11: NOTES warn (a) that a surge pod needing a ReadWriteOnce volume may stay Pending when
+    the volume's node has no free GPU, (b) that a StatefulSet of one replica is an outage of a model load
+    at every upgrade (stop first), (c) that modelCache.size/storageClass cannot change on a StatefulSet
+    (volumeClaimTemplates are immutable)."""
+    surge_rwo = "may stay Pending"
+    one_replica = "StatefulSet of one replica"
+    immutable = "volumeClaimTemplates"
+    cases: list[tuple[dict[str, Any], set[str]]] = [
+        ({}, {surge_rwo}),
+        ({"modelCache": {"accessModes": ["ReadWriteMany"]}}, set()),
+        ({"modelCache": {"existingClaim": "w"}}, {surge_rwo}),
+        ({"modelCache": {"existingClaim": "w", "existingClaimAccessMode": "ReadOnlyMany", "readOnly": True}}, set()),
+        ({"strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}}, set()),
+        ({"modelCache": {"enabled": False}}, set()),
+        ({"workloadKind": "StatefulSet"}, {one_replica, immutable}),
+        ({"workloadKind": "StatefulSet", "replicaCount": 2}, {immutable}),
+        ({"workloadKind": "StatefulSet", "keda": {"enabled": True}, **SCRAPED}, {one_replica, immutable}),
+        ({"workloadKind": "StatefulSet", "keda": {"enabled": True, "minReplicaCount": 2}, **SCRAPED}, {immutable}),
+        ({"workloadKind": "StatefulSet", "replicaCount": 2, "modelCache": {"existingClaim": "w"}}, set()),
+    ]
+    for values, expected in cases:
+        objects = render(chart, values)
+        validate_strict(objects)
+        notes = objects["NOTES"][0]["text"]
+        found = {marker for marker in (surge_rwo, one_replica, immutable) if marker in notes}
+        assert found == expected, (values, found)
+    notes = notes_of(chart, {"workloadKind": "StatefulSet"})
+    assert "modelCache.size" in notes and "modelCache.storageClass" in notes and "--cascade=orphan" in notes
+
+
+def test_notes_follow_the_test_and_ingress_settings(chart: Any, rendered: dict[str, Rendered]) -> None:
+    """Review 15: NOTES printed `helm test` with tests.enabled false, and port-forward/127.0.0.1
+    instructions with an Ingress on; the helm test image is a mutable tag by default, and NOTES say
+    how to pin it."""
+    assert "helm test" not in notes_of(chart, {"tests": {"enabled": False}})
+    assert "helm test asr" in notes_of(chart, {})
+    # Full values: Ingress on /v1 with TLS.
+    full = rendered["full"]["NOTES"][0]["text"]
+    assert "curl -s https://asr.example.com/v1/audio/transcriptions" in full
+    assert "127.0.0.1" not in full and "port-forward" not in full
+    # /status is not under /v1: the in-cluster address, not a URL the Ingress does not route.
+    assert "http://asr-qwenasr-appliance.speech.svc:80/status" in full
+    # Ingress on / without TLS.
+    sts = rendered["statefulset-keda"]["NOTES"][0]["text"]
+    assert "curl -s http://asr.example.com/v1/audio/transcriptions" in sts and "http://asr.example.com/status" in sts
+    assert "127.0.0.1" not in sts and "port-forward" not in sts
+    default = rendered["default"]["NOTES"][0]["text"]
+    assert "port-forward service/asr-qwenasr-appliance" in default and "http://127.0.0.1:8001/status" in default
+    # The default test image is a tag: NOTES say how to pin it; a digest silences that.
+    assert "tests.image.digest" in default
+    assert "tests.image.digest" not in full
+    assert "tests.image.digest" not in notes_of(chart, {"tests": {"enabled": False}})
+
+
+def test_readme_no_longer_says_the_admission_limit_is_not_exported() -> None:
+    """Review 15: the app exports qwenasr_concurrency_limit (KEDA's default query divides by it)."""
+    readme = (CHART / "README.md").read_text()
+    assert "admission limit is not exported" not in readme
+    assert "qwenasr_concurrency_limit" in readme

@@ -174,16 +174,32 @@ qwenasr_concurrency_limit gauge (images before it): config.maxConcurrentRequests
 {{- end }}
 
 {{/*
-Regex matching the pod names of this release (Deployment: <fullname>-<hash>-<id>; StatefulSet:
-<fullname>-<ordinal>), for PromQL selectors on the `pod` target label.
+PromQL matchers of this release's series: the namespace and the target label the chart's
+ServiceMonitor/PodMonitor add from the pods' app.kubernetes.io/instance label (podTargetLabels). Exact
+labels, not a pod-name pattern: generated pod names are cut to 58 characters (a long release loses the
+dashes a pattern needs) and `<fullname>-...` also matches a sibling release named `<fullname>-eu`.
 */}}
-{{- define "qwenasr.podRegex" -}}
-{{- $fullname := include "qwenasr.fullname" . }}
-{{- if eq .Values.workloadKind "StatefulSet" }}
-{{- printf "%s-[0-9]+" $fullname }}
-{{- else }}
-{{- printf "%s-[a-z0-9]+-[a-z0-9]+" $fullname }}
+{{- define "qwenasr.releaseTargetLabel" -}}
+app_kubernetes_io_instance
 {{- end }}
+
+{{- define "qwenasr.releaseMatchers" -}}
+{{- printf "namespace=\"%s\", %s=\"%s\"" .Release.Namespace (include "qwenasr.releaseTargetLabel" .) .Release.Name }}
+{{- end }}
+
+{{/*
+CLIENT_TIMEOUT_SECONDS: config.clientTimeoutSeconds, raised with an Ingress to at least the
+controller's idle upstream keep-alive (ingress.upstreamKeepaliveTimeoutSeconds) + 5 s. The app closes
+idle keep-alive connections after it (granian's header read timeout); below nginx's, nginx reuses a
+socket the app has just closed and a POST fails with 502.
+*/}}
+{{- define "qwenasr.clientTimeoutSeconds" -}}
+{{- $timeout := float64 .Values.config.clientTimeoutSeconds }}
+{{- $keepalive := int .Values.ingress.upstreamKeepaliveTimeoutSeconds }}
+{{- if and .Values.ingress.enabled (gt $keepalive 0) }}
+{{- $timeout = maxf $timeout (add $keepalive 5) }}
+{{- end }}
+{{- $timeout }}
 {{- end }}
 
 {{/*
@@ -198,9 +214,12 @@ The appliance's environment, one variable per `config` key (names from config.py
 */}}
 {{- define "qwenasr.configEnv" -}}
 {{- $c := .Values.config }}
-{{- $text := dict "GPU_FALLBACK" $c.gpuFallback "MODEL_ID" $c.modelId "SERVED_MODEL_NAME" $c.servedModelName "ENGINE" $c.engine "DTYPE" $c.dtype "QUANT_MODE" $c.quantMode "LOAD_FORMAT" $c.loadFormat "LOG_LEVEL" $c.logLevel "LOG_FORMAT" $c.logFormat "ALIGNER_MODEL_ID" $c.alignerModelId }}
+{{- /* GPU_FALLBACK "" = not_ready when the pod gets a GPU: a pod that lost it leaves the Service
+       instead of serving on the CPU as ready with room for one request (queue and autoscaler blow up). */}}
+{{- $gpuFallback := $c.gpuFallback | default (ternary "not_ready" "degraded" .Values.gpu.enabled) }}
+{{- $text := dict "GPU_FALLBACK" $gpuFallback "MODEL_ID" $c.modelId "SERVED_MODEL_NAME" $c.servedModelName "ENGINE" $c.engine "DTYPE" $c.dtype "QUANT_MODE" $c.quantMode "LOAD_FORMAT" $c.loadFormat "LOG_LEVEL" $c.logLevel "LOG_FORMAT" $c.logFormat "ALIGNER_MODEL_ID" $c.alignerModelId }}
 {{- $bool := dict "ENFORCE_EAGER" $c.enforceEager "PROTECT_OPS_ENDPOINTS" $c.protectOpsEndpoints "HTTP2" $c.http2 "VERBOSE_JSON_CONFIDENCE" $c.verboseJsonConfidence "EXPECT_GPU" .Values.gpu.enabled "LIVE_PAGE" $c.livePage }}
-{{- $num := dict "GPU_MEMORY_UTILIZATION" $c.gpuMemoryUtilization "MAX_MODEL_LEN" $c.maxModelLen "MAX_NUM_SEQS" $c.maxNumSeqs "MAX_NEW_TOKENS" $c.maxNewTokens "CHUNK_SECONDS" $c.chunkSeconds "MAX_UPLOAD_BYTES" $c.maxUploadBytes "MAX_AUDIO_SECONDS" $c.maxAudioSeconds "MAX_CONCURRENT_REQUESTS" $c.maxConcurrentRequests "MAX_QUEUE_SIZE" $c.maxQueueSize "QUEUE_TIMEOUT_SECONDS" $c.queueTimeoutSeconds "REQUEST_TIMEOUT_SECONDS" $c.requestTimeoutSeconds "WORKER_TIMEOUT_SECONDS" $c.workerTimeoutSeconds "MAX_PROMPT_CHARS" $c.maxPromptChars "DECODE_WORKERS" $c.decodeWorkers "CPU_THREADS" $c.cpuThreads "SHUTDOWN_GRACE_SECONDS" (include "qwenasr.shutdownGraceSeconds" . | float64) "CLIENT_TIMEOUT_SECONDS" $c.clientTimeoutSeconds "ENGINE_RESTART_MAX" $c.engineRestartMax "ENGINE_RESTART_BACKOFF_SECONDS" $c.engineRestartBackoffSeconds "ALIGNER_GPU_MEMORY_UTILIZATION" $c.alignerGpuMemoryUtilization }}
+{{- $num := dict "GPU_MEMORY_UTILIZATION" $c.gpuMemoryUtilization "MAX_MODEL_LEN" $c.maxModelLen "MAX_NUM_SEQS" $c.maxNumSeqs "MAX_NEW_TOKENS" $c.maxNewTokens "CHUNK_SECONDS" $c.chunkSeconds "MAX_UPLOAD_BYTES" $c.maxUploadBytes "MAX_AUDIO_SECONDS" $c.maxAudioSeconds "MAX_CONCURRENT_REQUESTS" $c.maxConcurrentRequests "MAX_QUEUE_SIZE" $c.maxQueueSize "QUEUE_TIMEOUT_SECONDS" $c.queueTimeoutSeconds "REQUEST_TIMEOUT_SECONDS" $c.requestTimeoutSeconds "WORKER_TIMEOUT_SECONDS" $c.workerTimeoutSeconds "MAX_PROMPT_CHARS" $c.maxPromptChars "DECODE_WORKERS" $c.decodeWorkers "CPU_THREADS" $c.cpuThreads "SHUTDOWN_GRACE_SECONDS" (include "qwenasr.shutdownGraceSeconds" . | float64) "CLIENT_TIMEOUT_SECONDS" (include "qwenasr.clientTimeoutSeconds" . | float64) "ENGINE_RESTART_MAX" $c.engineRestartMax "ENGINE_RESTART_BACKOFF_SECONDS" $c.engineRestartBackoffSeconds "ALIGNER_GPU_MEMORY_UTILIZATION" $c.alignerGpuMemoryUtilization }}
 {{- $live := dict "LIVE_MAX_SESSIONS" $c.liveMaxSessions "LIVE_MAX_SESSION_SECONDS" $c.liveMaxSessionSeconds "LIVE_IDLE_TIMEOUT_SECONDS" $c.liveIdleTimeoutSeconds "LIVE_MAX_APPEND_BYTES" $c.liveMaxAppendBytes "LIVE_MAX_TURN_SECONDS" $c.liveMaxTurnSeconds "LIVE_PARTIAL_INTERVAL_SECONDS" $c.livePartialIntervalSeconds "LIVE_SEND_QUEUE_EVENTS" $c.liveSendQueueEvents "LIVE_SEND_TIMEOUT_SECONDS" $c.liveSendTimeoutSeconds }}
 {{- $num = merge $num $live }}
 {{- range $name, $value := $text }}
@@ -223,6 +242,50 @@ Consistency checks that JSON schema cannot express.
 {{- define "qwenasr.validate" -}}
 {{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
 {{- fail "autoscaling.enabled and keda.enabled are alternatives: KEDA creates its own HPA. Enable one of them." }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
+{{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled would scrape every pod twice (dashboard totals, alerts and KEDA's load doubled): enable one of them" }}
+{{- end }}
+{{- if .Values.config.protectOpsEndpoints }}
+{{- $probeAuth := false }}
+{{- range .Values.probes.httpHeaders }}
+{{- if eq (lower .name) "authorization" }}{{ $probeAuth = true }}{{ end }}
+{{- end }}
+{{- $probed := or .Values.probes.startup.enabled .Values.probes.readiness.enabled .Values.probes.liveness.enabled }}
+{{- if and $probed (not $probeAuth) }}
+{{- fail "config.protectOpsEndpoints puts /health and /ready behind the API keys: the probes would get 401, the startup probe would fail after its budget and the pod restart forever. Either add an Authorization header to the probes (probes.httpHeaders: [{name: Authorization, value: 'Bearer <one of the API keys>'}]; the value is plain text in the pod spec, so use a key kept for probes), or keep config.protectOpsEndpoints false and keep /metrics and /status private with networkPolicy (allowExternal: false) instead" }}
+{{- end }}
+{{- range $kind := list "serviceMonitor" "podMonitor" }}
+{{- $monitor := index $.Values.metrics $kind }}
+{{- if and $monitor.enabled (not $monitor.authorization) }}
+{{- fail (printf "config.protectOpsEndpoints puts /metrics behind the API keys but metrics.%s.authorization is empty: every scrape would get 401 (no dashboards, QwenASRDown firing, KEDA without data). Set it, e.g. {type: Bearer, credentials: {name: <Secret>, key: <key holding an API key>}}" $kind) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- /* extraEnv must not repeat a variable the chart sets: two entries of one name, the later silently
+       winning over the value the chart derived (and checked). Each name maps to the value to set. */}}
+{{- $fixed := dict "HOST" "0.0.0.0 (every address of the pod): use networkPolicy instead to limit who reaches it" "PORT" "8001 (the container port the probes, Service and monitors target): use service.port instead for the Service's port" }}
+{{- $owners := dict "HF_HOME" "modelCache.mountPath" "HF_TOKEN" "huggingface.token.existingSecret" "HF_HUB_OFFLINE" "huggingface.offline" "API_KEYS" "apiKeys.existingSecret" "EXPECT_GPU" "gpu.enabled" }}
+{{- range (include "qwenasr.configEnv" . | fromYamlArray) }}
+{{- if not (hasKey $owners .name) }}
+{{- $_ := set $owners .name (printf "config.%s" (.name | lower | camelcase | untitle)) }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- $name := .name }}
+{{- with get $fixed $name }}
+{{- fail (printf "extraEnv sets %s, which the chart fixes at %s" $name .) }}
+{{- end }}
+{{- with get $owners $name }}
+{{- fail (printf "extraEnv sets %s, which the chart sets from %s: use %s instead (a second env entry of the same name would silently override the chart's)" $name . .) }}
+{{- end }}
+{{- end }}
+{{- /* An existing claim shared by every replica: the chart cannot see its access mode, the user declares it. */}}
+{{- if and (or .Values.autoscaling.enabled .Values.keda.enabled) .Values.modelCache.enabled .Values.modelCache.existingClaim (not (has .Values.modelCache.existingClaimAccessMode (list "ReadWriteMany" "ReadOnlyMany"))) }}
+{{- fail (printf "autoscaling/KEDA with modelCache.existingClaim %q shared by every replica, declared %s (modelCache.existingClaimAccessMode): pods that land on other nodes cannot mount it and stay ContainerCreating. If the claim is ReadWriteMany or ReadOnlyMany, say so in modelCache.existingClaimAccessMode; otherwise drop existingClaim and use workloadKind: StatefulSet (one volume per replica)" .Values.modelCache.existingClaim .Values.modelCache.existingClaimAccessMode) }}
+{{- end }}
+{{- if and .Values.keda.enabled (not .Values.keda.prometheus.query) (not (or .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled)) }}
+{{- fail "keda.enabled needs metrics.serviceMonitor.enabled or metrics.podMonitor.enabled: KEDA's default query reads the load of this release's series, which only a ServiceMonitor or a PodMonitor of this chart labels (app_kubernetes_io_instance). Without them there is no data, and KEDA would sit in its fallback. Enable one, or set keda.prometheus.query to your own query" }}
 {{- end }}
 {{- if and .Values.keda.enabled (lt (int .Values.keda.minReplicaCount) 1) }}
 {{- fail "keda.minReplicaCount must be at least 1: the scaling metric comes from the appliance's own pods, so with zero pods nothing reports load and KEDA could never scale back up" }}
