@@ -355,3 +355,36 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path, rust_backtra
     assert "Traceback" not in result.stderr and "backtrace" not in result.stderr.lower()
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("qwenasr-appliance:")]
     assert f"127.0.0.1:{port}" in line and "Address already in use" in line and "PORT" in line
+
+
+def test_check_config_warns_of_what_the_env_file_holds_that_nothing_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelled setting in .env was silently ignored (the setting meant stayed off), and a line that
+    does not parse only drew python-dotenv's warning without the file's name."""
+    import json
+
+    (tmp_path / ".env").write_text(
+        "PROT_OPS_ENDPOINTS=true\nthis is not a setting\nHF_HUB_OFFLINE=1\nVLLM_USE_V1=1\nUNKNOWN_VAR=1\nPORT=9000\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ENV_FILE", raising=False)
+    assert main(["check-config"]) == 0
+    captured = capsys.readouterr()
+    warnings = json.loads(captured.out)["warnings"]
+    env = tmp_path / ".env"
+    assert warnings == [
+        f"{env}, line 1: PROT_OPS_ENDPOINTS is not a setting of the appliance; did you mean PROTECT_OPS_ENDPOINTS?",
+        f"{env}, line 2: not a NAME=value line; it is ignored",
+        f"{env}, line 5: UNKNOWN_VAR is not a setting of the appliance (see .env.example for the settings)",
+    ]
+    assert [line for line in captured.err.splitlines() if "warning:" in line] == [
+        f"qwenasr-appliance: warning: {w}" for w in warnings
+    ]
+    assert "could not parse" not in captured.err  # python-dotenv's own, file-less warning
+
+
+def test_env_example_draws_no_warning() -> None:
+    from qwenasr_appliance.config import env_file_warnings
+
+    assert env_file_warnings(Path(__file__).resolve().parents[1] / ".env.example") == ()

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report_errors(error: ConfigError, environment: Environment | None) -> None:
+    for warning in environment.file_warnings if environment is not None else ():
+        print(f"qwenasr-appliance: warning: {warning}", file=sys.stderr)
     print("qwenasr-appliance: configuration error:", file=sys.stderr)
     for variable, message in error.problems:
         where = ""
@@ -146,6 +148,7 @@ def _check_config(settings: Settings, environment: Environment) -> str:
         "env_file": str(environment.env_file) if environment.env_file else None,
         "settings": redacted,
         "sources": {name: environment.source(name) for name in ENV_VARIABLES},
+        "warnings": list(environment.file_warnings),
     }
     return msgspec.json.encode(report).decode()
 
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _report_errors(exc, environment)
         return 2
+    for warning in environment.file_warnings:
+        print(f"qwenasr-appliance: warning: {warning}", file=sys.stderr)
     if args.command == "check-config":
         print(_check_config(settings, environment))
         return 0

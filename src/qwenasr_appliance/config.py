@@ -10,12 +10,13 @@ applies. Invalid values stop start-up with a `ConfigError` that names every inva
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeGuard
+from typing import Any, Final, Literal, TypeGuard
 
 import dotenv
 import msgspec
@@ -259,12 +260,14 @@ class Environment:
 
     `values` maps every variable (the appliance's and others, e.g. `HF_HUB_OFFLINE`) to its text;
     `file_values` holds what the file set; `env_file` is the file read, None when there was none;
-    `from_environment` names the variables whose value comes from the real environment."""
+    `from_environment` names the variables whose value comes from the real environment; `file_warnings`
+    what in the file was not understood (`env_file_warnings`)."""
 
     values: Mapping[str, str]
     file_values: Mapping[str, str]
     env_file: Path | None
     from_environment: frozenset[str]
+    file_warnings: tuple[str, ...] = ()  # `env_file_warnings`: lines not read, names no program reads
 
     def source(self, variable: str) -> SettingSource:
         """Where `variable`'s value comes from: the real environment, the settings file, or the default
@@ -288,6 +291,49 @@ def env_file_path(environ: Mapping[str, str], cwd: Path) -> Path | None:
     return default if default.is_file() else None
 
 
+# Variables of other programs a settings file may carry for the appliance's process and its children
+# (the hub library, vLLM, CUDA, PyTorch, OpenMP...): only names outside these are reported as unknown.
+_OTHER_PROGRAMS_PREFIXES: Final = (
+    "HF_", "HUGGING", "TRANSFORMERS_", "VLLM_", "CUDA_", "NCCL_", "NVIDIA_", "TORCH", "PYTORCH_", "TRITON_",
+    "OMP_", "MKL_", "OPENBLAS_", "TOKENIZERS_", "XDG_", "PYTHON", "LD_", "SSL_", "REQUESTS_", "NO_COLOR",
+    "RUST_", "PROMETHEUS_", "GRANIAN_", "UV_", "PIP_", "TZ", "LANG", "LC_", "HOME", "PATH", "TMPDIR",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+)  # fmt: skip
+
+
+def env_file_warnings(path: Path) -> tuple[str, ...]:
+    """What `path` (a dotenv file) holds that nothing will read: lines that do not parse (python-dotenv
+    skips them, naming neither the file nor the line's content), and names that are neither a setting of
+    the appliance nor another program's known variable, with the setting it probably meant (difflib)."""
+    import difflib
+    import io
+
+    from dotenv.parser import parse_stream
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return (f"{path}: not read ({exc})",)
+    warnings: list[str] = []
+    for binding in parse_stream(io.StringIO(text)):
+        line = binding.original.line
+        if binding.error:
+            warnings.append(f"{path}, line {line}: not a NAME=value line; it is ignored")
+            continue
+        name = binding.key
+        if (
+            name is None
+            or name in ENV_VARIABLES
+            or name == ENV_FILE_VARIABLE
+            or name.startswith(_OTHER_PROGRAMS_PREFIXES)
+        ):
+            continue
+        close = difflib.get_close_matches(name, ENV_VARIABLES, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else " (see .env.example for the settings)"
+        warnings.append(f"{path}, line {line}: {name} is not a setting of the appliance{hint}")
+    return tuple(warnings)
+
+
 def read_environment(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Environment:
     """The process environment (default `os.environ`) over the settings file found from `cwd` (default:
     the working directory). A variable without a value in the file (`NAME` alone) is ignored, and so is a
@@ -296,6 +342,9 @@ def read_environment(environ: Mapping[str, str] | None = None, cwd: Path | None 
     path = env_file_path(env, Path.cwd() if cwd is None else cwd)
     file_values: dict[str, str] = {}
     if path is not None:
+        # python-dotenv warns of a line it cannot parse without naming the file; `env_file_warnings`
+        # says it with the file, the line and what to do.
+        logging.getLogger("dotenv.main").setLevel(logging.ERROR)
         file_values = {k: v for k, v in dotenv.dotenv_values(path).items() if v is not None}
     # Only the appliance's settings: what an empty value means to other programs (CUDA_VISIBLE_DEVICES=
     # hides every GPU) is theirs to say.
@@ -305,6 +354,7 @@ def read_environment(environ: Mapping[str, str] | None = None, cwd: Path | None 
         file_values=file_values,
         env_file=path,
         from_environment=frozenset(overriding),
+        file_warnings=env_file_warnings(path) if path is not None else (),
     )
 
 
