@@ -414,3 +414,21 @@ def test_the_context_reaches_the_model_in_the_prompt(engine: CPUEngine, monkeypa
     head, tail = expected.split("<|audio_pad|>")
     assert prompt.startswith(head) and prompt.endswith(tail)  # the audio placeholder is expanded in between
     assert f"<|im_start|>system\n{context}<|im_end|>" in prompt
+
+
+def test_loading_reports_each_step_including_the_library_imports(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The imports take seconds on a busy host: /status showed no step meanwhile (a new user's report)."""
+    engine = CPUEngine(Settings(model_id=str(tiny_model_dir)))
+    steps: list[str] = []
+    enter = engine.load_progress.enter
+
+    def recording(step: Any, detail: str | None = None, **kwargs: Any) -> None:
+        steps.append(step)
+        enter(step, detail, **kwargs)
+
+    monkeypatch.setattr(engine.load_progress, "enter", recording)
+    run(engine.load())
+    run(engine.close())
+    assert steps[:2] == ["importing_libraries", "loading_weights"]

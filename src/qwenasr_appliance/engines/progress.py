@@ -20,6 +20,7 @@ import structlog
 LoadStep = Literal[
     "resolving_model",
     "downloading",
+    "importing_libraries",
     "starting_engine",
     "loading_weights",
     "compiling",

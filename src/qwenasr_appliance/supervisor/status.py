@@ -75,8 +75,9 @@ class EngineStatus(msgspec.Struct, frozen=True):
 
 
 class StepStatus(msgspec.Struct, frozen=True):
-    """The load step under way: `step` (resolving_model, downloading, starting_engine, loading_weights,
-    compiling, capturing_cuda_graphs, warming_up), since when and for how long; bytes while downloading."""
+    """The load step under way: `step` (resolving_model, downloading, importing_libraries, starting_engine,
+    loading_weights, compiling, capturing_cuda_graphs, warming_up), since when and for how long; bytes
+    while downloading."""
 
     step: str
     detail: str | None

@@ -178,6 +178,8 @@ class CPUEngine:
 
     def _load_blocking(self) -> None:
         location = model_location(self._settings.model_id)
+        # Seconds on a busy host: without a step of its own, /status showed none meanwhile.
+        self.load_progress.enter("importing_libraries", "torch, transformers, qwen-asr")
         try:
             import qwen_asr
             import torch

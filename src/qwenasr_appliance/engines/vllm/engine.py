@@ -357,6 +357,7 @@ class VLLMEngine:
             return
         llm_factory = self._llm_factory
         if llm_factory is None:
+            self.load_progress.enter("importing_libraries", "vllm, torch")
             self._vllm_version = await asyncio.to_thread(import_vllm)
             llm_factory = _default_llm_factory
         if self._params_factory is None:
