@@ -23,7 +23,7 @@ from tests.hardening import MODEL, TRANSCRIPTIONS, metric_value, multipart, read
 
 BUFFER = 250_000
 CLIP = tone_wav(3.0)  # about 96 kB: two fit in BUFFER, three do not
-TOKEN_DELAY = 0.5  # the double's few tokens for a 3 s clip take about 2-3 s
+TOKEN_DELAY = 1.0  # the double's few tokens for a 3 s clip take about 4-5 s: the refusals all come well within
 
 
 @pytest.fixture(scope="module")
