@@ -106,7 +106,9 @@ class ServerProcess:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def wait_until(self, path: str, status: int = 200, timeout: float = 120.0) -> None:
+    def wait_until(self, path: str, status: int | tuple[int, ...] = 200, timeout: float = 120.0) -> None:
+        """Until `path` answers `status` (or one of several)."""
+        wanted = (status,) if isinstance(status, int) else status
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -114,7 +116,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
             try:
                 response = httpx.get(self.url + path, timeout=2)
-                if response.status_code == status:
+                if response.status_code in wanted:
                     return
                 last = f"{response.status_code} {response.text[:300]}"
             except httpx.HTTPError as exc:
@@ -124,20 +126,7 @@ class ServerProcess:
 
     def wait_until_answering(self, timeout: float = 60.0) -> None:
         """Until the HTTP server answers `/health` at all: 200, or 503 once the engine failed for good."""
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
-            try:
-                response = httpx.get(self.url + "/health", timeout=2)
-                if response.status_code in (200, 503):
-                    return
-                last = f"{response.status_code} {response.text[:300]}"
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            time.sleep(0.2)
-        raise TimeoutError(f"/health did not answer within {timeout}s (last: {last}):\n{self.logs()[-4000:]}")
+        self.wait_until("/health", (200, 503), timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.process.poll() is None:

@@ -80,22 +80,29 @@ def own_cgroup_v2(proc_self_cgroup: Path = Path("/proc/self/cgroup")) -> str:
     return "/"
 
 
+def cgroup_v2_levels(root: Path, own: str) -> list[Path]:
+    """The cgroup v2 directories whose limits apply to a process in cgroup `own`: its own, then each
+    ancestor up to the mount `root` (resolved). A path out of the mount gives the mount alone."""
+    directory = (root / own.strip("/")).resolve() if own.strip("/") else root
+    if directory != root and root not in directory.parents:
+        directory = root
+    levels = [directory]
+    while directory != root:
+        directory = directory.parent
+        levels.append(directory)
+    return levels
+
+
 def _v2_quota(root: Path, own: str) -> float | None:
     """The smallest `cpu.max` quota from the process' own cgroup up to `root` (each ancestor's limit
     applies too); None when no level has one."""
-    directory = (root / own.strip("/")).resolve() if own.strip("/") else root
-    if directory != root and root not in directory.parents:
-        directory = root  # a path out of the mount: read only the mount's own limit
     quotas: list[float] = []
-    while True:
+    for directory in cgroup_v2_levels(root, own):
         fields = (_read(directory / "cpu.max") or "").split()
         if len(fields) == 2 and fields[0] != "max":
             ratio = _ratio(fields[0], fields[1])
             if ratio is not None:
                 quotas.append(ratio)
-        if directory == root:
-            break
-        directory = directory.parent
     return min(quotas) if quotas else None
 
 
@@ -173,6 +180,7 @@ __all__ = [
     "CGROUP_ROOT",
     "CpuBudget",
     "cgroup_quota_cpus",
+    "cgroup_v2_levels",
     "cpu_budget",
     "own_cgroup_v2",
     "process_cpu_budget",

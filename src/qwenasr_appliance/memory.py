@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Final
 
-from qwenasr_appliance.cpus import CGROUP_ROOT, own_cgroup_v2
+from qwenasr_appliance.cpus import CGROUP_ROOT, cgroup_v2_levels, own_cgroup_v2
 
 # cgroup v1 writes the largest page-aligned signed 64-bit value for "no limit".
 _V1_UNLIMITED: Final = 1 << 60
@@ -36,19 +36,8 @@ def cgroup_memory_limit(root: Path = CGROUP_ROOT, own: str | None = None) -> int
     smallest `memory.max` from the process' cgroup `own` (default: read from /proc/self/cgroup) up to
     `root`; v1: `root/memory/memory.limit_in_bytes`. Never raises."""
     if (root / "cgroup.controllers").exists() or (root / "memory.max").exists():
-        root = root.resolve()
-        path = (own_cgroup_v2() if own is None else own).strip("/")
-        directory = (root / path).resolve() if path else root
-        if directory != root and root not in directory.parents:
-            directory = root
-        limits = []
-        while True:
-            limit = _read_int(directory / "memory.max")
-            if limit is not None:
-                limits.append(limit)
-            if directory == root:
-                break
-            directory = directory.parent
+        levels = cgroup_v2_levels(root.resolve(), own_cgroup_v2() if own is None else own)
+        limits = [limit for level in levels if (limit := _read_int(level / "memory.max")) is not None]
         return min(limits) if limits else None
     limit = _read_int(root / "memory" / "memory.limit_in_bytes")
     return limit if limit is not None and limit < _V1_UNLIMITED else None
